@@ -1,0 +1,38 @@
+"""DKT-style knowledge-tracing head: a 2-layer LSTM over (item, response) pairs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KnowledgeTracingHead(nn.Module):
+    """Predicts whether a student answers item t correctly from their answers to items 0..t-1.
+
+    Input at step t: proj(e_t) + response_embedding[r_t]. The state before step t (a learned start state for
+    t = 0) is combined with proj(e_t) to give the logit for item t, so every answer, the first one included,
+    is a prediction target.
+    """
+
+    def __init__(self, item_dim: int, hidden_dim: int = 256, num_layers: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.item_projection = nn.Linear(item_dim, hidden_dim)
+        self.response_embedding = nn.Embedding(2, hidden_dim)
+        self.lstm = nn.LSTM(hidden_dim, hidden_dim, num_layers=num_layers, batch_first=True, dropout=dropout)
+        self.start_state = nn.Parameter(torch.zeros(hidden_dim))
+        self.output = nn.Sequential(
+            nn.Linear(2 * hidden_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, 1)
+        )
+
+    def forward(self, item_embeddings: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+        """item_embeddings: [B, T, D], correct: [B, T] (0/1) -> logits [B, T] for P(correct at t | history < t).
+
+        Padding must be at the end of each row: step t never sees steps > t, so padded steps change nothing.
+        """
+        items = self.item_projection(item_embeddings)  # [B, T, H]
+        steps = items + self.response_embedding(correct.long())  # [B, T, H]
+        states, _ = self.lstm(steps)  # [B, T, H]; states[:, t] has seen steps 0..t
+        start = self.start_state.expand(states.shape[0], 1, -1)  # [B, 1, H]
+        before = torch.cat([start, states[:, :-1]], dim=1)  # [B, T, H]: state before step t
+        return self.output(torch.cat([before, items], dim=-1)).squeeze(-1)

@@ -1,0 +1,86 @@
+"""The `gramrec` command: train, evaluate, export, serve, trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from trainer.logs import configure_logging
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str] = frozenset()) -> None:
+    """One --kebab-case flag per settings field; pydantic does all parsing and validation."""
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = info.description or ""
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text, metavar=name.upper())
+
+
+def settings_from_args(model: type[BaseModel], args: argparse.Namespace, **extra):
+    given = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+    try:
+        return model(**(given | extra))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"gramrec: invalid settings: {problems}") from None
+
+
+def _train(args: argparse.Namespace) -> None:
+    from trainer.settings import TrainSettings
+    from trainer.train import train
+
+    report = train(settings_from_args(TrainSettings, args))
+    summary = {k: v for k, v in report.items() if k not in ("history", "settings")}
+    print(json.dumps(summary, indent=2, default=float))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from trainer.evaluate import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.split, args.device), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.settings import TrainSettings
+
+    parser = argparse.ArgumentParser(prog="gramrec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress events (JSON lines) to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a content encoder + CF head")
+    add_settings_arguments(train, TrainSettings)
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a data split")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", choices=["val", "test"], default="test")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    configure_logging("INFO" if args.verbose else None)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # data and checkpoint errors name file and problem
+        print(f"gramrec: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

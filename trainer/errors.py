@@ -1,0 +1,19 @@
+"""Errors raised while reading user-supplied data files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataFormatError(ValueError):
+    """A data file is malformed; the message points at the file and line so users can fix it."""
+
+    def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):  # keep pickling (e.g. across DataLoader workers) working
+        return (type(self), (self.path, self.line, self.problem))

@@ -1,0 +1,112 @@
+"""Knowledge tracing: windows of a student's answers -> batches, BCE loss, AUC and cold-start AUC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.knowledge_tracing_head import KnowledgeTracingHead
+from trainer.batches import PackedField, pack_fields
+from trainer.kt_data import KTSequence, load_kt_data, split_kt
+from trainer.metrics import kt_metrics
+from trainer.settings import TrainSettings
+
+
+@dataclass
+class KTBatch:
+    occurrences: torch.Tensor  # [I] item index of every real answer
+    items: PackedField  # [B, T]
+    correct: torch.Tensor  # [B, T] int64, 0 at padding
+
+    def to(self, device: torch.device) -> KTBatch:
+        return KTBatch(
+            self.occurrences.to(device),
+            PackedField(self.items.positions.to(device), self.items.mask.to(device)),
+            self.correct.to(device),
+        )
+
+
+def windows(sequences: list[KTSequence], max_len: int) -> list[KTSequence]:
+    """Cuts long sequences into consecutive windows of at most max_len answers (each window starts fresh)."""
+    out = []
+    for seq in sequences:
+        for start in range(0, len(seq.items), max_len):
+            out.append(KTSequence(seq.user_id, seq.items[start : start + max_len], seq.correct[start : start + max_len]))
+    return out
+
+
+def make_batch(rows: list[KTSequence]) -> KTBatch:
+    occurrences, (items,) = pack_fields([[row.items for row in rows]])
+    correct = torch.zeros(items.mask.shape, dtype=torch.long)
+    for b, row in enumerate(rows):
+        correct[b, : len(row.correct)] = torch.from_numpy(row.correct)
+    return KTBatch(occurrences, items, correct)
+
+
+def gather(embeddings: torch.Tensor, field: PackedField) -> torch.Tensor:
+    """embeddings: [I + 1, D] (last row zeros) -> [B, W, D]"""
+    return embeddings[field.positions]
+
+
+class KnowledgeTracingTask:
+    """Owns the data, splits and metric of knowledge tracing; the trainer stays task-agnostic."""
+
+    primary_metric = "auc"
+
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        dataset = load_kt_data(settings.data)
+        self.items = dataset.items
+        self.splits = split_kt(dataset, seed=settings.seed, cold_item_frac=settings.cold_item_frac)
+        self.train_windows = windows(self.splits.train, settings.max_seq_len)
+        self.cold = np.zeros(len(self.items), dtype=bool)
+        self.cold[self.splits.cold_items] = True
+
+    def build_head(self, item_dim: int) -> nn.Module:
+        return KnowledgeTracingHead(item_dim, hidden_dim=self.settings.hidden_dim)
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.train_windows) // self.settings.batch_size)
+
+    def train_batches(self, rng: np.random.Generator) -> list[KTBatch]:
+        order = rng.permutation(len(self.train_windows))
+        size = self.settings.batch_size
+        return [make_batch([self.train_windows[i] for i in order[s : s + size]]) for s in range(0, len(order), size)]
+
+    def interactions(self) -> int:
+        return sum(len(w.items) for w in self.train_windows)
+
+    @staticmethod
+    def loss(head: nn.Module, embeddings: torch.Tensor, batch: KTBatch) -> torch.Tensor:
+        """Mean BCE over real answers. embeddings: [I + 1, D] occurrence embeddings, last row zeros."""
+        logits = head(gather(embeddings, batch.items), batch.correct)  # [B, T]
+        mask = batch.items.mask
+        return F.binary_cross_entropy_with_logits(logits[mask], batch.correct[mask].to(logits.dtype))
+
+    def eval_sequences(self, split: str) -> list[KTSequence]:
+        return {"val": self.splits.val, "test": self.splits.test}[split]
+
+    def eval_items(self, split: str) -> torch.Tensor:
+        seqs = self.eval_sequences(split)
+        return torch.from_numpy(np.unique(np.concatenate([s.items for s in seqs]))) if seqs else torch.zeros(0, dtype=torch.long)
+
+    @torch.no_grad()
+    def evaluate(self, head: nn.Module, table: torch.Tensor, split: str) -> dict:
+        """table: [N, D] embedding of every item (rows for eval_items(split) must be current)."""
+        device = table.device
+        labels, scores, cold = [], [], []
+        seqs = self.eval_sequences(split)
+        for start in range(0, len(seqs), self.settings.batch_size):
+            rows = seqs[start : start + self.settings.batch_size]
+            batch = make_batch(rows).to(device)
+            occurrence_table = torch.cat([table[batch.occurrences], table.new_zeros(1, table.shape[1])])
+            logits = head(gather(occurrence_table, batch.items), batch.correct)
+            mask = batch.items.mask
+            labels.append(batch.correct[mask].cpu().numpy())
+            scores.append(torch.sigmoid(logits[mask].float()).cpu().numpy())
+            cold.append(self.cold[batch.occurrences.cpu().numpy()])
+        return kt_metrics(np.concatenate(labels), np.concatenate(scores), np.concatenate(cold))

@@ -1,0 +1,40 @@
+"""Structured (JSON-lines) logging, quiet by default: warnings only unless -v or GRAMREC_LOG_LEVEL asks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        entry |= {k: v for k, v in vars(record).items() if k not in _RESERVED}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str | int | None = None) -> None:
+    level = level or os.environ.get("GRAMREC_LOG_LEVEL", "WARNING")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("gramrec")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    root.propagate = False
+    # Hugging Face prints load reports and progress bars on every model load; keep them out of our logs.
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,124 @@
+"""News recommendation: (history, 1 click + K non-clicks) samples, softmax loss, per-impression ranking metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.news_head import NewsHead
+from trainer.batches import PackedField, pack_fields
+from trainer.metrics import news_metrics
+from trainer.mind_data import Impression, load_mind, split_mind
+from trainer.settings import TrainSettings
+
+
+@dataclass
+class NewsBatch:
+    occurrences: torch.Tensor  # [I] item index of every history entry and candidate
+    history: PackedField  # [B, L]
+    candidates: PackedField  # [B, C]; training puts the click at column 0
+
+    def to(self, device: torch.device) -> NewsBatch:
+        def move(field: PackedField) -> PackedField:
+            return PackedField(field.positions.to(device), field.mask.to(device))
+
+        return NewsBatch(self.occurrences.to(device), move(self.history), move(self.candidates))
+
+
+@dataclass
+class ClickSample:
+    history: np.ndarray  # last history_len clicks
+    clicked: int
+    non_clicked: np.ndarray  # all non-clicked candidates of the impression
+
+
+def click_samples(impressions: list[Impression], history_len: int) -> list[ClickSample]:
+    """One sample per click that has at least one non-clicked candidate beside it."""
+    samples = []
+    for imp in impressions:
+        negatives = imp.candidates[imp.labels == 0]
+        if len(negatives) == 0:
+            continue
+        history = imp.history[-history_len:]
+        samples.extend(ClickSample(history, int(c), negatives) for c in imp.candidates[imp.labels == 1])
+    return samples
+
+
+def make_batch(histories: list[np.ndarray], candidates: list[np.ndarray]) -> NewsBatch:
+    occurrences, (history, cands) = pack_fields([histories, candidates])
+    return NewsBatch(occurrences, history, cands)
+
+
+class NewsTask:
+    """Owns the MIND data, the time split and the ranking metrics; the trainer stays task-agnostic."""
+
+    primary_metric = "auc"
+
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        dataset = load_mind(settings.data, use_abstract=settings.use_abstract)
+        self.items = dataset.items
+        self.splits = split_mind(dataset)
+        self.samples = click_samples(self.splits.train, settings.history_len)
+
+    def build_head(self, item_dim: int) -> nn.Module:
+        heads = 12 if item_dim % 12 == 0 else 8 if item_dim % 8 == 0 else 1
+        return NewsHead(item_dim, num_heads=heads)
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.samples) // self.settings.batch_size)
+
+    def interactions(self) -> int:
+        return sum(len(s.history) + 1 + self.settings.negatives for s in self.samples)
+
+    def train_batches(self, rng: np.random.Generator) -> list[NewsBatch]:
+        """Shuffled samples; K non-clicks drawn from the same impression (with replacement only if too few)."""
+        k = self.settings.negatives
+        order = rng.permutation(len(self.samples))
+        batches = []
+        for start in range(0, len(order), self.settings.batch_size):
+            rows = [self.samples[i] for i in order[start : start + self.settings.batch_size]]
+            candidates = [
+                np.concatenate([[r.clicked], rng.choice(r.non_clicked, k, replace=len(r.non_clicked) < k)])
+                for r in rows
+            ]
+            batches.append(make_batch([r.history for r in rows], candidates))
+        return batches
+
+    @staticmethod
+    def loss(head: nn.Module, embeddings: torch.Tensor, batch: NewsBatch) -> torch.Tensor:
+        """Softmax cross-entropy of the click (column 0) against its K non-clicks."""
+        scores = head(
+            embeddings[batch.history.positions], batch.history.mask, embeddings[batch.candidates.positions]
+        )  # [B, 1 + K]
+        return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+
+    def eval_impressions(self, split: str) -> list[Impression]:
+        return {"val": self.splits.val, "test": self.splits.test}[split]
+
+    def eval_items(self, split: str) -> torch.Tensor:
+        imps = self.eval_impressions(split)
+        if not imps:
+            return torch.zeros(0, dtype=torch.long)
+        hl = self.settings.history_len
+        return torch.from_numpy(np.unique(np.concatenate([np.concatenate([i.history[-hl:], i.candidates]) for i in imps])))
+
+    @torch.no_grad()
+    def evaluate(self, head: nn.Module, table: torch.Tensor, split: str) -> dict:
+        """Scores every candidate of every impression; metrics averaged per impression."""
+        groups = []
+        imps = self.eval_impressions(split)
+        hl = self.settings.history_len
+        for start in range(0, len(imps), self.settings.batch_size):
+            rows = imps[start : start + self.settings.batch_size]
+            batch = make_batch([r.history[-hl:] for r in rows], [r.candidates for r in rows]).to(table.device)
+            emb = torch.cat([table[batch.occurrences], table.new_zeros(1, table.shape[1])])
+            scores = head(emb[batch.history.positions], batch.history.mask, emb[batch.candidates.positions])
+            scores = scores.float().cpu().numpy()
+            for b, row in enumerate(rows):
+                groups.append((row.labels, scores[b, : len(row.candidates)]))
+        return news_metrics(groups)

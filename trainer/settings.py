@@ -1,0 +1,111 @@
+"""All training configuration in one typed object; CLI flags and GRAMREC_* environment variables fill it."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Task = Literal["kt", "nr"]
+Strategy = Literal["e2e", "gram", "nofinetune", "nocontent"]
+
+_PERIOD = re.compile(r"^(\d+(?:\.\d+)?)([se])$")
+
+
+class Period(BaseModel):
+    """How often multi-step GRAM regresses the encoder: every N steps ('10s') or fraction of an epoch ('0.5e')."""
+
+    value: float
+    unit: Literal["s", "e"]
+
+    @classmethod
+    def parse(cls, text: str) -> Period:
+        match = _PERIOD.match(text.strip().lower())
+        if not match:
+            raise ValueError(f"period must look like '1s', '10s', '0.5e' or '1e', got {text!r}")
+        value, unit = float(match.group(1)), match.group(2)
+        if value <= 0 or (unit == "s" and value != int(value)):
+            raise ValueError(f"period {text!r}: steps must be a positive integer, epochs a positive number")
+        return cls(value=value, unit=unit)
+
+    def steps(self, steps_per_epoch: int) -> int:
+        if self.unit == "s":
+            return int(self.value)
+        return max(1, math.ceil(self.value * steps_per_epoch))
+
+    @property
+    def is_single_step(self) -> bool:
+        return self.unit == "s" and self.value == 1
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.unit}"
+
+
+class TrainSettings(BaseSettings):
+    """Everything `gramrec train` needs. Defaults that depend on the task are filled in by `with_task_defaults`."""
+
+    model_config = SettingsConfigDict(env_prefix="GRAMREC_", extra="forbid")
+
+    task: Task
+    data: Path
+    strategy: Strategy = "gram"
+    period: str = "1e"
+    out: Path = Path("runs/latest")
+    resume: Path | None = None
+
+    # Content encoder
+    encoder_dir: Path | None = Field(None, description="local Hugging Face model directory; default all-MiniLM-L6-v2")
+    max_tokens: int | None = Field(None, ge=4, le=512, description="default: 128 (kt), 32 (nr)")
+    pooling: Literal["mean", "attention"] | None = Field(None, description="default: mean (kt), attention (nr)")
+    use_abstract: bool = False
+    encoder_batch_size: int = Field(256, ge=1, description="items per encoder forward (memory bound)")
+    regress_batch_size: int = Field(1024, ge=1, description="multi-step GRAM: items per encoder Adam step")
+
+    # CF head and data
+    hidden_dim: int = Field(256, ge=8)
+    batch_size: int = Field(32, ge=1)
+    max_seq_len: int = Field(100, ge=2, description="kt: sequences are cut into windows of this many answers")
+    history_len: int = Field(50, ge=1, description="nr: clicked news the user encoder sees")
+    negatives: int = Field(4, ge=1, description="nr: non-clicked candidates per click")
+    cold_item_frac: float = Field(0.1, ge=0.0, lt=1.0, description="kt: items held out of training entirely")
+
+    # Optimisation
+    epochs: int = Field(5, ge=1)
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="for CF head and encoder (Adam with warm-up by default)")
+    lr_cf: float = Field(1e-3, gt=0)
+    lr_encoder: float = Field(3e-5, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    patience: int = Field(2, ge=1, description="epochs without validation improvement before stopping")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cut epochs short (benchmarks)")
+    time_budget_s: float | None = Field(None, gt=0, description="stop training after this many seconds")
+    seed: int = 0
+
+    device: str = "auto"
+    progress: bool = True
+
+    @field_validator("period")
+    @classmethod
+    def _period_parses(cls, value: str) -> str:
+        Period.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _fill_task_defaults(self) -> TrainSettings:
+        if self.max_tokens is None:
+            self.max_tokens = 128 if self.task == "kt" else 32
+        if self.pooling is None:
+            self.pooling = "mean" if self.task == "kt" else "attention"
+        return self
+
+    @property
+    def parsed_period(self) -> Period:
+        return Period.parse(self.period)
+
+    @property
+    def label(self) -> str:
+        """Short name for reports: e2e, gram-1s, gram-0.5e, nofinetune, nocontent."""
+        return f"gram-{self.parsed_period}" if self.strategy == "gram" else self.strategy

@@ -1,0 +1,203 @@
+"""The training loop: one linear function, early stopping on validation, test metrics of the best checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.content_encoder import ContentEncoder, ItemTokens, default_encoder_dir, load_tokenizer
+from trainer.checkpoint import CheckpointMeta, load_optimizers, load_weights, read_config, save_checkpoint
+from trainer.kt_task import KnowledgeTracingTask
+from trainer.nr_task import NewsTask
+from trainer.settings import TrainSettings
+from trainer.strategies import Strategy, make_strategy
+
+log = logging.getLogger("gramrec.train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_task(settings: TrainSettings):
+    return KnowledgeTracingTask(settings) if settings.task == "kt" else NewsTask(settings)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, built once from settings (and a checkpoint's encoder, if any)."""
+
+    settings: TrainSettings
+    device: torch.device
+    task: object
+    tokenizer: object
+    encoder: ContentEncoder
+    tokens: ItemTokens
+    head: nn.Module
+    strategy: Strategy
+
+
+def build_run(settings: TrainSettings, encoder_dir: Path | None = None) -> Run:
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    task = make_task(settings)
+    encoder_dir = encoder_dir or settings.encoder_dir or default_encoder_dir()
+    tokenizer = load_tokenizer(encoder_dir)
+    encoder = ContentEncoder.from_pretrained(encoder_dir, pooling=settings.pooling).to(device)
+    tokens = ItemTokens.from_texts(tokenizer, task.items.texts, settings.max_tokens)
+    head = task.build_head(encoder.dim).to(device)
+    steps = task.steps_per_epoch()
+    if settings.max_steps_per_epoch:
+        steps = min(steps, settings.max_steps_per_epoch)
+    strategy = make_strategy(encoder, tokens, head, settings, steps)
+    return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy)
+
+
+def train_step(run: Run, batch) -> float:
+    batch = batch.to(run.device)
+    embeddings = run.strategy.embed(batch.occurrences)  # [I, D]
+    embeddings = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])  # padding row
+    loss = run.task.loss(run.head, embeddings, batch)
+    loss.backward()
+    run.strategy.finish_step()
+    return loss.detach()
+
+
+def evaluate(run: Run, split: str) -> dict:
+    run.head.eval()
+    table = run.strategy.item_table(run.task.eval_items(split))
+    metrics = run.task.evaluate(run.head, table, split)
+    run.head.train()
+    return metrics
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def save(run: Run, path: Path, meta: CheckpointMeta, resumable: bool) -> None:
+    save_checkpoint(
+        path,
+        meta,
+        run.encoder,
+        run.tokenizer,
+        run.head,
+        run.task.items,
+        run.strategy.state_tensors(),
+        optimizers=run.strategy.optimizers if resumable else None,
+    )
+
+
+def restore(run: Run, path: Path, with_optimizers: bool) -> dict:
+    config = read_config(path)
+    run.strategy.load_state_tensors(load_weights(path, run.encoder, run.head))
+    if with_optimizers:
+        load_optimizers(path, config, run.strategy.optimizers)
+    return config
+
+
+def train(settings: TrainSettings) -> dict:
+    """Trains, early-stops on validation, evaluates the best checkpoint on test, writes report.json."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_config = read_config(settings.resume) if settings.resume else None
+    run = build_run(settings, encoder_dir=(Path(settings.resume) / "encoder") if settings.resume else None)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+
+    start_epoch, global_step, best, history, bad_epochs = 0, 0, float("-inf"), [], 0
+    if resume_config:
+        restore(run, settings.resume, with_optimizers=True)
+        start_epoch, global_step = resume_config["epoch"] + 1, resume_config["global_step"]
+        best, history = resume_config["best_metric"] or float("-inf"), resume_config["history"]
+        bad_epochs = sum(1 for _ in _epochs_since_best(history, run.task.primary_metric))
+        log.info("resumed", extra={"from": str(settings.resume), "epoch": start_epoch})
+
+    interactions = run.task.interactions()
+    metric = run.task.primary_metric
+    started = time.perf_counter()
+    io_seconds, time_to_best, best_epoch = 0.0, None, None
+    out_of_time = False
+    settings_json = json.loads(settings.model_dump_json())
+    for epoch in range(start_epoch, settings.epochs):
+        batches = run.task.train_batches(np.random.default_rng([settings.seed, epoch]))
+        batches = batches[: settings.max_steps_per_epoch] if settings.max_steps_per_epoch else batches
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not settings.progress)
+        losses = []
+        for batch in bar:
+            losses.append(train_step(run, batch))
+            global_step += 1
+            if settings.progress and global_step % 10 == 0:
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix(loss=f"{float(losses[-1]):.4f}", items_s=f"{run.encoder.items_forward / elapsed:.0f}")
+            if settings.time_budget_s and time.perf_counter() - started - io_seconds > settings.time_budget_s:
+                out_of_time = True
+                break
+        val = evaluate(run, "val")
+        train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        history.append({"epoch": epoch, "step": global_step, "train_loss": train_loss, "val": val,
+                        "elapsed_s": time.perf_counter() - started - io_seconds})
+        log.info("epoch", extra={"epoch": epoch, "train_loss": train_loss, "val": val})
+        meta = CheckpointMeta(settings_json, epoch, global_step, max(best, val[metric]), val, history)
+        io_start = time.perf_counter()
+        if val[metric] > best:
+            best, best_epoch, bad_epochs = val[metric], epoch, 0
+            time_to_best = io_start - started - io_seconds
+            save(run, out / "best", meta, resumable=False)
+        else:
+            bad_epochs += 1
+        save(run, out / "last", meta, resumable=True)
+        io_seconds += time.perf_counter() - io_start
+        if bad_epochs >= settings.patience or out_of_time:
+            break
+
+    wall = time.perf_counter() - started
+    if (out / "best").exists():
+        restore(run, out / "best", with_optimizers=False)
+    test = evaluate(run, "test")
+    report = {
+        "task": settings.task,
+        "strategy": settings.label,
+        "metrics": test,
+        "best_val": best,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "steps": global_step,
+        "wall_time_s": wall - io_seconds,
+        "time_to_best_s": time_to_best,
+        "checkpoint_io_s": io_seconds,
+        "encoder_items_forward": run.encoder.items_forward,
+        "encoder_items_backward": run.encoder.items_backward,
+        "interactions_per_epoch": interactions,
+        "items": len(run.task.items),
+        "peak_memory_bytes": peak_memory_bytes(run.device),
+        "device": str(run.device),
+        "history": history,
+        "settings": settings_json,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+def _epochs_since_best(history: list[dict], metric: str):
+    best = float("-inf")
+    since = []
+    for entry in history:
+        if entry["val"][metric] > best:
+            best, since = entry["val"][metric], []
+        else:
+            since.append(entry)
+    return since
