@@ -36,3 +36,25 @@ class KnowledgeTracingHead(nn.Module):
         start = self.start_state.expand(states.shape[0], 1, -1)  # [B, 1, H]
         before = torch.cat([start, states[:, :-1]], dim=1)  # [B, T, H]: state before step t
         return self.output(torch.cat([before, items], dim=-1)).squeeze(-1)
+
+    def predict_next(
+        self,
+        history: torch.Tensor,
+        history_correct: torch.Tensor,
+        history_mask: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """Serving: logits for answering each target item next, after the whole (masked) history.
+
+        history: [B, T, D], history_correct: [B, T], history_mask: [B, T] (real steps first; an all-padding row
+        means no history, T >= 1), targets: [B, K, D] -> logits [B, K]. Same function as forward() at t = T.
+        """
+        steps = self.item_projection(history) + self.response_embedding(history_correct.long())  # [B, T, H]
+        states, _ = self.lstm(steps)  # [B, T, H]
+        start = self.start_state.expand(states.shape[0], 1, -1)  # [B, 1, H]
+        states = torch.cat([start, states], dim=1)  # [B, T + 1, H]; index n = state after n answers
+        seen = history_mask.long().sum(1)  # [B]
+        state = states[torch.arange(states.shape[0], device=states.device), seen]  # [B, H]
+        items = self.item_projection(targets)  # [B, K, H]
+        state = state.unsqueeze(1).expand(-1, items.shape[1], -1)  # [B, K, H]
+        return self.output(torch.cat([state, items], dim=-1)).squeeze(-1)

@@ -148,3 +148,48 @@ def load_optimizers(path: Path, config: dict, optimizers: dict) -> None:
         saved = config["optimizers"][name]
         optimizer.load_state_dict(_nested_optimizer_state(name, tensors, saved))
         scheduler.load_state_dict(saved["scheduler"])
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint loaded for inference: evaluation, export, serving."""
+
+    config: dict
+    encoder: ContentEncoder
+    tokenizer: object
+    head: nn.Module
+    items: ItemCatalog
+    strategy_tensors: dict[str, torch.Tensor]
+
+    @property
+    def task(self) -> str:
+        return self.config["settings"]["task"]
+
+    @property
+    def strategy(self) -> str:
+        return self.config["settings"]["strategy"]
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.config["settings"]["max_tokens"])
+
+
+def load_trained_model(path: Path, device: str | torch.device = "cpu") -> TrainedModel:
+    """Loads encoder, head and items of a checkpoint, in eval mode."""
+    from models.content_encoder import load_tokenizer
+    from models.heads import build_head
+
+    path = Path(path)
+    config = read_config(path)
+    settings = config["settings"]
+    encoder = ContentEncoder.from_pretrained(path / "encoder", pooling=config["encoder"]["pooling"])
+    head = build_head(settings["task"], encoder.dim, settings["hidden_dim"])
+    strategy_tensors = load_weights(path, encoder, head)
+    return TrainedModel(
+        config=config,
+        encoder=encoder.to(device).eval(),
+        tokenizer=load_tokenizer(path / "encoder"),
+        head=head.to(device).eval(),
+        items=read_items(path),
+        strategy_tensors=strategy_tensors,
+    )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.knowledge_tracing_head import KnowledgeTracingHead
+from models.heads import build_head
 from trainer.batches import PackedField, pack_fields
 from trainer.kt_data import KTSequence, load_kt_data, split_kt
 from trainer.metrics import kt_metrics
@@ -67,7 +67,7 @@ class KnowledgeTracingTask:
         self.cold[self.splits.cold_items] = True
 
     def build_head(self, item_dim: int) -> nn.Module:
-        return KnowledgeTracingHead(item_dim, hidden_dim=self.settings.hidden_dim)
+        return build_head("kt", item_dim, self.settings.hidden_dim)
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_windows) // self.settings.batch_size)

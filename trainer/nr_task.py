@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.news_head import NewsHead
+from models.heads import build_head
 from trainer.batches import PackedField, pack_fields
 from trainer.metrics import news_metrics
 from trainer.mind_data import Impression, load_mind, split_mind
@@ -66,8 +66,7 @@ class NewsTask:
         self.samples = click_samples(self.splits.train, settings.history_len)
 
     def build_head(self, item_dim: int) -> nn.Module:
-        heads = 12 if item_dim % 12 == 0 else 8 if item_dim % 8 == 0 else 1
-        return NewsHead(item_dim, num_heads=heads)
+        return build_head("nr", item_dim, self.settings.hidden_dim)
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.samples) // self.settings.batch_size)

@@ -1,0 +1,15 @@
+"""Builds the CF head of a task, so training, evaluation and export construct it the same way."""
+
+from torch import nn
+
+from models.knowledge_tracing_head import KnowledgeTracingHead
+from models.news_head import NewsHead
+
+
+def build_head(task: str, item_dim: int, hidden_dim: int = 256) -> nn.Module:
+    if task == "kt":
+        return KnowledgeTracingHead(item_dim, hidden_dim=hidden_dim)
+    if task == "nr":
+        num_heads = next(h for h in (12, 8, 4, 2, 1) if item_dim % h == 0)
+        return NewsHead(item_dim, num_heads=num_heads)
+    raise ValueError(f"unknown task {task!r}: expected 'kt' or 'nr'")
