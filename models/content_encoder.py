@@ -72,8 +72,10 @@ class ContentEncoder(nn.Module):
     def from_pretrained(
         cls, model_dir: str | Path, pooling: Pooling = "mean", attention_dim: int = 200
     ) -> ContentEncoder:
+        # float32 master weights even when the directory stores fp16/bf16 (autocast handles low precision).
         backbone = AutoModel.from_pretrained(
-            str(model_dir), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False
+            str(model_dir), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False,
+            dtype=torch.float32,
         )
         return cls(backbone, pooling=pooling, attention_dim=attention_dim)
 

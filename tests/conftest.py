@@ -34,6 +34,22 @@ def random_tokens(num_items: int, max_len: int = 9, seed: int = 0) -> ItemTokens
     return ItemTokens(input_ids=ids, lengths=lengths)
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A small random BERT with the real MiniLM tokenizer, saved as a local Hugging Face model directory."""
+    from models.content_encoder import default_encoder_dir, load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-encoder")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    load_tokenizer(default_encoder_dir()).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -64,6 +64,7 @@ def save_checkpoint(
     items: ItemCatalog,
     strategy_tensors: dict[str, torch.Tensor],
     optimizers: dict | None = None,
+    loop_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Writes to a temporary sibling, then renames, so a crash never leaves a half-written checkpoint."""
     path = Path(path)
@@ -75,6 +76,7 @@ def save_checkpoint(
     tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
     tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items() if not k.startswith("backbone.")}
     tensors |= {f"strategy.{k}": v for k, v in strategy_tensors.items()}
+    tensors |= {f"loop.{k}": v for k, v in (loop_tensors or {}).items()}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
     config = {
         "format": FORMAT,
@@ -131,7 +133,7 @@ def read_items(path: Path) -> ItemCatalog:
 
 
 def load_weights(path: Path, encoder: ContentEncoder, head: nn.Module) -> dict[str, torch.Tensor]:
-    """Loads pooling and head weights in place; returns the strategy tensors."""
+    """Loads pooling and head weights in place; returns the strategy tensors (and loop state under 'loop.')."""
     tensors = load_file(str(Path(path) / "model.safetensors"))
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
@@ -139,7 +141,7 @@ def load_weights(path: Path, encoder: ContentEncoder, head: nn.Module) -> dict[s
 
     head.load_state_dict(part("head."))
     encoder.load_state_dict(part("encoder."), strict=False)  # backbone comes from encoder/
-    return part("strategy.")
+    return part("strategy.") | {f"loop.{k}": v for k, v in part("loop.").items()}
 
 
 def load_optimizers(path: Path, config: dict, optimizers: dict) -> None:

@@ -50,6 +50,35 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.split, args.device), indent=2))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from trainer.export import export_checkpoint
+
+    path = export_checkpoint(Path(args.checkpoint), Path(args.out), args.version, device=args.device)
+    print(json.dumps({"version": path.name, "path": str(path)}, indent=2))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from service.bootstrap import bootstrap
+    from service.settings import ServiceSettings
+
+    settings = settings_from_args(ServiceSettings, args)
+    if settings.bootstrap:
+        bootstrap(settings)
+    level = "info" if args.verbose else "warning"
+    if settings.workers > 1:  # each worker process builds its app (and settings, from the environment)
+        uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level=level, access_log=False)
+        return
+    from service.app import create_app
+
+    logging.getLogger("uvicorn.error").setLevel(level.upper())
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=level, access_log=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trainer.settings import TrainSettings
 
@@ -67,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["val", "test"], default="test")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=_evaluate)
+
+    export = commands.add_parser("export", help="export a checkpoint to a new, immutable ONNX artifact version")
+    export.add_argument("checkpoint")
+    export.add_argument("--out", required=True, help="artifacts root; the version is written to OUT/VERSION/")
+    export.add_argument("--version", default=None, help="default: <task>-<UTC yyyymmddTHHMMSS>-<6 hex>")
+    export.add_argument("--device", default="auto", help="device that encodes the item table")
+    export.set_defaults(func=_export)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API (other settings: GRAMREC_* variables, REDIS_URL)")
+    serve.add_argument("--host", default=None, help="default 127.0.0.1")
+    serve.add_argument("--port", default=None, help="default 8000")
+    serve.add_argument("--workers", default=None, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--bootstrap", action=argparse.BooleanOptionalAction, default=None,
+                       help="train and export a small model for tasks that have none (default on)")
+    serve.set_defaults(func=_serve)
     return parser
 
 

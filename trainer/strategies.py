@@ -193,7 +193,14 @@ class GramMultiStep(Strategy):
             self.regress()
 
     def regress(self) -> None:
-        """Moves the encoder towards the table rows touched since the last regression."""
+        """Moves the encoder towards the table rows touched since the last regression.
+
+        The rows were encoded in eval mode, so the regression runs in eval mode too: the residual is then
+        exactly the accumulated -dL/dh (plus encoder drift), not swamped by dropout noise, which under Adam's
+        normalisation would otherwise dominate every regression step.
+        """
+        was_training = self.encoder.training
+        self.encoder.eval()
         touched = self.touched.nonzero().squeeze(1).cpu()
         touched = touched[torch.randperm(len(touched), generator=self._generator)]
         step_items, micro = self.settings.regress_batch_size, self.settings.encoder_batch_size
@@ -205,6 +212,7 @@ class GramMultiStep(Strategy):
                 target = self.table[items.to(self.device)]
                 (0.5 * (predicted - target).pow(2).sum()).backward()
             self._step("encoder")
+        self.encoder.train(was_training)
         self.encoder_version += 1
         self.regressions += 1
         self.touched.zero_()

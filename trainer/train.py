@@ -98,14 +98,18 @@ def save(run: Run, path: Path, meta: CheckpointMeta, resumable: bool) -> None:
         run.task.items,
         run.strategy.state_tensors(),
         optimizers=run.strategy.optimizers if resumable else None,
+        loop_tensors={"rng_cpu": torch.get_rng_state()} if resumable else None,
     )
 
 
 def restore(run: Run, path: Path, with_optimizers: bool) -> dict:
+    """Loads weights and strategy state; with_optimizers also restores optimizers and the RNG (resuming)."""
     config = read_config(path)
-    run.strategy.load_state_tensors(load_weights(path, run.encoder, run.head))
+    tensors = load_weights(path, run.encoder, run.head)
+    run.strategy.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("loop.")})
     if with_optimizers:
         load_optimizers(path, config, run.strategy.optimizers)
+        torch.set_rng_state(tensors["loop.rng_cpu"])
     return config
 
 

@@ -1,0 +1,328 @@
+"""Latency and throughput of the HTTP API: /predict (kt, nr) and POST /items, closed loop and open loop.
+
+    .venv/bin/python bench/serve_bench.py                      # starts `gramrec serve` itself, Redis on loopback
+    .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000 --artifacts artifacts/bench
+
+Without --url it serves the versions in --artifacts, first training and exporting a short all-MiniLM-L6-v2 model
+per task (GRAM, period 1e, --train-steps steps) if the folder has none. Requests:
+  predict kt: 100 answers of history, 5 targets; predict nr: 50 clicks, 20 candidates;
+  POST /items: one new item per request, a text of about 32 tokens.
+Closed loop at each --concurrency (that many clients back to back, each request timed from send to answer), then
+an open loop at a fixed --rate (requests sent on a schedule; latency counted from the scheduled send time, so
+queueing is included). Every run is bounded by a request count and a time limit. Prints a markdown table and
+writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("student loop array string method return value recursion market team weather report city policy "
+         "election science health music film travel season score player coach result").split()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="benchmark a running server instead of starting one")
+    parser.add_argument("--artifacts", type=Path, default=ROOT / "artifacts" / "bench")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the started server")
+    parser.add_argument("--ort-threads", type=int, default=1)
+    parser.add_argument("--train-steps", type=int, default=20, help="steps of the short training, if needed")
+    parser.add_argument("--codeworkout", type=Path, default=ROOT.parent / "shared" / "data" / "codeworkout_s19")
+    parser.add_argument("--mind", type=Path, default=ROOT.parent / "shared" / "data" / "mind_small_subset")
+    parser.add_argument("--nr-impressions", type=int, default=150, help="MIND impressions the nr model trains on")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
+    parser.add_argument("--open-seconds", type=float, default=10.0)
+    parser.add_argument("--run-limit-s", type=float, default=20.0, help="time limit of one closed-loop run")
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "serve_bench.json")
+    return parser.parse_args()
+
+
+# -- server ------------------------------------------------------------------------------------------------------
+def mind_sample(source: Path, target: Path, impressions: int) -> Path:
+    """A random sample of MIND impressions (all days) and only the news they mention, in MIND's layout.
+
+    MIND makes every news of news.tsv an item (51k), which CPU training encodes several times; serving cost does
+    not depend on the catalog size (one HMGET per request), so the bench trains on a few thousand news.
+    """
+    if (target / "behaviors.tsv").is_file():
+        return target
+    lines = [line for line in (source / "behaviors.tsv").read_text().split("\n") if line.strip()]
+    sample = random.Random(0).sample(lines, impressions)
+    wanted = set()
+    for line in sample:
+        fields = line.split("\t")
+        wanted.update(fields[3].split())
+        wanted.update(token.rsplit("-", 1)[0] for token in fields[4].split())
+    news = [line for line in (source / "news.tsv").read_text().split("\n") if line.split("\t", 1)[0] in wanted]
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "news.tsv").write_text("\n".join(news) + "\n")
+    (target / "behaviors.tsv").write_text("\n".join(sample) + "\n")
+    return target
+
+
+def ensure_models(args: argparse.Namespace) -> None:
+    from service.bootstrap import train_and_export
+    from service.bundle import list_versions
+    from service.settings import ServiceSettings
+    from trainer.logs import configure_logging
+
+    configure_logging()  # quiet Hugging Face load reports
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    have = {m["task"] for m in list_versions(args.artifacts)}
+    nr_data = mind_sample(args.mind, args.artifacts / "data" / "mind_sample", args.nr_impressions)
+    for task in ("kt", "nr"):
+        if task not in have:
+            print(f"training a short {task} model ({args.train_steps} steps) into {args.artifacts} ...", file=sys.stderr)
+            settings = ServiceSettings(artifacts_dir=args.artifacts, bootstrap_max_steps_per_epoch=args.train_steps,
+                                       bootstrap_kt_data=args.codeworkout, bootstrap_nr_data=nr_data)
+            train_and_export(settings, task)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
+    port, prefix = free_port(), f"gramrec-bench-{uuid.uuid4().hex[:8]}:"
+    env = os.environ | {
+        "REDIS_URL": args.redis_url, "GRAMREC_REDIS_KEY_PREFIX": prefix, "GRAMREC_ARTIFACTS_DIR": str(args.artifacts),
+        "GRAMREC_BOOTSTRAP": "false", "GRAMREC_ORT_THREADS": str(args.ort_threads),
+    }
+    command = [sys.executable, "-m", "trainer.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return process, url, prefix
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    process.terminate()
+    raise SystemExit("server not ready within 120 s")
+
+
+def stop_server(process: subprocess.Popen, redis_url: str, prefix: str) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+# -- requests -----------------------------------------------------------------------------------------------------
+def item_ids(artifacts: Path, version: str) -> list[str]:
+    return json.loads((artifacts / version / "items.json").read_text())["ids"]
+
+
+def payloads(ids: dict[str, list[str]], rng: random.Random):
+    def kt() -> dict:
+        history = [{"item_id": rng.choice(ids["kt"]), "correct": rng.random() < 0.6} for _ in range(100)]
+        return {"task": "kt", "history": history, "targets": rng.sample(ids["kt"], 5)}
+
+    def nr() -> dict:
+        chosen = rng.sample(ids["nr"], 70)
+        return {"task": "nr", "history": chosen[:50], "candidates": chosen[50:]}
+
+    counter = iter(range(10**9))
+
+    def item() -> dict:
+        text = " ".join(rng.choice(WORDS) for _ in range(28))  # about 32 tokens with [CLS], [SEP] and word pieces
+        return {"task": "nr", "items": [{"item_id": f"bench-{uuid.uuid4().hex[:8]}-{next(counter)}", "text": text}]}
+
+    return {"predict kt": ("/predict", kt), "predict nr": ("/predict", nr), "POST /items": ("/items", item)}
+
+
+async def timed_post(client: httpx.AsyncClient, path: str, body: bytes) -> tuple[float, int]:
+    start = time.perf_counter()
+    response = await client.post(path, content=body, headers={"Content-Type": "application/json"})
+    return time.perf_counter() - start, response.status_code
+
+
+async def closed_loop(client, path, make, concurrency: int, total: int, limit_s: float, cpu: ServerCpu) -> dict:
+    bodies = [json.dumps(make()).encode() for _ in range(total + 20 * concurrency)]
+    for body in bodies[: 20 * concurrency]:  # warm-up, not measured
+        await timed_post(client, path, body)
+    queue = iter(bodies[20 * concurrency :])
+    latencies, errors = [], 0
+    deadline = time.perf_counter() + limit_s
+
+    async def worker() -> None:
+        nonlocal errors
+        for body in queue:
+            if time.perf_counter() > deadline:
+                return
+            seconds, status = await timed_post(client, path, body)
+            latencies.append(seconds)
+            errors += status != 200
+
+    start, cpu_start = time.perf_counter(), cpu.seconds()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summary(latencies, errors, time.perf_counter() - start) | cpu_per_request(cpu, cpu_start, len(latencies))
+
+
+async def open_loop(client, path, make, rate: float, seconds: float, cpu: ServerCpu) -> dict:
+    n = int(rate * seconds)
+    bodies = [json.dumps(make()).encode() for _ in range(n + 50)]
+    for body in bodies[:50]:
+        await timed_post(client, path, body)
+    latencies, errors = [], 0
+
+    async def one(body: bytes, scheduled: float) -> None:
+        nonlocal errors
+        response = await client.post(path, content=body, headers={"Content-Type": "application/json"})
+        latencies.append(time.perf_counter() - scheduled)  # from the scheduled send: includes any backlog
+        errors += response.status_code != 200
+
+    start, cpu_start = time.perf_counter(), cpu.seconds()
+    tasks = []
+    for i, body in enumerate(bodies[50:]):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(body, scheduled)))
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 30)
+    result = summary(latencies, errors, time.perf_counter() - start) | cpu_per_request(cpu, cpu_start, len(latencies))
+    return result | {"target_rps": rate}
+
+
+def cpu_per_request(cpu: ServerCpu, start: float | None, requests: int) -> dict:
+    end = cpu.seconds()
+    if start is None or end is None or not requests:
+        return {}
+    return {"server_cpu_ms_per_request": round((end - start) / requests * 1000, 2)}
+
+
+class ServerCpu:
+    """CPU seconds used by the server process tree (Linux /proc), to report CPU per request: unlike latency,
+    it hardly depends on what else the machine is running."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> float | None:
+        if self.pid is None:
+            return None
+        total, pids = 0, {self.pid}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat.parent.name) in pids or int(fields[1]) in pids:  # the server or one of its workers
+                total += int(fields[11]) + int(fields[12])
+        return total / self.ticks
+
+
+def summary(latencies: list[float], errors: int, wall: float) -> dict:
+    ms = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies), "errors": errors, "seconds": round(wall, 2),
+        "throughput_rps": round(len(latencies) / wall, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2), "p90_ms": round(float(np.percentile(ms, 90)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2),
+    }
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+
+
+async def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dict:
+    cpu = ServerCpu(server_pid)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        models = (await client.get("/readyz")).json()["models"]
+        ids = {task: item_ids(args.artifacts, version) for task, version in models.items()}
+        scenarios = payloads(ids, random.Random(0))
+        results = []
+        for name, (path, make) in scenarios.items():
+            for concurrency in args.concurrency:
+                result = await closed_loop(client, path, make, concurrency, args.requests, args.run_limit_s, cpu)
+                results.append({"scenario": name, "mode": f"closed, concurrency {concurrency}"} | result)
+                print(f"  {name:12s} c={concurrency:<3d} p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
+                      f"{result['throughput_rps']:7.1f} req/s", file=sys.stderr)
+        for name in ("predict kt", "predict nr"):
+            path, make = scenarios[name]
+            result = await open_loop(client, path, make, args.rate, args.open_seconds, cpu)
+            results.append({"scenario": name, "mode": f"open loop, {args.rate:g} req/s"} | result)
+            print(f"  {name:12s} open  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms", file=sys.stderr)
+    return {"models": models, "results": results}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| scenario | mode | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/req |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(f"| {r['scenario']} | {r['mode']} | {r['requests']} | {r['errors']} | {r['throughput_rps']} | "
+                     f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+                     f"{r.get('server_cpu_ms_per_request', '-')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    process = None
+    if args.url:
+        url = args.url
+    else:
+        ensure_models(args)
+        process, url, prefix = start_server(args)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    try:
+        report = asyncio.run(run(args, url, process.pid if process else None))
+    finally:
+        if process is not None:
+            stop_server(process, args.redis_url, prefix)
+    report |= {
+        "machine": machine() | {"load_average_before": load_before},
+        "client": f"httpx {httpx.__version__} AsyncClient, one process, keep-alive connections, same machine",
+        "server": {"url": args.url or "started by the bench", "workers": args.workers, "ort_threads": args.ort_threads,
+                   "store": "Redis on loopback" if not args.url else "as configured"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+    print(f"\nmodels: {report['models']}; machine: {report['machine']['cpu']} x{report['machine']['cores']}; "
+          f"client: {report['client']}; JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

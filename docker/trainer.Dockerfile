@@ -1,0 +1,47 @@
+# The gramrec trainer (GPU): trains a model and exports it as a new artifact version. Build from the repo root:
+#   docker build -f docker/trainer.Dockerfile -t gramrec-trainer .
+# Needs the NVIDIA container toolkit at run time (compose reserves one GPU). Configuration: GRAMREC_* variables
+# (trainer/settings.py: GRAMREC_TASK, GRAMREC_DATA, GRAMREC_OUT, GRAMREC_EPOCHS, ...), see docker/train-and-export.sh.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TOKENIZERS_PARALLELISM=false \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+WORKDIR /app
+# The default torch wheel is the CUDA build.
+RUN pip install torch==2.13.0
+
+COPY pyproject.toml README* ./
+COPY models ./models
+COPY trainer ./trainer
+COPY service ./service
+COPY docker/train-and-export.sh /usr/local/bin/train-and-export
+# onnxruntime (CPU) and onnxruntime-gpu provide the same module: keep only the GPU build, which also runs on CPU.
+RUN pip install . \
+    && pip uninstall -y onnxruntime \
+    && pip install onnxruntime-gpu \
+    && chmod +x /usr/local/bin/train-and-export
+
+RUN useradd --create-home --uid 10001 gramrec \
+    && mkdir -p /data/artifacts /data/datasets /data/runs \
+    && chown -R gramrec /data
+USER gramrec
+
+ENV GRAMREC_OUT=/data/runs/latest \
+    GRAMREC_ARTIFACTS_DIR=/data/artifacts \
+    GRAMREC_DEVICE=cuda
+
+CMD ["train-and-export"]

@@ -1,0 +1,93 @@
+"""The FastAPI application: `create_app()` for uvicorn's --factory, tests and `gramrec serve`.
+
+At startup (lifespan) it opens the store, loads and warms the active model of each configured task (adopting the
+newest exported version of a task that has no active pointer yet, and loading its item table into the store),
+then follows activations made by other processes every `model_poll_interval_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import add_error_handlers
+from service.item_store import open_store
+from service.metrics import Metrics, MetricsMiddleware
+from service.registry import Bundle, ModelRegistry
+from service.routers import admin, health, interactions, items, predict
+from service.settings import ServiceSettings
+
+log = logging.getLogger("gramrec.service")
+
+DESCRIPTION = """Content-based collaborative filtering: knowledge tracing (`kt`) and news recommendation (`nr`).
+
+Item ids match `^[A-Za-z0-9_.-]{1,128}$`. Every prediction names the `model_version` that made it."""
+
+
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    load_bundle: Callable[[Path, str], Bundle] | None = None,
+    list_versions: Callable[[Path], list[dict]] | None = None,
+) -> FastAPI:
+    """Builds the app. `load_bundle` and `list_versions` replace service.bundle's (tests use in-memory fakes)."""
+    settings = settings or ServiceSettings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = open_store(settings)
+        registry = ModelRegistry(
+            store, settings.artifacts_dir, settings.tasks,
+            load_bundle=load_bundle, list_versions=list_versions, ort_threads=settings.ort_threads,
+        )
+        app.state.store, app.state.registry = store, registry
+        try:
+            await run_in_threadpool(registry.start)
+            registry.start_polling(settings.model_poll_interval_s)
+            log.info("serving", extra={"models": {t: m.version for t, m in registry.active().items()}})
+            yield
+        finally:
+            registry.stop()
+            store.close()
+
+    app = FastAPI(
+        title="gramrec",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+        max_body_size=settings.limits.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    metrics.watch_models(lambda: _model_state(app))
+
+    add_error_handlers(app)
+    for router in (predict.router, items.router, interactions.router, admin.router, health.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _model_state(app: FastAPI):
+    """(task, version, item count) of each active model, read when /metrics is scraped."""
+    registry: ModelRegistry | None = getattr(app.state, "registry", None)
+    if registry is None:
+        return
+    for task, model in registry.active().items():
+        try:
+            count = registry.store.count_items(model.version)
+        except Exception:  # a scrape must not fail because the store is briefly away
+            count = None
+        yield task, model.version, count

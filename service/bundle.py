@@ -1,0 +1,391 @@
+"""One exported model version, verified and ready to serve: ONNX encoder and CF head, tokenizer, item table.
+
+An artifact version directory is written once by `trainer.export` and never modified afterwards:
+
+    manifest.json      format, version, task, strategy, dim, max_tokens, pooling, metrics, data fingerprint,
+                       source checkpoint, and {sha256, bytes} of every other file in the directory
+    encoder.onnx       input_ids [B, S] int64, attention_mask [B, S] int64 -> embedding [B, D] float32
+                       (absent for strategy "nocontent": the manifest says "encoder": null)
+    head.onnx          kt: history [B, T, D] float32, history_correct [B, T] int64, history_mask [B, T] bool,
+                           targets [B, K, D] float32 -> logits [B, K] float32
+                       nr: history [B, L, D] float32, history_mask [B, L] bool, candidates [B, C, D] float32
+                           -> scores [B, C] float32
+                       Masks are True for real steps, which come first in each row.
+    tokenizer/         the Hugging Face fast tokenizer (tokenizer.json and friends; absent for "nocontent")
+    items.safetensors  embeddings [N, D] float32, every training item's embedding
+    items.json         {"ids": [...], "texts": [...]}, in the row order of `embeddings`
+
+This module needs only numpy, onnxruntime, tokenizers and safetensors (no torch), so a serving image stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load as load_safetensors
+from tokenizers import Tokenizer
+
+from service.settings import VERSION_PATTERN
+
+log = logging.getLogger("gramrec.bundle")
+
+FORMAT = "gramrec-artifact/1"
+MANIFEST = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+HEAD_FILE = "head.onnx"
+TOKENIZER_DIR = "tokenizer"
+ITEMS_EMBEDDINGS_FILE = "items.safetensors"
+ITEMS_INDEX_FILE = "items.json"
+THREADS_ENV = "GRAMREC_ORT_THREADS"
+ENCODE_BATCH = 64  # texts per encoder run; texts are sorted by length first so each batch pads little
+
+_VERSION = re.compile(VERSION_PATTERN)
+
+
+class ArtifactError(Exception):
+    """An artifact version is missing, malformed, tampered with, or cannot serve the request asked of it."""
+
+    def __init__(self, where: str | Path, problem: str) -> None:
+        self.where = str(where)
+        self.problem = problem
+        super().__init__(f"{self.where}: {problem}")
+
+
+def is_valid_version(version: str) -> bool:
+    """`<task>-<name>` with a short safe name: never a path separator, never '..', never absolute."""
+    return isinstance(version, str) and bool(_VERSION.fullmatch(version)) and ".." not in version
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it (CPU stays as the fallback for unsupported ops), else CPU."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def default_threads() -> int:
+    """Intra-op threads per session: $GRAMREC_ORT_THREADS, else 1.
+
+    Measured on 2 cores: a second thread helps an idle box (MiniLM encode 5.0 -> 3.5 ms, KT T=100 3.5 -> 3.1 ms)
+    but its spinning costs 2.5x once the cores are busy (concurrent requests), while one thread stays within
+    20% of idle. Requests run concurrently in the service, so 1 is the robust default.
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    return int(value) if value else 1
+
+
+def _resolve_version_dir(artifacts_root: Path, version: str) -> Path:
+    """The version's directory, resolved; refuses anything that is not a directory directly inside the root."""
+    if not is_valid_version(version):
+        raise ArtifactError(version, f"invalid version name (must match {VERSION_PATTERN} without '..')")
+    root = Path(artifacts_root).resolve()
+    directory = (root / version).resolve()  # follows symlinks, so a link pointing outside is caught below
+    if directory.parent != root or directory.name != version:  # a symlink out of the root, or to another version
+        raise ArtifactError(root / version, f"resolves to {directory}, not a version directory of {root}")
+    if not directory.is_dir():
+        raise ArtifactError(directory, "no such artifact version")
+    return directory
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        raise ArtifactError(path, "missing (or not a regular file)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(path, f"invalid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(path, f"format {found!r}, expected {FORMAT!r}")
+    if manifest.get("version") != directory.name:
+        raise ArtifactError(path, f"names version {manifest.get('version')!r}, but lies in {directory.name!r}")
+    for key, kind in (("task", str), ("strategy", str), ("dim", int), ("max_tokens", int), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(path, f"field {key!r} missing or not a {kind.__name__}")
+    if manifest["task"] not in ("kt", "nr"):
+        raise ArtifactError(path, f"unknown task {manifest['task']!r}")
+    return manifest
+
+
+def _listed_path(directory: Path, name: str) -> Path:
+    """A file named in the manifest, refusing names that could reach outside the version directory."""
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\\" in name:
+        raise ArtifactError(directory / MANIFEST, f"lists an unsafe file name {name!r}")
+    path = directory.joinpath(*relative.parts)
+    if path.is_symlink() or not path.resolve().is_relative_to(directory):
+        raise ArtifactError(path, "is a symlink or lies outside the version directory")
+    return path
+
+
+def _verified_files(directory: Path, manifest: dict) -> dict[str, bytes]:
+    """Reads every listed file once and checks its size and sha256; returns the bytes that were checked.
+
+    Serving then loads exactly these bytes, so a file swapped after the check can never be served. Files on
+    disk that the manifest does not list are refused too: a version directory is immutable.
+    """
+    contents: dict[str, bytes] = {}
+    for name, entry in manifest["files"].items():
+        path = _listed_path(directory, name)
+        if not path.is_file():
+            raise ArtifactError(path, "listed in manifest.json but missing")
+        data = path.read_bytes()
+        if not isinstance(entry, dict) or len(data) != entry.get("bytes") or sha256_bytes(data) != entry.get("sha256"):
+            raise ArtifactError(path, "checksum mismatch with manifest.json (corrupted or tampered with)")
+        contents[name] = data
+    on_disk = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()} - {MANIFEST}
+    unlisted = sorted(on_disk - contents.keys())
+    if unlisted:
+        raise ArtifactError(directory, f"files not listed in manifest.json: {unlisted[:5]}")
+    return contents
+
+
+def _required(contents: dict[str, bytes], directory: Path, name: str) -> bytes:
+    if name not in contents:
+        raise ArtifactError(directory / name, "required by the manifest but not listed in its files")
+    return contents[name]
+
+
+def _session(model: bytes, providers: list[str], threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: no per-session optimizer chatter in the service log
+    return ort.InferenceSession(model, sess_options=options, providers=providers)
+
+
+def _tokenizer(contents: dict[str, bytes], directory: Path, manifest: dict) -> Tokenizer:
+    """The fast tokenizer, set to truncate at max_tokens and pad to the longest text of a batch."""
+    info = manifest.get("tokenizer")
+    if not isinstance(info, dict):
+        raise ArtifactError(directory / MANIFEST, "has an encoder but no tokenizer entry")
+    name = f"{TOKENIZER_DIR}/tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_str(_required(contents, directory, name).decode("utf-8"))
+    except Exception as exc:  # the Rust parser raises plain Exception subclasses
+        raise ArtifactError(directory / name, f"not a valid fast tokenizer: {exc}") from None
+    tokenizer.enable_truncation(max_length=manifest["max_tokens"])
+    tokenizer.enable_padding(pad_id=int(info["pad_token_id"]), pad_token=str(info["pad_token"]))
+    return tokenizer
+
+
+def _item_table(contents: dict[str, bytes], directory: Path, dim: int) -> tuple[list[str], np.ndarray]:
+    try:
+        index = json.loads(_required(contents, directory, ITEMS_INDEX_FILE))
+        ids = [str(i) for i in index["ids"]]
+        embeddings = load_safetensors(_required(contents, directory, ITEMS_EMBEDDINGS_FILE))["embeddings"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(directory / ITEMS_EMBEDDINGS_FILE, f"unreadable item table: {exc}") from None
+    if embeddings.dtype != np.float32 or embeddings.shape != (len(ids), dim):
+        raise ArtifactError(
+            directory / ITEMS_EMBEDDINGS_FILE,
+            f"embeddings {embeddings.dtype}{list(embeddings.shape)}, expected float32[{len(ids)}, {dim}]",
+        )
+    return ids, embeddings
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Overflow-free logistic function."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _matrix(name: str, array: np.ndarray, dim: int) -> np.ndarray:
+    """[n, dim] float32, C-contiguous (copies only when the caller's array is not already so)."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise ValueError(f"{name} must have shape [n, {dim}], got {list(array.shape)}")
+    return array
+
+
+class ModelBundle:
+    """A verified artifact version with its ONNX Runtime sessions; the service's inference entry point.
+
+    Build one with `ModelBundle.load`. Inference methods are thread-safe (ONNX Runtime sessions are).
+    """
+
+    version: str
+    task: str
+    strategy: str
+    dim: int
+    max_tokens: int
+    manifest: dict
+    has_encoder: bool
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        encoder: ort.InferenceSession | None,
+        head: ort.InferenceSession,
+        tokenizer: Tokenizer | None,
+        item_ids: list[str],
+        item_vectors: np.ndarray,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.version = manifest["version"]
+        self.task = manifest["task"]
+        self.strategy = manifest["strategy"]
+        self.dim = manifest["dim"]
+        self.max_tokens = manifest["max_tokens"]
+        self.has_encoder = encoder is not None
+        self._encoder = encoder
+        self._head = head
+        self._tokenizer = tokenizer
+        self._item_ids = item_ids
+        self._item_vectors = item_vectors
+        # An empty history runs as one padding step (mask False): the head then uses its start state (kt) or a
+        # zero user vector (nr), exactly as PyTorch does for an all-padding row. Built once, reused per call.
+        self._no_history = np.zeros((1, 1, self.dim), np.float32)  # [1, 1, D]
+        self._no_history_correct = np.zeros((1, 1), np.int64)  # [1, 1]
+        self._no_history_mask = np.zeros((1, 1), np.bool_)  # [1, 1]
+
+    @classmethod
+    def load(
+        cls,
+        artifacts_root: Path,
+        version: str,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+    ) -> ModelBundle:
+        """Verifies `artifacts_root/version` completely, then creates its sessions.
+
+        Raises ArtifactError (naming the file and the problem) for a bad version name, a directory outside
+        the root, a malformed manifest, or any file whose size or sha256 differs from the manifest; all of
+        that is checked before any ONNX Runtime session is created.
+        """
+        directory = _resolve_version_dir(artifacts_root, version)
+        manifest = _read_manifest(directory)
+        contents = _verified_files(directory, manifest)
+        item_ids, item_vectors = _item_table(contents, directory, manifest["dim"])
+        has_encoder = manifest.get("encoder") is not None
+        tokenizer = _tokenizer(contents, directory, manifest) if has_encoder else None
+
+        providers = providers or default_providers()
+        threads = intra_op_threads or default_threads()
+        encoder_model = _required(contents, directory, ENCODER_FILE) if has_encoder else None
+        head_model = _required(contents, directory, HEAD_FILE)
+        try:
+            encoder = _session(encoder_model, providers, threads) if encoder_model is not None else None
+            head = _session(head_model, providers, threads)
+        except Exception as exc:  # onnxruntime reports invalid models as generic runtime errors
+            raise ArtifactError(directory, f"ONNX Runtime cannot load a model: {exc}") from None
+        log.info("bundle loaded", extra={"version": version, "providers": providers, "threads": threads})
+        return cls(directory, manifest, encoder, head, tokenizer, item_ids, item_vectors)
+
+    # -- inference -----------------------------------------------------------------------------------------
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Item texts -> embeddings [n, D] float32, as the trained content encoder computes them."""
+        if self._encoder is None or self._tokenizer is None:
+            raise ArtifactError(self.path, f"strategy {self.strategy!r} has no content encoder: cannot encode text")
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        if len(texts) == 1:  # the common request; skips the batch machinery
+            return self._encode_batch([self._tokenizer.encode(texts[0])])
+        encodings = self._tokenizer.encode_batch(list(texts))  # padded to the longest text; re-padded per chunk
+        order = np.argsort([sum(e.attention_mask) for e in encodings], kind="stable")
+        out = np.empty((len(texts), self.dim), np.float32)
+        for start in range(0, len(order), ENCODE_BATCH):
+            chunk = order[start : start + ENCODE_BATCH]
+            out[chunk] = self._encode_batch([encodings[i] for i in chunk])
+        return out
+
+    def _encode_batch(self, encodings: list) -> np.ndarray:
+        """Tokenizer encodings -> [n, D], trimmed to the longest real length among them."""
+        width = max(sum(e.attention_mask) for e in encodings)
+        input_ids = np.array([e.ids[:width] for e in encodings], dtype=np.int64)  # [n, S]
+        attention_mask = np.array([e.attention_mask[:width] for e in encodings], dtype=np.int64)  # [n, S]
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self._encoder.run(["embedding"], feed)[0]
+
+    def predict_kt(self, history: np.ndarray, history_correct: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """P(correct) for answering each target next, after the answered history.
+
+        history: [T, D] (T may be 0), history_correct: [T] (0/1), targets: [K, D] -> probabilities [K] float32.
+        """
+        self._require_task("kt")
+        history = _matrix("history", history, self.dim)
+        targets = _matrix("targets", targets, self.dim)
+        correct = np.asarray(history_correct, dtype=np.int64).reshape(-1)
+        if correct.shape[0] != history.shape[0]:
+            raise ValueError(f"history_correct has {correct.shape[0]} entries for {history.shape[0]} history items")
+        if targets.shape[0] == 0:
+            return np.zeros(0, np.float32)
+        if history.shape[0] == 0:
+            steps, correct, mask = self._no_history, self._no_history_correct, self._no_history_mask
+        else:
+            steps, correct, mask = history[None], correct[None], np.ones((1, history.shape[0]), np.bool_)
+        feed = {"history": steps, "history_correct": correct, "history_mask": mask, "targets": targets[None]}
+        return _sigmoid(self._head.run(["logits"], feed)[0][0])  # [K]
+
+    def score_news(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Click scores (dot products, higher = more likely) of each candidate for a reader.
+
+        history: [L, D] clicked-news embeddings (L may be 0: every score is then 0), candidates: [C, D] -> [C].
+        """
+        self._require_task("nr")
+        history = _matrix("history", history, self.dim)
+        candidates = _matrix("candidates", candidates, self.dim)
+        if candidates.shape[0] == 0:
+            return np.zeros(0, np.float32)
+        if history.shape[0] == 0:
+            clicks, mask = self._no_history, self._no_history_mask
+        else:
+            clicks, mask = history[None], np.ones((1, history.shape[0]), np.bool_)
+        feed = {"history": clicks, "history_mask": mask, "candidates": candidates[None]}
+        return self._head.run(["scores"], feed)[0][0]  # [C]
+
+    def item_embeddings(self) -> tuple[list[str], np.ndarray]:
+        """Item ids and their embeddings [N, D] float32 (same order), to fill the service's item table."""
+        return list(self._item_ids), self._item_vectors
+
+    def warm_up(self) -> None:
+        """Runs every session once on a typical input, so the first request does not pay for lazy setup."""
+        if self.has_encoder:
+            self.encode_texts(["a short warm-up text about fractions, loops and the news"])
+        history = np.zeros((20, self.dim), np.float32)
+        if self.task == "kt":
+            self.predict_kt(history, np.zeros(20, np.int64), np.zeros((4, self.dim), np.float32))
+        else:
+            self.score_news(history, np.zeros((4, self.dim), np.float32))
+
+    def _require_task(self, task: str) -> None:
+        if self.task != task:
+            raise ArtifactError(self.path, f"is a {self.task!r} model; this call needs a {task!r} model")
+
+    def __repr__(self) -> str:
+        return f"ModelBundle(version={self.version!r}, task={self.task!r}, strategy={self.strategy!r}, dim={self.dim})"
+
+
+def list_versions(artifacts_root: Path) -> list[dict]:
+    """Manifests of the well-formed version directories under the root, newest first.
+
+    Only the manifests are read here (cheap); `ModelBundle.load` verifies every file's checksum.
+    Temporary export directories (".<version>...") and anything else invalid are skipped.
+    """
+    root = Path(artifacts_root)
+    if not root.is_dir():
+        return []
+    manifests = []
+    for child in root.iterdir():
+        if not is_valid_version(child.name):
+            continue
+        try:
+            manifests.append(_read_manifest(_resolve_version_dir(root, child.name)))
+        except ArtifactError as exc:
+            log.warning("skipping invalid artifact version", extra={"path": exc.where, "problem": exc.problem})
+    return sorted(manifests, key=lambda m: (str(m.get("created", "")), m["version"]), reverse=True)

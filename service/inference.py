@@ -1,0 +1,33 @@
+"""A request's item vectors: one read from the active table, unknown items encoded from request texts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.errors import UnknownItems
+from service.item_store import Store, decode_rows
+from service.registry import ActiveModel
+from service.schemas import ItemText
+
+
+def item_vectors(
+    model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Vectors of the distinct `ids` (one store round trip) -> ([n, D] float32, row of each id).
+
+    An id absent from the table is encoded from its text in `items` for this request only (never stored);
+    without a text, or with a model that has no encoder, the request fails naming every such id.
+    """
+    unique = list(dict.fromkeys(ids))
+    matrix, missing = decode_rows(store.get_vectors(model.version, unique), model.bundle.dim)
+    if missing:
+        missing_ids = [unique[i] for i in missing]
+        texts = {item.item_id: item.text for item in items}
+        unknown = [item_id for item_id in missing_ids if item_id not in texts]
+        if unknown:
+            raise UnknownItems(unknown)
+        if not model.bundle.has_encoder:
+            raise UnknownItems(missing_ids, reason=f"model {model.version} has no content encoder to encode texts")
+        matrix = matrix.copy()  # frombuffer gives a read-only view
+        matrix[missing] = model.bundle.encode_texts([texts[item_id] for item_id in missing_ids])
+    return matrix, {item_id: row for row, item_id in enumerate(unique)}

@@ -1,0 +1,82 @@
+"""Prometheus metrics of one process: requests and latency per endpoint and status, active model and item count.
+
+Each app has its own CollectorRegistry (tests build many apps). With several uvicorn workers every worker
+exposes its own numbers; scrape each, or run one worker per container.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ModelCollector(Collector):
+    """Read at scrape time, so the numbers are never stale: active version per task, items in its table."""
+
+    def __init__(self, state: Callable[[], Iterable[tuple[str, str, int | None]]]):
+        self.state = state  # yields (task, version, item count or None)
+
+    def collect(self):
+        active = GaugeMetricFamily("gramrec_active_model", "1 for the active model version of a task", labels=["task", "version"])
+        items = GaugeMetricFamily("gramrec_items", "items in the active item table of a task", labels=["task"])
+        for task, version, count in self.state():
+            active.add_metric([task, version], 1)
+            if count is not None:
+                items.add_metric([task], count)
+        yield active
+        yield items
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gramrec_http_requests", "HTTP requests", ["method", "endpoint", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "gramrec_http_request_duration_seconds",
+            "time from request start to the end of the response",
+            ["method", "endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch_models(self, state: Callable[[], Iterable[tuple[str, str, int | None]]]) -> None:
+        self.registry.register(ModelCollector(state))
+
+
+class MetricsMiddleware:
+    """Labels requests by route template (/items/{task}/{item_id}), never by raw path, to bound label cardinality."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def status_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, status_send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            labels = (scope["method"], endpoint, str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

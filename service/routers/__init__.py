@@ -1,0 +1,1 @@
+"""One router per concern: predict, items, interactions, admin, health."""

@@ -1,0 +1,83 @@
+"""Admin API (bearer token): queue retrains, list model versions, activate one (roll back or forward).
+
+POST /admin/retrain only records the job and queues it ({prefix}jobs, {prefix}retrain-queue); the worker that
+trains, exports and activates is a separate process (a later issue), so jobs stay "queued" until it exists.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, status
+
+from service.auth import require_admin
+from service.bundle import ArtifactError
+from service.deps import get_registry, get_store
+from service.item_store import Store
+from service.registry import ActivationConflict, ModelRegistry, VersionNotFound
+from service.schemas import ActivateResponse, Job, ModelInfo, ModelsResponse, RetrainRequest
+from service.settings import TASKS, VERSION_PATTERN
+
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses={401: {"description": "missing or invalid bearer token"}, 403: {"description": "admin API disabled"}},
+)
+
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+@router.post("/retrain", status_code=status.HTTP_202_ACCEPTED)
+def queue_retrain(body: RetrainRequest, store: Annotated[Store, Depends(get_store)]) -> Job:
+    params = body.model_dump(exclude={"task"}, exclude_none=True)
+    job = Job(
+        id=uuid.uuid4().hex, status="queued", task=body.task,
+        created_at=datetime.now(timezone.utc).isoformat(), params=params,
+    )
+    store.enqueue_job(job.model_dump())
+    return job
+
+
+@router.get("/jobs/{job_id}", responses={404: {"description": "no such job"}})
+def get_job(job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)], store: Annotated[Store, Depends(get_store)]) -> Job:
+    record = store.get_job(job_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id}")
+    return Job.model_validate(record)
+
+
+@router.get("/models")
+def list_models(
+    registry: Annotated[ModelRegistry, Depends(get_registry)], store: Annotated[Store, Depends(get_store)]
+) -> ModelsResponse:
+    active = {task: store.active_version(task) for task in TASKS}
+    models = [
+        ModelInfo(
+            version=m["version"], task=m["task"], strategy=m.get("strategy"), created_at=m.get("created"),
+            metrics=m.get("metrics"), active=active.get(m["task"]) == m["version"],
+        )
+        for m in registry.versions()
+    ]
+    return ModelsResponse(active=active, models=models)
+
+
+@router.post(
+    "/models/{version}/activate",
+    responses={404: {"description": "no such version"}, 409: {"description": "concurrent activation"},
+               422: {"description": "the version does not load (bad checksum, malformed files)"}},
+)
+def activate(
+    version: Annotated[str, Path(pattern=VERSION_PATTERN)], registry: Annotated[ModelRegistry, Depends(get_registry)]
+) -> ActivateResponse:
+    try:
+        model = registry.activate(version)
+    except VersionNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+    except ArtifactError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"version {version} does not load: {exc.problem}") from None
+    except ActivationConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    return ActivateResponse(task=model.task, model_version=model.version)

@@ -1,0 +1,44 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import get_registry, get_settings, get_store
+from service.item_store import Store
+from service.registry import ModelRegistry
+from service.schemas import Ready
+from service.settings import ServiceSettings
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up and its event loop answers; says nothing about models or the store."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "a task has no model, or the store does not answer"}})
+def readyz(
+    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    store: Annotated[Store, Depends(get_store)],
+    settings: Annotated[ServiceSettings, Depends(get_settings)],
+) -> Ready:
+    """Ready when every configured task has a loaded, warmed model and the store answers a ping."""
+    models = {task: model.version for task, model in registry.active().items()}
+    missing = [task for task in settings.tasks if task not in models]
+    store_ok = store.ping()
+    if missing or not store_ok:
+        detail = {"status": "not ready", "missing_tasks": missing, "store": "ok" if store_ok else "unreachable"}
+        return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": detail})
+    return Ready(models=models)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,63 @@
+"""Items added at run time: POST /items encodes texts with the active encoder into the active table.
+
+The texts are kept too (texts hash), so activating another version, or a retrain, can re-encode them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, status
+
+from service.deps import get_registry, get_store, require_model
+from service.item_store import StaleVersion, Store
+from service.limits import checked_items
+from service.registry import ActiveModel, ModelRegistry
+from service.schemas import AddItemsRequest, AddItemsResponse, ItemResponse
+from service.settings import ITEM_ID_PATTERN, Task
+
+router = APIRouter(prefix="/items", tags=["items"])
+
+
+def _require_encoder(model: ActiveModel) -> None:
+    if not model.bundle.has_encoder:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"model {model.version} ({model.bundle.strategy}) has no content encoder: it cannot embed "
+            "new items from text; activate a content-based version to add items",
+        )
+
+
+@router.post("", responses={409: {"description": "the active model cannot encode text"}, 503: {}})
+def add_items(
+    body: Annotated[AddItemsRequest, Depends(checked_items)],
+    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    store: Annotated[Store, Depends(get_store)],
+) -> AddItemsResponse:
+    ids = [item.item_id for item in body.items]
+    texts = [item.text for item in body.items]
+    model = require_model(registry, body.task)
+    for attempt in range(2):
+        _require_encoder(model)
+        vectors = model.bundle.encode_texts(texts)
+        try:
+            store.put_items(body.task, model.version, ids, texts, vectors, model.bundle.dim)
+            return AddItemsResponse(model_version=model.version, item_ids=ids)
+        except StaleVersion as stale:
+            # Another process activated a new version between our read and write: encode again with it.
+            model = registry.refresh_after_stale(body.task, stale) or require_model(registry, body.task)
+    raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the active model keeps changing; try again")
+
+
+@router.get("/{task}/{item_id}", responses={404: {"description": "no such item in the active table"}})
+def get_item(
+    task: Task,
+    item_id: Annotated[str, Path(pattern=ITEM_ID_PATTERN)],
+    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    store: Annotated[Store, Depends(get_store)],
+) -> ItemResponse:
+    model = require_model(registry, task)
+    text, vector = store.get_item(task, model.version, item_id)
+    if vector is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"item {item_id!r} not in the {task} table of {model.version}")
+    return ItemResponse(item_id=item_id, text=text, model_version=model.version, dim=model.bundle.dim)

@@ -1,0 +1,71 @@
+"""POST /predict: knowledge tracing (kt) and news recommendation (nr), told apart by the body's `task`.
+
+A plain `def` endpoint: FastAPI runs it in its threadpool, so the store read and ONNX Runtime (CPU-bound,
+releasing the GIL) never block the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends
+
+from service.deps import get_registry, get_store, require_model
+from service.inference import item_vectors
+from service.item_store import Store
+from service.limits import checked_predict
+from service.registry import ActiveModel, ModelRegistry
+from service.schemas import (
+    KTPredictRequest,
+    KTPredictResponse,
+    NRPredictRequest,
+    NRPredictResponse,
+    PredictRequest,
+    Prediction,
+    Score,
+)
+
+router = APIRouter(tags=["predict"])
+
+_ERRORS = {
+    422: {"description": "invalid request, over a limit, or unknown items (listed in detail.unknown_items)"},
+    503: {"description": "no model loaded for the task, or the item store is unavailable"},
+}
+
+
+@router.post("/predict", responses=_ERRORS)
+def predict(
+    body: Annotated[PredictRequest, Depends(checked_predict)],
+    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    store: Annotated[Store, Depends(get_store)],
+) -> KTPredictResponse | NRPredictResponse:
+    model = require_model(registry, body.task)  # this request's bundle and table version, to the end
+    if isinstance(body, KTPredictRequest):
+        return _knowledge_tracing(body, model, store)
+    return _news(body, model, store)
+
+
+def _knowledge_tracing(body: KTPredictRequest, model: ActiveModel, store: Store) -> KTPredictResponse:
+    history_ids = [answer.item_id for answer in body.history]
+    vectors, row = item_vectors(model, store, history_ids + body.targets, body.items)
+    history = vectors[[row[i] for i in history_ids]]
+    correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
+    probabilities = model.bundle.predict_kt(history, correct, vectors[[row[i] for i in body.targets]])
+    return KTPredictResponse(
+        model_version=model.version,
+        predictions=[
+            Prediction(item_id=item_id, probability=float(p)) for item_id, p in zip(body.targets, probabilities)
+        ],
+    )
+
+
+def _news(body: NRPredictRequest, model: ActiveModel, store: Store) -> NRPredictResponse:
+    vectors, row = item_vectors(model, store, body.history + body.candidates, body.items)
+    scores = model.bundle.score_news(vectors[[row[i] for i in body.history]], vectors[[row[i] for i in body.candidates]])
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return NRPredictResponse(
+        model_version=model.version,
+        scores=[Score(item_id=item_id, score=float(s)) for item_id, s in zip(body.candidates, scores)],
+        ranking=[body.candidates[i] for i in order],
+    )

@@ -1,0 +1,167 @@
+"""Request and response bodies. Formats are checked here; size limits (settings) in service.limits.
+
+Every request model forbids unknown fields and NaN/inf, and every id must match ITEM_ID_PATTERN.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+
+from service.settings import ITEM_ID_PATTERN, Task
+
+ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
+UserId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
+# JSON true/false or 0/1, nothing looser ("yes", 0.5): a mistyped label must not become a silent True.
+Binary = Annotated[StrictBool | Literal[0, 1], AfterValidator(bool)]
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ItemText(RequestModel):
+    item_id: ItemId
+    text: Annotated[str, StringConstraints(min_length=1)]
+
+
+# -- /predict --------------------------------------------------------------------------------------------------------
+class Answer(RequestModel):
+    item_id: ItemId
+    correct: Binary
+
+
+class KTPredictRequest(RequestModel):
+    """P(correct) of each target item for a student with this answer history (oldest first)."""
+
+    task: Literal["kt"]
+    history: list[Answer] = Field(default_factory=list)
+    targets: list[ItemId] = Field(min_length=1)
+    items: list[ItemText] = Field(default_factory=list, description="texts of items the model may not know")
+
+
+class NRPredictRequest(RequestModel):
+    """Click scores of candidate news for a reader who clicked `history` (oldest first)."""
+
+    task: Literal["nr"]
+    history: list[ItemId] = Field(min_length=1)
+    candidates: list[ItemId] = Field(min_length=1)
+    items: list[ItemText] = Field(default_factory=list, description="texts of items the model may not know")
+
+
+PredictRequest = Annotated[KTPredictRequest | NRPredictRequest, Field(discriminator="task")]
+
+
+class Prediction(BaseModel):
+    item_id: str
+    probability: float
+
+
+class Score(BaseModel):
+    item_id: str
+    score: float
+
+
+class KTPredictResponse(BaseModel):
+    model_version: str
+    predictions: list[Prediction]
+
+
+class NRPredictResponse(BaseModel):
+    model_version: str
+    scores: list[Score]
+    ranking: list[str] = Field(description="candidate ids, highest score first")
+
+
+# -- /items ----------------------------------------------------------------------------------------------------------
+class AddItemsRequest(RequestModel):
+    task: Task
+    items: list[ItemText] = Field(min_length=1)
+
+
+class AddItemsResponse(BaseModel):
+    model_version: str
+    item_ids: list[str]
+
+
+class ItemResponse(BaseModel):
+    item_id: str
+    text: str | None = Field(description="null for items that came with the model rather than through the API")
+    model_version: str
+    dim: int
+
+
+# -- /interactions ---------------------------------------------------------------------------------------------------
+class AnswerEvent(RequestModel):
+    item_id: ItemId
+    correct: Binary
+    timestamp: datetime | None = Field(None, description="ISO 8601 or Unix seconds; naive times are UTC")
+
+
+class KTInteractions(RequestModel):
+    task: Literal["kt"]
+    user_id: UserId
+    events: list[AnswerEvent] = Field(min_length=1)
+
+
+class Impression(RequestModel):
+    item_id: ItemId
+    clicked: Binary
+
+
+class NRInteractions(RequestModel):
+    task: Literal["nr"]
+    user_id: UserId
+    history: list[ItemId] = Field(default_factory=list, description="news the reader had clicked before")
+    impressions: list[Impression] = Field(min_length=1)
+    timestamp: datetime | None = None
+
+
+Interactions = Annotated[KTInteractions | NRInteractions, Field(discriminator="task")]
+
+
+class InteractionsResponse(BaseModel):
+    ids: list[str] = Field(description="stream ids of the logged entries, in request order")
+
+
+# -- /admin ----------------------------------------------------------------------------------------------------------
+class RetrainRequest(RequestModel):
+    task: Task
+    epochs: int | None = Field(None, ge=1, le=100)
+    strategy: Literal["e2e", "gram", "nofinetune", "nocontent"] | None = None
+
+
+class Job(BaseModel):
+    id: str
+    kind: Literal["retrain"] = "retrain"
+    status: str
+    task: Task
+    created_at: str
+    params: dict = Field(default_factory=dict)
+
+
+class ModelInfo(BaseModel):
+    version: str
+    task: str
+    strategy: str | None = None
+    created_at: str | None = None
+    metrics: dict | None = None
+    active: bool
+
+
+class ModelsResponse(BaseModel):
+    active: dict[str, str | None] = Field(description="active version per task")
+    models: list[ModelInfo] = Field(description="exported versions, newest first")
+
+
+class ActivateResponse(BaseModel):
+    task: str
+    model_version: str
+
+
+# -- health ----------------------------------------------------------------------------------------------------------
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: dict[str, str]

@@ -1,0 +1,173 @@
+"""End to end: real exported (tiny) models served by a real `gramrec serve` process on loopback, over Redis.
+
+Also the registry on real bundles (table load from the artifact) and the bootstrap that trains on first start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from models.content_encoder import ContentEncoder, load_tokenizer
+from models.heads import build_head
+from service.bundle import ModelBundle, list_versions
+from service.settings import ServiceSettings
+from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
+from trainer.checkpoint import CheckpointMeta, save_checkpoint
+from trainer.export import export_checkpoint
+from trainer.items import ItemCatalog
+from trainer.settings import TrainSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "e2e-token"
+STARTUP_TIMEOUT_S = 60
+ITEM_TEXTS = {
+    "kt": [f"Write a Java method that solves exercise {i} about loops and arrays." for i in range(12)],
+    "nr": [f"Headline {i}: markets, sports and weather news of the day" for i in range(12)],
+}
+
+
+def tiny_checkpoint(path: Path, encoder_dir: Path, task: str) -> Path:
+    settings = TrainSettings(task=task, data=Path("data/tiny"), hidden_dim=16, max_tokens=16)
+    torch.manual_seed(0)
+    encoder = ContentEncoder.from_pretrained(encoder_dir, pooling=settings.pooling).float()
+    head = build_head(task, encoder.dim, hidden_dim=16)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))  # not a trivial (all-0.5) model
+    texts = ITEM_TEXTS[task]
+    items = ItemCatalog(ids=[f"{task}-item-{i}" for i in range(len(texts))], texts=texts)
+    meta = CheckpointMeta(json.loads(settings.model_dump_json()), 0, 1, 0.7, {"auc": 0.7})
+    save_checkpoint(path, meta, encoder, load_tokenizer(encoder_dir), head, items, {})
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_encoder_dir) -> Path:
+    base = tmp_path_factory.mktemp("serve-e2e")
+    for task in ("kt", "nr"):
+        checkpoint = tiny_checkpoint(base / "checkpoints" / task, tiny_encoder_dir, task)
+        export_checkpoint(checkpoint, base / "artifacts", version=f"{task}-e2e-v1", progress=False)
+    return base / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    """`gramrec serve` in a subprocess on a free loopback port; stopped (and its Redis keys dropped) after."""
+    client = redis_client()
+    prefix = f"gramrec-test-{uuid.uuid4().hex[:12]}:"
+    port = free_port()
+    env = os.environ | {
+        "REDIS_URL": REDIS_URL, "GRAMREC_REDIS_KEY_PREFIX": prefix, "GRAMREC_ARTIFACTS_DIR": str(artifacts),
+        "GRAMREC_ADMIN_TOKEN": TOKEN, "GRAMREC_BOOTSTRAP": "false", "GRAMREC_ORT_THREADS": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}: {process.stdout.read().decode()[-3000:]}")
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready within {STARTUP_TIMEOUT_S}s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        drop_prefix(client, prefix)
+
+
+def test_added_item_is_served_by_a_real_server(server, artifacts):
+    bundle = ModelBundle.load(artifacts, "kt-e2e-v1", providers=["CPUExecutionProvider"])
+    text = "Write a method that returns true if a string is a palindrome."
+    with httpx.Client(base_url=server, timeout=10) as http:
+        response = http.post("/items", json={"task": "kt", "items": [{"item_id": "palindrome", "text": text}]})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"model_version": "kt-e2e-v1", "item_ids": ["palindrome"]}
+        body = {"task": "kt", "history": [{"item_id": "kt-item-1", "correct": True}, {"item_id": "palindrome", "correct": 0}],
+                "targets": ["palindrome", "kt-item-2"]}
+        response = http.post("/predict", json=body)
+        assert response.status_code == 200, response.text
+        result = response.json()
+    ids, table = bundle.item_embeddings()
+    new = bundle.encode_texts([text])[0]
+    history = np.stack([table[ids.index("kt-item-1")], new])
+    expected = bundle.predict_kt(history, np.array([1, 0]), np.stack([new, table[ids.index("kt-item-2")]]))
+    assert result["model_version"] == "kt-e2e-v1"
+    np.testing.assert_allclose([p["probability"] for p in result["predictions"]], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_news_and_admin_on_a_real_server(server):
+    with httpx.Client(base_url=server, timeout=10) as http:
+        body = {"task": "nr", "history": ["nr-item-0", "nr-item-1"], "candidates": ["nr-item-2", "nr-item-3", "fresh"],
+                "items": [{"item_id": "fresh", "text": "Local team wins the cup"}]}
+        result = http.post("/predict", json=body).json()
+        assert result["model_version"] == "nr-e2e-v1" and sorted(result["ranking"]) == ["fresh", "nr-item-2", "nr-item-3"]
+        models = http.get("/admin/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert models["active"] == {"kt": "kt-e2e-v1", "nr": "nr-e2e-v1"}
+        assert http.get("/admin/models").status_code == 401
+        assert "gramrec_items" in http.get("/metrics").text
+
+
+def test_bootstrap_skips_tasks_without_data(tmp_path, caplog):
+    from service.bootstrap import bootstrap
+
+    settings = ServiceSettings(artifacts_dir=tmp_path / "artifacts", bootstrap_kt_data=tmp_path / "no-kt",
+                               bootstrap_nr_data=tmp_path / "no-nr")
+    with caplog.at_level("WARNING", logger="gramrec.service"):
+        assert bootstrap(settings) == ["kt", "nr"]
+    assert "no training data" in caplog.text and list_versions(tmp_path / "artifacts") == []
+
+
+def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir, shared_data, monkeypatch):
+    """First start on real CodeWorkout data (tiny encoder, 2 steps), then the app serves the new version."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.bootstrap import bootstrap
+
+    monkeypatch.setenv("GRAMREC_ENCODER_DIR", str(tiny_encoder_dir))  # read by TrainSettings in the child
+    monkeypatch.setenv("GRAMREC_PROGRESS", "false")
+    settings = ServiceSettings(
+        artifacts_dir=tmp_path / "artifacts", embedded_store_path=tmp_path / "store.sqlite3", redis_url=None,
+        tasks=["kt"], bootstrap_kt_data=shared_data / "codeworkout_s19", bootstrap_max_steps_per_epoch=2,
+        bootstrap_device="cpu", model_poll_interval_s=0,
+    )
+    assert bootstrap(settings) == []
+    (manifest,) = list_versions(settings.artifacts_dir)
+    assert manifest["task"] == "kt" and manifest["strategy"] == "gram"
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["models"] == {"kt": manifest["version"]}
+        item = json.loads((settings.artifacts_dir / manifest["version"] / "items.json").read_text())["ids"][0]
+        response = client.post("/predict", json={"task": "kt", "targets": [item]})
+        assert response.status_code == 200 and 0 < response.json()["predictions"][0]["probability"] < 1

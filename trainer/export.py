@@ -1,0 +1,340 @@
+"""Exports a checkpoint to an immutable, versioned ONNX artifact directory (layout: see service/bundle.py).
+
+The directory is written under a hidden temporary name inside `out_root` and renamed into place at the end, so
+a reader sees either no version or a complete one, and an existing version is never overwritten.
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. For these models it is about 5x faster
+than the dynamo exporter (about 1 s for all-MiniLM-L6-v2), needs no onnxscript, and keeps the batch, sequence,
+history and candidate axes dynamic. The backbone is switched to eager attention for the export only: its graph
+is smaller than the SDPA one (no NaN guards) and just as fast in ONNX Runtime; the weights are the same.
+Every export is checked against PyTorch on inputs shaped unlike the tracing example before it is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from torch import nn
+from tqdm import tqdm
+
+from models.content_encoder import ContentEncoder, ItemTokens
+from service.bundle import (
+    ENCODER_FILE,
+    FORMAT,
+    HEAD_FILE,
+    ITEMS_EMBEDDINGS_FILE,
+    ITEMS_INDEX_FILE,
+    MANIFEST,
+    TOKENIZER_DIR,
+    is_valid_version,
+)
+from service.settings import VERSION_PATTERN
+from trainer.checkpoint import TrainedModel, load_trained_model
+
+log = logging.getLogger("gramrec.export")
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4  # max |onnx - torch| / max(1, max |torch|), checked at export time
+ENCODE_BATCH = 256  # items per encoder forward while building the item table
+
+
+class ExportError(ValueError):
+    """The export cannot proceed: bad version name, version already exists, or the ONNX graph is wrong."""
+
+
+def default_version(task: str, now: datetime) -> str:
+    """`<task>-<UTC yyyymmddTHHMMSS>-<6 hex>`: sorts by time, unique across concurrent exports."""
+    return f"{task}-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def check_version(version: str, task: str) -> None:
+    if not is_valid_version(version):
+        raise ExportError(f"version {version!r} must match {VERSION_PATTERN} and contain no '..'")
+    if not version.startswith(f"{task}-"):
+        raise ExportError(f"version {version!r} must start with the task prefix '{task}-'")
+
+
+def training_data_fingerprint(checkpoint: Path, settings: dict) -> str:
+    """sha256 over the checkpoint's items.json bytes, a NUL byte, and the name of the training data folder.
+
+    items.json holds every item id and text in index order, so it changes whenever the catalog does; the
+    folder name tells data sets with the same catalog apart (e.g. two interaction logs over one item set).
+    """
+    digest = hashlib.sha256((Path(checkpoint) / "items.json").read_bytes())
+    digest.update(b"\0" + Path(str(settings.get("data", ""))).name.encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out_root: Path,
+    version: str | None = None,
+    metrics: dict | None = None,
+    data_fingerprint: str | None = None,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Writes `out_root/<version>/` from a checkpoint and returns its path.
+
+    metrics default to the checkpoint's validation metrics; data_fingerprint to `training_data_fingerprint`.
+    device runs the item-table encoding ("auto": CUDA if available); the ONNX export itself runs on CPU.
+    Raises ExportError if the version is invalid or already exists (artifacts are immutable).
+    """
+    checkpoint, out_root = Path(checkpoint), Path(out_root)
+    started = time.perf_counter()
+    now = datetime.now(UTC)
+    with _quiet_hugging_face():
+        model = load_trained_model(checkpoint)
+    version = version or default_version(model.task, now)
+    check_version(version, model.task)
+    target = out_root / version
+    if target.exists() or target.is_symlink():
+        raise ExportError(f"{target}: version already exists; artifact versions are immutable")
+    out_root.mkdir(parents=True, exist_ok=True)
+    has_encoder = model.strategy != "nocontent"
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=out_root))  # hidden: never listed
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the service may run as another user
+        parity = {}
+        embeddings = _item_table(model, has_encoder, _resolve_device(device), progress)
+        _write_items(tmp, model, embeddings)
+        log.info("items encoded", extra={"items": len(model.items), "seconds": time.perf_counter() - started})
+        onnx_started = time.perf_counter()
+        if has_encoder:
+            model.encoder.backbone.set_attn_implementation("eager")  # export only; see the module docstring
+            parity["encoder"] = _export_encoder(model.encoder, tmp / ENCODER_FILE)
+            with _quiet_hugging_face():
+                model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        parity["head"] = _export_head(model, tmp / HEAD_FILE)
+        log.info("onnx exported", extra={"parity": parity, "seconds": time.perf_counter() - onnx_started})
+        manifest = _manifest(model, checkpoint, version, now, has_encoder, parity, metrics, data_fingerprint)
+        _make_world_readable(tmp)
+        manifest["files"] = _file_checksums(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+        if target.exists():  # created meanwhile by a concurrent export
+            raise ExportError(f"{target}: version already exists; artifact versions are immutable")
+        os.rename(tmp, target)  # atomic on one filesystem
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported", extra={"version": version, "path": str(target), "seconds": time.perf_counter() - started})
+    return target
+
+
+@contextmanager
+def _quiet_hugging_face() -> Iterator[None]:
+    """Hugging Face prints a load report and progress bars on every load; an export prints only its result."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# -- item table -------------------------------------------------------------------------------------------
+def _item_table(model: TrainedModel, has_encoder: bool, device: torch.device, progress: bool) -> torch.Tensor:
+    """Every item's embedding [N, D] float32: the eval-mode encoder's output, or the learned id embeddings."""
+    if not has_encoder:
+        return model.strategy_tensors["id_embedding"].float()
+    tokens = ItemTokens.from_texts(model.tokenizer, model.items.texts, model.max_tokens)
+    encoder = model.encoder.to(device)
+    try:
+        return encode_all(encoder, tokens, device, progress)
+    finally:
+        model.encoder.cpu()
+
+
+@torch.no_grad()
+def encode_all(encoder: ContentEncoder, tokens: ItemTokens, device: torch.device, progress: bool) -> torch.Tensor:
+    """[N, D] float32 embeddings in item order, in full precision (serving's ONNX encoder is float32 too).
+
+    Items go through in length order, so each batch pads only to its own longest text.
+    """
+    order = torch.argsort(tokens.lengths, stable=True)
+    table = torch.empty(len(tokens), encoder.dim)
+    batches = range(0, len(order), ENCODE_BATCH)
+    for start in tqdm(batches, desc="encoding items", unit="batch", disable=not progress, leave=False):
+        idx = order[start : start + ENCODE_BATCH]
+        input_ids, attention_mask = tokens.batch(idx)  # [b, S], [b, S]
+        table[idx] = encoder(input_ids.to(device), attention_mask.to(device)).float().cpu()
+    return table
+
+
+def _write_items(directory: Path, model: TrainedModel, embeddings: torch.Tensor) -> None:
+    array = embeddings.detach().cpu().float().contiguous().numpy()  # [N, D]
+    save_file({"embeddings": array}, str(directory / ITEMS_EMBEDDINGS_FILE))
+    index = {"ids": model.items.ids, "texts": model.items.texts}
+    (directory / ITEMS_INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False))
+
+
+# -- ONNX graphs ------------------------------------------------------------------------------------------
+class KnowledgeTracingServing(nn.Module):
+    """Exposes KnowledgeTracingHead.predict_next as forward(), the function torch.onnx.export traces."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(
+        self, history: torch.Tensor, history_correct: torch.Tensor, history_mask: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """history [B, T, D], history_correct [B, T] int64, history_mask [B, T] bool, targets [B, K, D] -> [B, K]"""
+        return self.head.predict_next(history, history_correct, history_mask, targets)
+
+
+def _export_encoder(encoder: ContentEncoder, path: Path) -> float:
+    """encoder.onnx: input_ids, attention_mask [batch, sequence] int64 -> embedding [batch, D] (pooled)."""
+    vocab = encoder.backbone.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def sample(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.randint(min(1000, vocab - 1), vocab, (batch, length), generator=g)
+        attention_mask = torch.ones(batch, length, dtype=torch.long)
+        attention_mask[0, length // 2 + 1 :] = 0  # one padded row, so the mask path is traced
+        return input_ids, attention_mask
+
+    names = ["input_ids", "attention_mask"]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    _onnx_export(encoder, sample(2, 7), path, names, ["embedding"], axes | {"embedding": {0: "batch"}})
+    return _check_parity(encoder, path, names, sample(5, 13), "embedding")
+
+
+def _export_head(model: TrainedModel, path: Path) -> float:
+    """head.onnx: KT predict_next or NRMS forward, with every batch, history and target axis dynamic."""
+    dim = model.encoder.dim
+    g = torch.Generator().manual_seed(0)
+
+    def history(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.ones(batch, length, dtype=torch.bool)
+        mask[0, length // 2 + 1 :] = False  # real steps first, padding after
+        return torch.randn(batch, length, dim, generator=g), mask
+
+    if model.task == "kt":
+        module = KnowledgeTracingServing(model.head).eval()
+        names = ["history", "history_correct", "history_mask", "targets"]
+        axes = {"history": {0: "B", 1: "T"}, "history_correct": {0: "B", 1: "T"}, "history_mask": {0: "B", 1: "T"},
+                "targets": {0: "B", 1: "K"}, "logits": {0: "B", 1: "K"}}
+
+        def sample(batch: int, length: int, k: int) -> tuple[torch.Tensor, ...]:
+            steps, mask = history(batch, length)
+            correct = torch.randint(0, 2, (batch, length), generator=g)
+            return steps, correct, mask, torch.randn(batch, k, dim, generator=g)
+
+        output = "logits"
+    else:
+        module = model.head
+        names = ["history", "history_mask", "candidates"]
+        axes = {"history": {0: "B", 1: "L"}, "history_mask": {0: "B", 1: "L"}, "candidates": {0: "B", 1: "C"},
+                "scores": {0: "B", 1: "C"}}
+
+        def sample(batch: int, length: int, k: int) -> tuple[torch.Tensor, ...]:
+            return *history(batch, length), torch.randn(batch, k, dim, generator=g)
+
+        output = "scores"
+    _onnx_export(module, sample(2, 7, 3), path, names, [output], axes)
+    return _check_parity(module, path, names, sample(5, 13, 4), output)
+
+
+def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+    """Traces `module` in eval mode on CPU; the tracer's warnings about constant Python values are expected."""
+    module.eval().float().cpu()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
+
+
+def _check_parity(module: nn.Module, path: Path, names: list[str], args: tuple, output: str) -> float:
+    """Relative max difference between ONNX Runtime and PyTorch on new shapes; raises ExportError if too big."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = module(*args).numpy()
+    got = session.run([output], {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
+    error = float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max())))
+    if not error <= PARITY_TOLERANCE:  # also catches NaN
+        raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {error:.3g} (> {PARITY_TOLERANCE})")
+    return error
+
+
+# -- manifest ---------------------------------------------------------------------------------------------
+def _make_world_readable(directory: Path) -> None:
+    """Some writers (safetensors, mkdtemp) create owner-only files; a served artifact is read by other users."""
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _file_checksums(directory: Path) -> dict[str, dict]:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if name != MANIFEST:
+            data = path.read_bytes()
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return files
+
+
+def _manifest(
+    model: TrainedModel,
+    checkpoint: Path,
+    version: str,
+    now: datetime,
+    has_encoder: bool,
+    parity: dict[str, float],
+    metrics: dict | None,
+    data_fingerprint: str | None,
+) -> dict:
+    tokenizer = model.tokenizer
+    return {
+        "format": FORMAT,
+        "version": version,
+        "created": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "task": model.task,
+        "strategy": model.strategy,
+        "dim": int(model.encoder.dim),
+        "max_tokens": model.max_tokens,
+        "pooling": model.encoder.pooling if has_encoder else None,
+        "encoder": ENCODER_FILE if has_encoder else None,
+        "head": HEAD_FILE,
+        "tokenizer": (
+            {"dir": TOKENIZER_DIR, "pad_token": tokenizer.pad_token, "pad_token_id": int(tokenizer.pad_token_id)}
+            if has_encoder else None
+        ),
+        "items": {"count": len(model.items), "embeddings": ITEMS_EMBEDDINGS_FILE, "index": ITEMS_INDEX_FILE},
+        "metrics": metrics if metrics is not None else model.config.get("val_metrics", {}),
+        "data_fingerprint": data_fingerprint or training_data_fingerprint(checkpoint, model.config["settings"]),
+        "source_checkpoint": str(checkpoint.resolve()),
+        "onnx": {"opset": OPSET, "exporter": "torchscript", "torch": torch.__version__, "parity": parity},
+    }
