@@ -6,7 +6,7 @@ from models.knowledge_tracing_head import KnowledgeTracingHead
 from models.news_head import NewsHead
 
 
-def build_head(task: str, item_dim: int, hidden_dim: int = 256) -> nn.Module:
+def build_head(task: str, item_dim: int, hidden_dim: int = 128) -> nn.Module:
     if task == "kt":
         return KnowledgeTracingHead(item_dim, hidden_dim=hidden_dim)
     if task == "nr":

@@ -14,7 +14,7 @@ class KnowledgeTracingHead(nn.Module):
     is a prediction target.
     """
 
-    def __init__(self, item_dim: int, hidden_dim: int = 256, num_layers: int = 2, dropout: float = 0.1):
+    def __init__(self, item_dim: int, hidden_dim: int = 128, num_layers: int = 2, dropout: float = 0.1):
         super().__init__()
         self.hidden_dim = hidden_dim
         self.item_projection = nn.Linear(item_dim, hidden_dim)

@@ -66,7 +66,7 @@ class TrainSettings(BaseSettings):
     regress_batch_size: int = Field(1024, ge=1, description="multi-step GRAM: items per encoder Adam step")
 
     # CF head and data
-    hidden_dim: int = Field(256, ge=8)
+    hidden_dim: int = Field(128, ge=8, description="CF head width (KT: LSTM hidden size)")
     batch_size: int = Field(32, ge=1)
     max_seq_len: int = Field(100, ge=2, description="kt: sequences are cut into windows of this many answers")
     history_len: int = Field(50, ge=1, description="nr: clicked news the user encoder sees")
