@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -34,8 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("student loop array string method return value recursion market team weather report city policy "
-         "election science health music film travel season score player coach result").split()
+WORDS = (
+    "student loop array string method return value recursion market team weather report city policy "
+    "election science health music film travel season score player coach result"
+).split()
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,11 +52,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--codeworkout", type=Path, default=ROOT.parent / "shared" / "data" / "codeworkout_s19")
     parser.add_argument("--mind", type=Path, default=ROOT.parent / "shared" / "data" / "mind_small_subset")
     parser.add_argument("--nr-impressions", type=int, default=150, help="MIND impressions the nr model trains on")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["predict kt", "predict nr", "POST /items"],
+        choices=["predict kt", "predict nr", "POST /items"],
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
     parser.add_argument("--open-seconds", type=float, default=10.0)
     parser.add_argument("--run-limit-s", type=float, default=20.0, help="time limit of one closed-loop run")
+    parser.add_argument(
+        "--client",
+        choices=["httpx", "raw"],
+        default="httpx",
+        help="raw: a minimal keep-alive HTTP/1.1 client, to leave the server more of a small machine",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "serve_bench.json")
     return parser.parse_args()
 
@@ -93,9 +108,15 @@ def ensure_models(args: argparse.Namespace) -> None:
     nr_data = mind_sample(args.mind, args.artifacts / "data" / "mind_sample", args.nr_impressions)
     for task in ("kt", "nr"):
         if task not in have:
-            print(f"training a short {task} model ({args.train_steps} steps) into {args.artifacts} ...", file=sys.stderr)
-            settings = ServiceSettings(artifacts_dir=args.artifacts, bootstrap_max_steps_per_epoch=args.train_steps,
-                                       bootstrap_kt_data=args.codeworkout, bootstrap_nr_data=nr_data)
+            print(
+                f"training a short {task} model ({args.train_steps} steps) into {args.artifacts} ...", file=sys.stderr
+            )
+            settings = ServiceSettings(
+                artifacts_dir=args.artifacts,
+                bootstrap_max_steps_per_epoch=args.train_steps,
+                bootstrap_kt_data=args.codeworkout,
+                bootstrap_nr_data=nr_data,
+            )
             train_and_export(settings, task)
 
 
@@ -108,8 +129,11 @@ def free_port() -> int:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     port, prefix = free_port(), f"gramrec-bench-{uuid.uuid4().hex[:8]}:"
     env = os.environ | {
-        "REDIS_URL": args.redis_url, "GRAMREC_REDIS_KEY_PREFIX": prefix, "GRAMREC_ARTIFACTS_DIR": str(args.artifacts),
-        "GRAMREC_BOOTSTRAP": "false", "GRAMREC_ORT_THREADS": str(args.ort_threads),
+        "REDIS_URL": args.redis_url,
+        "GRAMREC_REDIS_KEY_PREFIX": prefix,
+        "GRAMREC_ARTIFACTS_DIR": str(args.artifacts),
+        "GRAMREC_BOOTSTRAP": "false",
+        "GRAMREC_ORT_THREADS": str(args.ort_threads),
     }
     command = [sys.executable, "-m", "trainer.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
@@ -165,6 +189,49 @@ def payloads(ids: dict[str, list[str]], rng: random.Random):
     return {"predict kt": ("/predict", kt), "predict nr": ("/predict", nr), "POST /items": ("/items", item)}
 
 
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams, for JSON POSTs only.
+
+    It spends a fraction of httpx's CPU per request, so on a machine of two cores shared by client and server
+    the latencies show the server more than the client.
+    """
+
+    def __init__(self, url: str):
+        parsed = httpx.URL(url)
+        self.host, self.port = parsed.host, parsed.port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, content: bytes, headers: dict | None = None) -> SimpleNamespace:
+        request = (
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (path.encode(), self.host.encode(), len(content))
+            + content
+        )
+        while self.idle:  # a kept-alive connection; the server may have closed it while idle: then the next
+            connection = self.idle.pop()
+            try:
+                return await self._exchange(connection, request)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                connection[1].close()
+        return await self._exchange(await asyncio.open_connection(self.host, self.port), request)
+
+    async def _exchange(self, connection, request: bytes) -> SimpleNamespace:
+        reader, writer = connection
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        start = head.lower().index(b"content-length:") + len(b"content-length:")
+        await reader.readexactly(int(head[start : head.index(b"\r\n", start)]))
+        self.idle.append(connection)
+        return SimpleNamespace(status_code=int(head[9:12]))
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
 async def timed_post(client: httpx.AsyncClient, path: str, body: bytes) -> tuple[float, int]:
     start = time.perf_counter()
     response = await client.post(path, content=body, headers={"Content-Type": "application/json"})
@@ -188,7 +255,7 @@ async def closed_loop(client, path, make, concurrency: int, total: int, limit_s:
             latencies.append(seconds)
             errors += status != 200
 
-    start, cpu_start = time.perf_counter(), cpu.seconds()
+    start, cpu_start = time.perf_counter(), (cpu.seconds(), time.process_time())
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return summary(latencies, errors, time.perf_counter() - start) | cpu_per_request(cpu, cpu_start, len(latencies))
 
@@ -198,15 +265,18 @@ async def open_loop(client, path, make, rate: float, seconds: float, cpu: Server
     bodies = [json.dumps(make()).encode() for _ in range(n + 50)]
     for body in bodies[:50]:
         await timed_post(client, path, body)
-    latencies, errors = [], 0
+    latencies, from_send, errors = [], [], 0
 
     async def one(body: bytes, scheduled: float) -> None:
         nonlocal errors
+        sent = time.perf_counter()
         response = await client.post(path, content=body, headers={"Content-Type": "application/json"})
-        latencies.append(time.perf_counter() - scheduled)  # from the scheduled send: includes any backlog
+        done = time.perf_counter()
+        latencies.append(done - scheduled)  # from the scheduled send: includes any backlog (and timer lag)
+        from_send.append(done - sent)
         errors += response.status_code != 200
 
-    start, cpu_start = time.perf_counter(), cpu.seconds()
+    start, cpu_start = time.perf_counter(), (cpu.seconds(), time.process_time())
     tasks = []
     for i, body in enumerate(bodies[50:]):
         scheduled = start + i / rate
@@ -216,14 +286,23 @@ async def open_loop(client, path, make, rate: float, seconds: float, cpu: Server
         tasks.append(asyncio.create_task(one(body, scheduled)))
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 30)
     result = summary(latencies, errors, time.perf_counter() - start) | cpu_per_request(cpu, cpu_start, len(latencies))
-    return result | {"target_rps": rate}
+    sent_ms = np.array(from_send) * 1000
+    return result | {
+        "target_rps": rate,
+        "p50_ms_from_send": round(float(np.percentile(sent_ms, 50)), 2),
+        "p99_ms_from_send": round(float(np.percentile(sent_ms, 99)), 2),
+    }
 
 
-def cpu_per_request(cpu: ServerCpu, start: float | None, requests: int) -> dict:
+def cpu_per_request(cpu: ServerCpu, start: tuple[float | None, float], requests: int) -> dict:
+    server_start, client_start = start
     end = cpu.seconds()
-    if start is None or end is None or not requests:
+    if not requests:
         return {}
-    return {"server_cpu_ms_per_request": round((end - start) / requests * 1000, 2)}
+    result = {"client_cpu_ms_per_request": round((time.process_time() - client_start) / requests * 1000, 2)}
+    if server_start is not None and end is not None:
+        result["server_cpu_ms_per_request"] = round((end - server_start) / requests * 1000, 2)
+    return result
 
 
 class ServerCpu:
@@ -251,49 +330,80 @@ class ServerCpu:
 def summary(latencies: list[float], errors: int, wall: float) -> dict:
     ms = np.array(latencies) * 1000
     return {
-        "requests": len(latencies), "errors": errors, "seconds": round(wall, 2),
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(wall, 2),
         "throughput_rps": round(len(latencies) / wall, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2), "p90_ms": round(float(np.percentile(ms, 90)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p90_ms": round(float(np.percentile(ms, 90)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "max_ms": round(float(ms.max()), 2),
     }
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 async def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dict:
     cpu = ServerCpu(server_pid)
+    models = httpx.get(url + "/readyz", timeout=10).json()["models"]
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        models = (await client.get("/readyz")).json()["models"]
+    client_context = (
+        RawClient(url) if args.client == "raw" else httpx.AsyncClient(base_url=url, timeout=30, limits=limits)
+    )
+    async with client_context as client:
         ids = {task: item_ids(args.artifacts, version) for task, version in models.items()}
         scenarios = payloads(ids, random.Random(0))
         results = []
-        for name, (path, make) in scenarios.items():
+        for name in args.scenarios:
+            path, make = scenarios[name]
             for concurrency in args.concurrency:
                 result = await closed_loop(client, path, make, concurrency, args.requests, args.run_limit_s, cpu)
                 results.append({"scenario": name, "mode": f"closed, concurrency {concurrency}"} | result)
-                print(f"  {name:12s} c={concurrency:<3d} p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
-                      f"{result['throughput_rps']:7.1f} req/s", file=sys.stderr)
-        for name in ("predict kt", "predict nr"):
+                print(
+                    f"  {name:12s} c={concurrency:<3d} p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
+                    f"{result['throughput_rps']:7.1f} req/s",
+                    file=sys.stderr,
+                )
+        for name in [s for s in args.scenarios if s.startswith("predict")]:
             path, make = scenarios[name]
             result = await open_loop(client, path, make, args.rate, args.open_seconds, cpu)
             results.append({"scenario": name, "mode": f"open loop, {args.rate:g} req/s"} | result)
-            print(f"  {name:12s} open  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms", file=sys.stderr)
+            print(
+                f"  {name:12s} open  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
+                f"(from actual send: p50 {result['p50_ms_from_send']:.2f}, p99 {result['p99_ms_from_send']:.2f})",
+                file=sys.stderr,
+            )
     return {"models": models, "results": results}
 
 
 def markdown(report: dict) -> str:
-    lines = ["| scenario | mode | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/req |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| scenario | mode | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/req "
+        "| client CPU ms/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['scenario']} | {r['mode']} | {r['requests']} | {r['errors']} | {r['throughput_rps']} | "
-                     f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
-                     f"{r.get('server_cpu_ms_per_request', '-')} |")
+        lines.append(
+            f"| {r['scenario']} | {r['mode']} | {r['requests']} | {r['errors']} | {r['throughput_rps']} | "
+            f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+            f"{r.get('server_cpu_ms_per_request', '-')} | {r.get('client_cpu_ms_per_request', '-')} |"
+        )
     return "\n".join(lines)
 
 
@@ -313,15 +423,24 @@ def main() -> None:
             stop_server(process, args.redis_url, prefix)
     report |= {
         "machine": machine() | {"load_average_before": load_before},
-        "client": f"httpx {httpx.__version__} AsyncClient, one process, keep-alive connections, same machine",
-        "server": {"url": args.url or "started by the bench", "workers": args.workers, "ort_threads": args.ort_threads,
-                   "store": "Redis on loopback" if not args.url else "as configured"},
+        "client": (
+            f"httpx {httpx.__version__} AsyncClient" if args.client == "httpx" else "raw asyncio HTTP/1.1 client"
+        )
+        + ", one process, keep-alive connections, same machine",
+        "server": {
+            "url": args.url or "started by the bench",
+            "workers": args.workers,
+            "ort_threads": args.ort_threads,
+            "store": "Redis on loopback" if not args.url else "as configured",
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
-    print(f"\nmodels: {report['models']}; machine: {report['machine']['cpu']} x{report['machine']['cores']}; "
-          f"client: {report['client']}; JSON: {args.out}")
+    print(
+        f"\nmodels: {report['models']}; machine: {report['machine']['cpu']} x{report['machine']['cores']}; "
+        f"client: {report['client']}; JSON: {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = open_store(settings)
         registry = ModelRegistry(
-            store, settings.artifacts_dir, settings.tasks,
-            load_bundle=load_bundle, list_versions=list_versions, ort_threads=settings.ort_threads,
+            store,
+            settings.artifacts_dir,
+            settings.tasks,
+            load_bundle=load_bundle,
+            list_versions=list_versions,
+            ort_threads=settings.ort_threads,
         )
         app.state.store, app.state.registry = store, registry
         try:
@@ -73,7 +77,9 @@ def create_app(
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)

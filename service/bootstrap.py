@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from service.settings import ServiceSettings, Task
@@ -29,7 +29,7 @@ def train_and_export(settings: ServiceSettings, task: Task) -> Path:
     from trainer.settings import TrainSettings
     from trainer.train import train
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = Path(settings.artifacts_dir) / "checkpoints" / f"bootstrap-{task}-{stamp}"
     train_settings = TrainSettings(
         task=task,
@@ -79,6 +79,8 @@ def bootstrap(settings: ServiceSettings) -> list[Task]:
         process.start()
         process.join()
         if process.exitcode != 0:
-            log.error("bootstrap: training failed; serving without the task", extra={"task": task, "exit": process.exitcode})
+            log.error(
+                "bootstrap: training failed; serving without the task", extra={"task": task, "exit": process.exitcode}
+            )
             missing.append(task)
     return missing

@@ -106,7 +106,7 @@ class EmbeddedStore:
                 return False
             cursor.executemany(
                 "INSERT OR REPLACE INTO vectors (version, item_id, vector) VALUES (?, ?, ?)",
-                ((version, item_id, row) for item_id, row in zip(ids, rows)),
+                ((version, item_id, row) for item_id, row in zip(ids, rows, strict=True)),
             )
             cursor.execute("INSERT INTO tables (version, loaded_at) VALUES (?, ?)", (version, time.time()))
             return True
@@ -136,7 +136,7 @@ class EmbeddedStore:
         self._transaction(
             lambda cursor: cursor.executemany(
                 "INSERT OR REPLACE INTO vectors (version, item_id, vector) VALUES (?, ?, ?)",
-                ((version, item_id, row) for item_id, row in zip(ids, rows)),
+                ((version, item_id, row) for item_id, row in zip(ids, rows, strict=True)),
             )
         )
 
@@ -164,11 +164,11 @@ class EmbeddedStore:
                 raise StaleVersion(f"{version} is no longer the active {task} version")
             cursor.executemany(
                 "INSERT OR REPLACE INTO vectors (version, item_id, vector) VALUES (?, ?, ?)",
-                ((version, item_id, vector) for item_id, vector in zip(ids, rows)),
+                ((version, item_id, vector) for item_id, vector in zip(ids, rows, strict=True)),
             )
             cursor.executemany(
                 "INSERT OR REPLACE INTO texts (task, item_id, text) VALUES (?, ?, ?)",
-                ((task, item_id, text) for item_id, text in zip(ids, texts)),
+                ((task, item_id, text) for item_id, text in zip(ids, texts, strict=True)),
             )
 
         self._transaction(put)

@@ -136,7 +136,9 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gramrec:") -> RedisStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30), prefix)
+        return cls(
+            redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30), prefix
+        )
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -173,7 +175,8 @@ class RedisStore:
         try:
             pipe = self.client.pipeline(transaction=False)
             for n, start in enumerate(range(0, len(ids), LOAD_CHUNK), start=1):
-                pipe.hset(staging, mapping=dict(zip(ids[start : start + LOAD_CHUNK], rows[start : start + LOAD_CHUNK])))
+                chunk = slice(start, start + LOAD_CHUNK)
+                pipe.hset(staging, mapping=dict(zip(ids[chunk], rows[chunk], strict=True)))
                 if n % _CHUNKS_PER_ROUND_TRIP == 0:
                     pipe.execute()
             pipe.execute()
@@ -198,7 +201,7 @@ class RedisStore:
         rows = vector_rows(vectors, dim)
         same_length(ids, rows)
         if len(ids):
-            self.client.hset(self.key("table", version), mapping=dict(zip(ids, rows)))
+            self.client.hset(self.key("table", version), mapping=dict(zip(ids, rows, strict=True)))
 
     # -- items added through the API --------------------------------------------------------------------------------
     def texts(self, task: str) -> dict[str, str]:
@@ -217,7 +220,7 @@ class RedisStore:
         rows = vector_rows(vectors, dim)
         same_length(ids, rows, texts)
         args: list = [version]
-        for item_id, row, text in zip(ids, rows, texts):
+        for item_id, row, text in zip(ids, rows, texts, strict=True):
             args += [item_id, row, text]
         keys = [self.key("active", task), self.key("table", version), self.key("texts", task)]
         if not self._put_items(keys=keys, args=args):

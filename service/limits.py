@@ -47,8 +47,11 @@ class _Checks:
         for n, item in enumerate(items):
             if len(item.text) > max_chars:
                 self.errors.append(
-                    {"type": "too_long", "loc": ("body", *loc, n, "text"),
-                     "msg": f"at most {max_chars} characters, got {len(item.text)}"}
+                    {
+                        "type": "too_long",
+                        "loc": ("body", *loc, n, "text"),
+                        "msg": f"at most {max_chars} characters, got {len(item.text)}",
+                    }
                 )
 
     def raise_any(self) -> None:

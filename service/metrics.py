@@ -24,7 +24,9 @@ class ModelCollector(Collector):
         self.state = state  # yields (task, version, item count or None)
 
     def collect(self):
-        active = GaugeMetricFamily("gramrec_active_model", "1 for the active model version of a task", labels=["task", "version"])
+        active = GaugeMetricFamily(
+            "gramrec_active_model", "1 for the active model version of a task", labels=["task", "version"]
+        )
         items = GaugeMetricFamily("gramrec_items", "items in the active item table of a task", labels=["task"])
         for task, version, count in self.state():
             active.add_metric([task, version], 1)

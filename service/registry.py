@@ -61,7 +61,9 @@ def _default_loader(providers: Sequence[str] | None, threads: int | None) -> Cal
     def load(root: Path, version: str) -> Bundle:
         from service.bundle import ModelBundle
 
-        return ModelBundle.load(root, version, providers=list(providers) if providers else None, intra_op_threads=threads)
+        return ModelBundle.load(
+            root, version, providers=list(providers) if providers else None, intra_op_threads=threads
+        )
 
     return load
 

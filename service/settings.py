@@ -50,9 +50,13 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed browser origins; empty: CORS off")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed browser origins; empty: CORS off"
+    )
 
-    tasks: Annotated[list[Task], NoDecode] = Field(default_factory=lambda: list(TASKS), description="tasks this server must serve")
+    tasks: Annotated[list[Task], NoDecode] = Field(
+        default_factory=lambda: list(TASKS), description="tasks this server must serve"
+    )
     model_poll_interval_s: float = Field(
         5.0, ge=0, description="how often to follow an activation done by another process; 0: never"
     )

@@ -59,8 +59,15 @@ def kt_expected(bundle: FakeBundle, history: list[tuple[str, int]], targets: lis
 
 # -- predict ---------------------------------------------------------------------------------------------------------
 def test_predict_kt(client, artifacts):
-    body = {"task": "kt", "history": [{"item_id": "kt1", "correct": True}, {"item_id": "kt2", "correct": 0},
-                                      {"item_id": "kt1", "correct": 1}], "targets": ["kt3", "kt1"]}
+    body = {
+        "task": "kt",
+        "history": [
+            {"item_id": "kt1", "correct": True},
+            {"item_id": "kt2", "correct": 0},
+            {"item_id": "kt1", "correct": 1},
+        ],
+        "targets": ["kt3", "kt1"],
+    }
     response = client.post("/predict", json=body)
     assert response.status_code == 200, response.text
     result = response.json()
@@ -97,8 +104,12 @@ def test_unknown_items_are_named(client):
 
 def test_unknown_items_with_text_are_encoded_for_the_request_only(client, artifacts):
     texts = {"fresh": "a brand new exercise on loops"}
-    body = {"task": "kt", "history": [{"item_id": "fresh", "correct": 1}], "targets": ["kt1", "fresh"],
-            "items": [{"item_id": "fresh", "text": texts["fresh"]}, {"item_id": "kt1", "text": "ignored: known"}]}
+    body = {
+        "task": "kt",
+        "history": [{"item_id": "fresh", "correct": 1}],
+        "targets": ["kt1", "fresh"],
+        "items": [{"item_id": "fresh", "text": texts["fresh"]}, {"item_id": "kt1", "text": "ignored: known"}],
+    }
     response = client.post("/predict", json=body)
     assert response.status_code == 200, response.text
     expected = kt_expected(artifacts.bundles[KT1], [("fresh", 1)], ["kt1", "fresh"], texts)
@@ -156,13 +167,23 @@ def test_nocontent_model_cannot_add_items(make_client, backend):
 
 # -- interactions ----------------------------------------------------------------------------------------------------
 def test_interactions_are_logged(client, backend):
-    kt = {"task": "kt", "user_id": "student-7", "events": [
-        {"item_id": "kt1", "correct": True, "timestamp": "2026-11-01T10:00:00Z"}, {"item_id": "kt2", "correct": 0}]}
+    kt = {
+        "task": "kt",
+        "user_id": "student-7",
+        "events": [
+            {"item_id": "kt1", "correct": True, "timestamp": "2026-11-01T10:00:00Z"},
+            {"item_id": "kt2", "correct": 0},
+        ],
+    }
     response = client.post("/interactions", json=kt)
     assert response.status_code == 201, response.text
     kt_ids = response.json()["ids"]
-    nr = {"task": "nr", "user_id": "U1", "history": ["N1", "N2"],
-          "impressions": [{"item_id": "N3", "clicked": True}, {"item_id": "N4", "clicked": False}]}
+    nr = {
+        "task": "nr",
+        "user_id": "U1",
+        "history": ["N1", "N2"],
+        "impressions": [{"item_id": "N3", "clicked": True}, {"item_id": "N4", "clicked": False}],
+    }
     nr_ids = client.post("/interactions", json=nr).json()["ids"]
     assert len(kt_ids) == 2 and len(nr_ids) == 1
     settings = client.app.state.settings
@@ -172,16 +193,24 @@ def test_interactions_are_logged(client, backend):
     else:
         entries = client.app.state.store.read_interactions("kt")
     assert [i for i, _ in entries] == kt_ids
-    assert entries[0][1] == {"user_id": "student-7", "item_id": "kt1", "correct": "1",
-                             "timestamp": "2026-11-01T10:00:00+00:00"}
+    assert entries[0][1] == {
+        "user_id": "student-7",
+        "item_id": "kt1",
+        "correct": "1",
+        "timestamp": "2026-11-01T10:00:00+00:00",
+    }
     assert entries[1][1]["correct"] == "0"
-    (_, news), = client.app.state.store.read_interactions("nr")
+    ((_, news),) = client.app.state.store.read_interactions("nr")
     assert news["history"] == "N1 N2" and news["impressions"] == "N3-1 N4-0" and news["user_id"] == "U1"
 
 
 # -- admin -----------------------------------------------------------------------------------------------------------
-ADMIN_CALLS = [("post", "/admin/retrain", {"task": "kt"}), ("get", "/admin/models", None),
-               ("get", "/admin/jobs/" + "0" * 32, None), ("post", f"/admin/models/{KT1}/activate", None)]
+ADMIN_CALLS = [
+    ("post", "/admin/retrain", {"task": "kt"}),
+    ("get", "/admin/models", None),
+    ("get", "/admin/jobs/" + "0" * 32, None),
+    ("post", f"/admin/models/{KT1}/activate", None),
+]
 
 
 @pytest.mark.parametrize("method,path,body", ADMIN_CALLS)
@@ -241,7 +270,9 @@ def test_other_processes_follow_an_activation(make_client, backend, artifacts):
     """Two apps on one store stand for two workers: B follows A's switch, and B's stale write is redone."""
     a = make_client(backend)
     settings = a.app.state.settings
-    b = make_client(backend, redis_key_prefix=settings.redis_key_prefix, embedded_store_path=settings.embedded_store_path)
+    b = make_client(
+        backend, redis_key_prefix=settings.redis_key_prefix, embedded_store_path=settings.embedded_store_path
+    )
     artifacts.add(FakeBundle(KT2, "kt", n_items=5))
     assert a.post(f"/admin/models/{KT2}/activate", headers=AUTH).status_code == 200
     assert b.get("/readyz").json()["models"]["kt"] == KT1  # B has not polled yet
@@ -286,8 +317,15 @@ BAD_PREDICTS = {
     "body not an object": [1, 2],
 }
 
-LIMITS = Limits(max_history=10, max_targets=5, max_candidates=6, max_items_per_request=4, max_text_chars=100,
-                max_events=3, max_body_bytes=4096)
+LIMITS = Limits(
+    max_history=10,
+    max_targets=5,
+    max_candidates=6,
+    max_items_per_request=4,
+    max_text_chars=100,
+    max_events=3,
+    max_body_bytes=4096,
+)
 
 
 @pytest.fixture(scope="module")
@@ -296,10 +334,17 @@ def limited_client(tmp_path_factory):
     from service.settings import ServiceSettings
 
     path = tmp_path_factory.mktemp("limits")
-    settings = ServiceSettings(redis_url=None, embedded_store_path=path / "s.sqlite3", artifacts_dir=path,
-                               limits=LIMITS, model_poll_interval_s=0, admin_token=TOKEN)
-    with TestClient(create_app(settings, load_bundle=arts.load, list_versions=arts.list_versions),
-                    raise_server_exceptions=False) as client:
+    settings = ServiceSettings(
+        redis_url=None,
+        embedded_store_path=path / "s.sqlite3",
+        artifacts_dir=path,
+        limits=LIMITS,
+        model_poll_interval_s=0,
+        admin_token=TOKEN,
+    )
+    with TestClient(
+        create_app(settings, load_bundle=arts.load, list_versions=arts.list_versions), raise_server_exceptions=False
+    ) as client:
         yield client
 
 
@@ -312,18 +357,25 @@ def test_bad_predict_requests_are_clear_4xx(limited_client, name):
 
 
 def test_limits_allow_requests_at_the_limit(limited_client):
-    body = kt(history=10, targets=[f"kt{i}" for i in range(5)], items=[{"item_id": f"x{i}", "text": "y" * 100} for i in range(4)])
+    body = kt(
+        history=10,
+        targets=[f"kt{i}" for i in range(5)],
+        items=[{"item_id": f"x{i}", "text": "y" * 100} for i in range(4)],
+    )
     assert limited_client.post("/predict", json=body).status_code == 200
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"task": "kt", "history": [{"item_id": "kt1", "correct": NaN}], "targets": ["kt1"]}',
-    b'{"task": "kt", "history": [], "targets": [NaN]}',
-    b'{"task": "kt", "user_id": "u", "events": [{"item_id": "kt1", "correct": 1, "timestamp": Infinity}]}',
-    b'{"task": "kt", "targets": ["kt1"]',
-    b'not json at all',
-    b'',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"task": "kt", "history": [{"item_id": "kt1", "correct": NaN}], "targets": ["kt1"]}',
+        b'{"task": "kt", "history": [], "targets": [NaN]}',
+        b'{"task": "kt", "user_id": "u", "events": [{"item_id": "kt1", "correct": 1, "timestamp": Infinity}]}',
+        b'{"task": "kt", "targets": ["kt1"]',
+        b"not json at all",
+        b"",
+    ],
+)
 def test_nan_and_invalid_json_are_422(limited_client, raw):
     for path in ("/predict", "/interactions", "/items"):
         response = limited_client.post(path, content=raw, headers={"Content-Type": "application/json"})
@@ -335,37 +387,46 @@ def test_oversized_body_is_413(limited_client):
     body = kt(items=[{"item_id": "x", "text": "y" * 5000}])
     response = limited_client.post("/predict", json=body)
     assert response.status_code == 413
-    response = limited_client.post("/items", content=iter([b'{"task": "kt", "items": [', b" " * 5000, b"]}"]),
-                                   headers={"Content-Type": "application/json"})  # chunked: no Content-Length
+    response = limited_client.post(
+        "/items",
+        content=iter([b'{"task": "kt", "items": [', b" " * 5000, b"]}"]),
+        headers={"Content-Type": "application/json"},
+    )  # chunked: no Content-Length
     assert response.status_code == 413
 
 
-@pytest.mark.parametrize("body", [
-    {"task": "kt", "items": [{"item_id": f"i{n}", "text": "t"} for n in range(5)]},
-    {"task": "kt", "items": []},
-    {"task": "kt", "items": [{"item_id": "a:b", "text": "t"}]},
-    {"task": "kt", "items": [{"item_id": "i", "text": "t" * 101}]},
-    {"task": "kt", "items": [{"item_id": "i", "text": "a"}, {"item_id": "i", "text": "b"}]},
-    {"task": "zz", "items": [{"item_id": "i", "text": "a"}]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"task": "kt", "items": [{"item_id": f"i{n}", "text": "t"} for n in range(5)]},
+        {"task": "kt", "items": []},
+        {"task": "kt", "items": [{"item_id": "a:b", "text": "t"}]},
+        {"task": "kt", "items": [{"item_id": "i", "text": "t" * 101}]},
+        {"task": "kt", "items": [{"item_id": "i", "text": "a"}, {"item_id": "i", "text": "b"}]},
+        {"task": "zz", "items": [{"item_id": "i", "text": "a"}]},
+    ],
+)
 def test_bad_item_requests(limited_client, body):
     assert limited_client.post("/items", json=body).status_code == 422
 
 
-@pytest.mark.parametrize("body", [
-    {"task": "kt", "user_id": "u", "events": [{"item_id": "a", "correct": 1}] * 4},
-    {"task": "kt", "user_id": "u:1", "events": [{"item_id": "a", "correct": 1}]},
-    {"task": "kt", "user_id": "u", "events": []},
-    {"task": "kt", "user_id": "u", "events": [{"item_id": "a", "correct": 1, "timestamp": "yesterday"}]},
-    {"task": "nr", "user_id": "u", "impressions": [{"item_id": "a", "clicked": 1}] * 2},
-    {"task": "nr", "user_id": "u", "history": ["h"] * 11, "impressions": [{"item_id": "a", "clicked": 1}]},
-    {"task": "nr", "user_id": "u", "impressions": [{"item_id": "a", "clicked": "maybe"}]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"task": "kt", "user_id": "u", "events": [{"item_id": "a", "correct": 1}] * 4},
+        {"task": "kt", "user_id": "u:1", "events": [{"item_id": "a", "correct": 1}]},
+        {"task": "kt", "user_id": "u", "events": []},
+        {"task": "kt", "user_id": "u", "events": [{"item_id": "a", "correct": 1, "timestamp": "yesterday"}]},
+        {"task": "nr", "user_id": "u", "impressions": [{"item_id": "a", "clicked": 1}] * 2},
+        {"task": "nr", "user_id": "u", "history": ["h"] * 11, "impressions": [{"item_id": "a", "clicked": 1}]},
+        {"task": "nr", "user_id": "u", "impressions": [{"item_id": "a", "clicked": "maybe"}]},
+    ],
+)
 def test_bad_interactions(limited_client, body):
     assert limited_client.post("/interactions", json=body).status_code == 422
 
 
-# -- errors, metrics, store round trips ----------------------------------------------------------------------------------
+# -- errors, metrics, store round trips ---------------------------------------------------------------------------
 def test_unexpected_errors_are_json_500_without_internals(make_client, artifacts, monkeypatch):
     client = make_client("embedded")
 
@@ -394,7 +455,10 @@ def test_metrics(client):
     assert 'gramrec_http_requests_total{endpoint="/predict",method="POST",status="200"} 1.0' in text
     assert 'gramrec_http_requests_total{endpoint="/predict",method="POST",status="422"} 1.0' in text
     assert 'gramrec_http_requests_total{endpoint="/items/{task}/{item_id}",method="GET",status="200"} 1.0' in text
-    assert 'gramrec_http_request_duration_seconds_bucket{endpoint="/predict",le="0.005",method="POST",status="200"}' in text
+    assert (
+        'gramrec_http_request_duration_seconds_bucket{endpoint="/predict",le="0.005",method="POST",status="200"}'
+        in text
+    )
     assert f'gramrec_active_model{{task="kt",version="{KT1}"}} 1.0' in text
     assert 'gramrec_items{task="nr"} 20.0' in text
 
@@ -429,11 +493,17 @@ def test_a_request_reads_its_items_in_one_round_trip(make_client):
     client.post("/items", json={"task": "nr", "items": [{"item_id": "warm", "text": "t"}]})  # loads the Lua script
     counter = CommandCounter(client.app.state.store.client)
     history = [{"item_id": f"kt{i % 20}", "correct": i % 2} for i in range(100)]
-    assert client.post("/predict", json={"task": "kt", "history": history, "targets": ["kt1", "kt2"]}).status_code == 200
+    assert (
+        client.post("/predict", json={"task": "kt", "history": history, "targets": ["kt1", "kt2"]}).status_code == 200
+    )
     assert counter.calls == ["HMGET"]
     counter.calls.clear()
-    body = {"task": "nr", "history": [f"nr{i}" for i in range(15)], "candidates": ["nr16", "new"],
-            "items": [{"item_id": "new", "text": "fresh news"}]}
+    body = {
+        "task": "nr",
+        "history": [f"nr{i}" for i in range(15)],
+        "candidates": ["nr16", "new"],
+        "items": [{"item_id": "new", "text": "fresh news"}],
+    }
     assert client.post("/predict", json=body).status_code == 200
     assert counter.calls == ["HMGET"]
     counter.calls.clear()

@@ -75,12 +75,19 @@ def server(artifacts):
     prefix = f"gramrec-test-{uuid.uuid4().hex[:12]}:"
     port = free_port()
     env = os.environ | {
-        "REDIS_URL": REDIS_URL, "GRAMREC_REDIS_KEY_PREFIX": prefix, "GRAMREC_ARTIFACTS_DIR": str(artifacts),
-        "GRAMREC_ADMIN_TOKEN": TOKEN, "GRAMREC_BOOTSTRAP": "false", "GRAMREC_ORT_THREADS": "1",
+        "REDIS_URL": REDIS_URL,
+        "GRAMREC_REDIS_KEY_PREFIX": prefix,
+        "GRAMREC_ARTIFACTS_DIR": str(artifacts),
+        "GRAMREC_ADMIN_TOKEN": TOKEN,
+        "GRAMREC_BOOTSTRAP": "false",
+        "GRAMREC_ORT_THREADS": "1",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -114,8 +121,11 @@ def test_added_item_is_served_by_a_real_server(server, artifacts):
         response = http.post("/items", json={"task": "kt", "items": [{"item_id": "palindrome", "text": text}]})
         assert response.status_code == 200, response.text
         assert response.json() == {"model_version": "kt-e2e-v1", "item_ids": ["palindrome"]}
-        body = {"task": "kt", "history": [{"item_id": "kt-item-1", "correct": True}, {"item_id": "palindrome", "correct": 0}],
-                "targets": ["palindrome", "kt-item-2"]}
+        body = {
+            "task": "kt",
+            "history": [{"item_id": "kt-item-1", "correct": True}, {"item_id": "palindrome", "correct": 0}],
+            "targets": ["palindrome", "kt-item-2"],
+        }
         response = http.post("/predict", json=body)
         assert response.status_code == 200, response.text
         result = response.json()
@@ -129,10 +139,18 @@ def test_added_item_is_served_by_a_real_server(server, artifacts):
 
 def test_news_and_admin_on_a_real_server(server):
     with httpx.Client(base_url=server, timeout=10) as http:
-        body = {"task": "nr", "history": ["nr-item-0", "nr-item-1"], "candidates": ["nr-item-2", "nr-item-3", "fresh"],
-                "items": [{"item_id": "fresh", "text": "Local team wins the cup"}]}
+        body = {
+            "task": "nr",
+            "history": ["nr-item-0", "nr-item-1"],
+            "candidates": ["nr-item-2", "nr-item-3", "fresh"],
+            "items": [{"item_id": "fresh", "text": "Local team wins the cup"}],
+        }
         result = http.post("/predict", json=body).json()
-        assert result["model_version"] == "nr-e2e-v1" and sorted(result["ranking"]) == ["fresh", "nr-item-2", "nr-item-3"]
+        assert result["model_version"] == "nr-e2e-v1" and sorted(result["ranking"]) == [
+            "fresh",
+            "nr-item-2",
+            "nr-item-3",
+        ]
         models = http.get("/admin/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()
         assert models["active"] == {"kt": "kt-e2e-v1", "nr": "nr-e2e-v1"}
         assert http.get("/admin/models").status_code == 401
@@ -142,8 +160,9 @@ def test_news_and_admin_on_a_real_server(server):
 def test_bootstrap_skips_tasks_without_data(tmp_path, caplog):
     from service.bootstrap import bootstrap
 
-    settings = ServiceSettings(artifacts_dir=tmp_path / "artifacts", bootstrap_kt_data=tmp_path / "no-kt",
-                               bootstrap_nr_data=tmp_path / "no-nr")
+    settings = ServiceSettings(
+        artifacts_dir=tmp_path / "artifacts", bootstrap_kt_data=tmp_path / "no-kt", bootstrap_nr_data=tmp_path / "no-nr"
+    )
     with caplog.at_level("WARNING", logger="gramrec.service"):
         assert bootstrap(settings) == ["kt", "nr"]
     assert "no training data" in caplog.text and list_versions(tmp_path / "artifacts") == []
@@ -159,9 +178,14 @@ def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir,
     monkeypatch.setenv("GRAMREC_ENCODER_DIR", str(tiny_encoder_dir))  # read by TrainSettings in the child
     monkeypatch.setenv("GRAMREC_PROGRESS", "false")
     settings = ServiceSettings(
-        artifacts_dir=tmp_path / "artifacts", embedded_store_path=tmp_path / "store.sqlite3", redis_url=None,
-        tasks=["kt"], bootstrap_kt_data=shared_data / "codeworkout_s19", bootstrap_max_steps_per_epoch=2,
-        bootstrap_device="cpu", model_poll_interval_s=0,
+        artifacts_dir=tmp_path / "artifacts",
+        embedded_store_path=tmp_path / "store.sqlite3",
+        redis_url=None,
+        tasks=["kt"],
+        bootstrap_kt_data=shared_data / "codeworkout_s19",
+        bootstrap_max_steps_per_epoch=2,
+        bootstrap_device="cpu",
+        model_poll_interval_s=0,
     )
     assert bootstrap(settings) == []
     (manifest,) = list_versions(settings.artifacts_dir)

@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import redis
 
-from service.embedded_store import EmbeddedStore
-from service.item_store import RedisStore
 from service.settings import ServiceSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -34,8 +32,14 @@ class FakeBundle:
         self.strategy = "gram" if has_encoder else "nocontent"
         self.max_tokens = 32
         self.has_encoder = has_encoder
-        self.manifest = {"version": version, "task": task, "strategy": self.strategy, "dim": dim,
-                         "created": version.split("-", 1)[1], "metrics": {"auc": 0.7}}
+        self.manifest = {
+            "version": version,
+            "task": task,
+            "strategy": self.strategy,
+            "dim": dim,
+            "created": version.split("-", 1)[1],
+            "metrics": {"auc": 0.7},
+        }
         self.ids = [f"{task}{i}" for i in range(n_items)]
         self.texts = {item_id: f"text of {item_id}" for item_id in self.ids}
         self.warmed = False
@@ -98,21 +102,6 @@ def drop_prefix(client: redis.Redis, prefix: str) -> None:
 
 
 @pytest.fixture
-def redis_prefix():
-    """A key prefix of this test only; its keys are deleted afterwards."""
-    client = redis_client()
-    prefix = f"gramrec-test-{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    drop_prefix(client, prefix)
-    client.close()
-
-
-@pytest.fixture(params=["redis", "embedded"])
-def backend(request, tmp_path) -> str:
-    return request.param
-
-
-@pytest.fixture
 def settings_for(tmp_path, request):
     """Settings for the parametrized backend: a unique Redis prefix, or a fresh sqlite file."""
     made: list[tuple[redis.Redis, str]] = []
@@ -124,7 +113,10 @@ def settings_for(tmp_path, request):
             made.append((client, prefix))
             overrides = {"redis_url": REDIS_URL, "redis_key_prefix": prefix} | overrides
         else:
-            overrides = {"redis_url": None, "embedded_store_path": tmp_path / f"store-{uuid.uuid4().hex[:6]}.sqlite3"} | overrides
+            overrides = {
+                "redis_url": None,
+                "embedded_store_path": tmp_path / f"store-{uuid.uuid4().hex[:6]}.sqlite3",
+            } | overrides
         base = {"artifacts_dir": tmp_path / "artifacts", "model_poll_interval_s": 0, "bootstrap": False}
         return ServiceSettings(**(base | overrides))
 
@@ -132,9 +124,3 @@ def settings_for(tmp_path, request):
     for client, prefix in made:
         drop_prefix(client, prefix)
         client.close()
-
-
-def open_test_store(backend: str, prefix: str | None, tmp_path: Path):
-    if backend == "redis":
-        return RedisStore(redis_client(), prefix)
-    return EmbeddedStore(tmp_path / "store.sqlite3")

@@ -132,8 +132,9 @@ def test_concurrent_activations_have_exactly_one_winner(store):
 
 
 def test_interactions_and_jobs(store):
-    ids = store.log_interactions("kt", [{"user_id": "u1", "item_id": "a", "correct": "1"},
-                                        {"user_id": "u1", "item_id": "b", "correct": "0"}])
+    ids = store.log_interactions(
+        "kt", [{"user_id": "u1", "item_id": "a", "correct": "1"}, {"user_id": "u1", "item_id": "b", "correct": "0"}]
+    )
     assert len(ids) == 2 and ids[0] != ids[1]
     entries = store.read_interactions("kt")
     assert [entry_id for entry_id, _ in entries] == ids

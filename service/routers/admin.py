@@ -7,7 +7,7 @@ trains, exports and activates is a separate process (a later issue), so jobs sta
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, status
@@ -34,8 +34,11 @@ JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 def queue_retrain(body: RetrainRequest, store: Annotated[Store, Depends(get_store)]) -> Job:
     params = body.model_dump(exclude={"task"}, exclude_none=True)
     job = Job(
-        id=uuid.uuid4().hex, status="queued", task=body.task,
-        created_at=datetime.now(timezone.utc).isoformat(), params=params,
+        id=uuid.uuid4().hex,
+        status="queued",
+        task=body.task,
+        created_at=datetime.now(UTC).isoformat(),
+        params=params,
     )
     store.enqueue_job(job.model_dump())
     return job
@@ -56,8 +59,12 @@ def list_models(
     active = {task: store.active_version(task) for task in TASKS}
     models = [
         ModelInfo(
-            version=m["version"], task=m["task"], strategy=m.get("strategy"), created_at=m.get("created"),
-            metrics=m.get("metrics"), active=active.get(m["task"]) == m["version"],
+            version=m["version"],
+            task=m["task"],
+            strategy=m.get("strategy"),
+            created_at=m.get("created"),
+            metrics=m.get("metrics"),
+            active=active.get(m["task"]) == m["version"],
         )
         for m in registry.versions()
     ]
@@ -66,8 +73,11 @@ def list_models(
 
 @router.post(
     "/models/{version}/activate",
-    responses={404: {"description": "no such version"}, 409: {"description": "concurrent activation"},
-               422: {"description": "the version does not load (bad checksum, malformed files)"}},
+    responses={
+        404: {"description": "no such version"},
+        409: {"description": "concurrent activation"},
+        422: {"description": "the version does not load (bad checksum, malformed files)"},
+    },
 )
 def activate(
     version: Annotated[str, Path(pattern=VERSION_PATTERN)], registry: Annotated[ModelRegistry, Depends(get_registry)]
@@ -77,7 +87,9 @@ def activate(
     except VersionNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
     except ArtifactError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"version {version} does not load: {exc.problem}") from None
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"version {version} does not load: {exc.problem}"
+        ) from None
     except ActivationConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
     return ActivateResponse(task=model.task, model_version=model.version)

@@ -6,7 +6,7 @@ nr one entry per impression list, in MIND's own format (history "N1 N2", impress
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, status
@@ -20,10 +20,10 @@ router = APIRouter(tags=["interactions"])
 
 
 def _iso(moment: datetime | None) -> str:
-    moment = moment or datetime.now(timezone.utc)
+    moment = moment or datetime.now(UTC)
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat()
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat()
 
 
 @router.post("/interactions", status_code=status.HTTP_201_CREATED)
@@ -33,7 +33,12 @@ def log_interactions(
 ) -> InteractionsResponse:
     if isinstance(body, KTInteractions):
         records = [
-            {"user_id": body.user_id, "item_id": e.item_id, "correct": str(int(e.correct)), "timestamp": _iso(e.timestamp)}
+            {
+                "user_id": body.user_id,
+                "item_id": e.item_id,
+                "correct": str(int(e.correct)),
+                "timestamp": _iso(e.timestamp),
+            }
             for e in body.events
         ]
     else:

@@ -37,7 +37,7 @@ def add_items(
     ids = [item.item_id for item in body.items]
     texts = [item.text for item in body.items]
     model = require_model(registry, body.task)
-    for attempt in range(2):
+    for _attempt in range(2):
         _require_encoder(model)
         vectors = model.bundle.encode_texts(texts)
         try:
@@ -59,5 +59,7 @@ def get_item(
     model = require_model(registry, task)
     text, vector = store.get_item(task, model.version, item_id)
     if vector is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"item {item_id!r} not in the {task} table of {model.version}")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"item {item_id!r} not in the {task} table of {model.version}"
+        )
     return ItemResponse(item_id=item_id, text=text, model_version=model.version, dim=model.bundle.dim)

@@ -21,8 +21,8 @@ from service.schemas import (
     KTPredictResponse,
     NRPredictRequest,
     NRPredictResponse,
-    PredictRequest,
     Prediction,
+    PredictRequest,
     Score,
 )
 
@@ -55,17 +55,20 @@ def _knowledge_tracing(body: KTPredictRequest, model: ActiveModel, store: Store)
     return KTPredictResponse(
         model_version=model.version,
         predictions=[
-            Prediction(item_id=item_id, probability=float(p)) for item_id, p in zip(body.targets, probabilities)
+            Prediction(item_id=item_id, probability=float(p))
+            for item_id, p in zip(body.targets, probabilities, strict=True)
         ],
     )
 
 
 def _news(body: NRPredictRequest, model: ActiveModel, store: Store) -> NRPredictResponse:
     vectors, row = item_vectors(model, store, body.history + body.candidates, body.items)
-    scores = model.bundle.score_news(vectors[[row[i] for i in body.history]], vectors[[row[i] for i in body.candidates]])
+    scores = model.bundle.score_news(
+        vectors[[row[i] for i in body.history]], vectors[[row[i] for i in body.candidates]]
+    )
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     return NRPredictResponse(
         model_version=model.version,
-        scores=[Score(item_id=item_id, score=float(s)) for item_id, s in zip(body.candidates, scores)],
+        scores=[Score(item_id=item_id, score=float(s)) for item_id, s in zip(body.candidates, scores, strict=True)],
         ranking=[body.candidates[i] for i in order],
     )
