@@ -24,7 +24,7 @@ def tasks_without_versions(settings: ServiceSettings) -> list[Task]:
 
 
 def train_and_export(settings: ServiceSettings, task: Task) -> Path:
-    """Trains a GRAM model (period 1e) on the task's bootstrap data and exports it; returns the version dir."""
+    """Trains a small model (GRAM-1E, or NoFinetune, see settings) on the task's data; returns the version dir."""
     from trainer.export import export_checkpoint
     from trainer.settings import TrainSettings
     from trainer.train import train
@@ -34,7 +34,7 @@ def train_and_export(settings: ServiceSettings, task: Task) -> Path:
     train_settings = TrainSettings(
         task=task,
         data=settings.bootstrap_data(task),
-        strategy="gram",
+        strategy=settings.bootstrap_strategy_for(task),
         period="1e",
         epochs=settings.bootstrap_epochs,
         max_steps_per_epoch=settings.bootstrap_max_steps_per_epoch,

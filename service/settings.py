@@ -68,6 +68,10 @@ class ServiceSettings(BaseSettings):
     bootstrap_epochs: int = Field(1, ge=1)
     bootstrap_max_steps_per_epoch: int | None = Field(None, ge=1, description="cut bootstrap epochs short")
     bootstrap_device: str = "auto"
+    bootstrap_strategy: Literal["auto", "gram", "nofinetune"] = Field(
+        "auto",
+        description="auto: GRAM-1E for kt; NoFinetune for nr, whose 51k news would take GRAM many CPU minutes",
+    )
 
     @field_validator("redis_url", "admin_token", mode="before")
     @classmethod
@@ -87,3 +91,8 @@ class ServiceSettings(BaseSettings):
 
     def bootstrap_data(self, task: Task) -> Path:
         return self.bootstrap_kt_data if task == "kt" else self.bootstrap_nr_data
+
+    def bootstrap_strategy_for(self, task: Task) -> str:
+        if self.bootstrap_strategy != "auto":
+            return self.bootstrap_strategy
+        return "gram" if task == "kt" else "nofinetune"
