@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.additive_attention import AdditiveAttention
@@ -87,7 +88,7 @@ class ContentEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def encode(self, tokens: ItemTokens, idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def encode(self, tokens: ItemTokens, idx: torch.Tensor, batch_size: int, progress: bool = False) -> torch.Tensor:
         """Embeddings of items `idx` ([K] item indices, repeats allowed) -> [K, D] in idx's order (float32 under autocast).
 
         Items are sorted by length so each batch pads only to its own longest text (length bucketing).
@@ -97,7 +98,8 @@ class ContentEncoder(nn.Module):
         idx = idx.cpu()
         order = torch.argsort(tokens.lengths[idx], stable=True)
         chunks = []
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="encoding items", unit="batch", disable=not progress, leave=False):
             chunk = idx[order[start : start + batch_size]]
             input_ids, attention_mask = tokens.batch(chunk)
             input_ids = input_ids.to(device, non_blocking=True)

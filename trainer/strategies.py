@@ -95,7 +95,9 @@ class Strategy:
         """Deterministic (eval-mode) encoding, as serving will compute it."""
         was_training = self.encoder.training
         self.encoder.eval()
-        out = self.encoder.encode(self.tokens, items, self.settings.encoder_batch_size)
+        batch = self.settings.encoder_batch_size
+        show = self.settings.progress and len(items) > 8 * batch  # whole-table encodes take minutes on a CPU
+        out = self.encoder.encode(self.tokens, items, batch, progress=show)
         self.encoder.train(was_training)
         return out
 

@@ -46,6 +46,7 @@ class Run:
     tokens: ItemTokens
     head: nn.Module
     strategy: Strategy
+    setup_s: float  # building the strategy: the initial encoding of all items, part of training time
 
 
 def build_run(settings: TrainSettings, encoder_dir: Path | None = None) -> Run:
@@ -60,8 +61,9 @@ def build_run(settings: TrainSettings, encoder_dir: Path | None = None) -> Run:
     steps = task.steps_per_epoch()
     if settings.max_steps_per_epoch:
         steps = min(steps, settings.max_steps_per_epoch)
-    strategy = make_strategy(encoder, tokens, head, settings, steps)
-    return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy)
+    started = time.perf_counter()
+    strategy = make_strategy(encoder, tokens, head, settings, steps)  # multi-step GRAM / NoFinetune encode all items
+    return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy, time.perf_counter() - started)
 
 
 def train_step(run: Run, batch) -> float:
@@ -132,7 +134,7 @@ def train(settings: TrainSettings) -> dict:
 
     interactions = run.task.interactions()
     metric = run.task.primary_metric
-    started = time.perf_counter()
+    started = time.perf_counter() - (0.0 if resume_config else run.setup_s)
     io_seconds, time_to_best, best_epoch = 0.0, None, None
     out_of_time = False
     settings_json = json.loads(settings.model_dump_json())
