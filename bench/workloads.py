@@ -48,7 +48,7 @@ class SyntheticSpec:
 SPECS: dict[str, SyntheticSpec] = {
     "mind-title": SyntheticSpec("mind-title", "nr", 104_150, 3_760_125, 11.5, default_scale=0.005, default_batch_size=32),
     "poj": SyntheticSpec("poj", "kt", 2_597, 898_384, 271.0, default_scale=0.1, default_batch_size=16),
-    "toeic": SyntheticSpec("toeic", "kt", 9_336, 94_264_845, 147.0, default_scale=0.005, default_batch_size=32),
+    "toeic": SyntheticSpec("toeic", "kt", 9_336, 94_264_845, 147.0, default_scale=0.01, default_batch_size=32),
 }
 
 

@@ -208,6 +208,7 @@ class GramMultiStep(Strategy):
         step_items, micro = self.settings.regress_batch_size, self.settings.encoder_batch_size
         for start in range(0, len(touched), step_items):
             chunk = touched[start : start + step_items]
+            chunk = chunk[torch.argsort(self.tokens.lengths[chunk], stable=True)]  # micro-batches of like lengths
             for micro_start in range(0, len(chunk), micro):
                 items = chunk[micro_start : micro_start + micro]
                 predicted = self.encoder.encode(self.tokens, items, micro)  # [b, D]

@@ -1,0 +1,52 @@
+"""The GPU training benchmark's smoke mode: every workload kind, strategy and floor field, on CPU, in seconds."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from bench.train_bench import STRATEGIES, main
+from tests.conftest import SHARED_DATA
+
+
+def test_train_bench_smoke_covers_every_strategy_and_the_floor(tmp_path):
+    workloads = ["mind-title", "toeic"]
+    real = (SHARED_DATA / "codeworkout_s19").is_dir()
+    if real:
+        workloads.append("kt-codeworkout")
+    started = time.perf_counter()
+    main(["--smoke", "--device", "cpu", "--workloads", *workloads, "--data-root", str(SHARED_DATA),
+          "--time-budget-s", "120", "--out", str(tmp_path)])
+    elapsed = time.perf_counter() - started
+
+    data = json.loads((tmp_path / "train_bench.json").read_text())
+    assert (tmp_path / "train_bench.md").read_text().count("| target |") == 1
+    assert data["skipped"] == [s for s in data["skipped"] if "partial" in s]  # nothing skipped for lack of time
+    for name in workloads:
+        record = data["workloads"][name]
+        assert set(record["strategies"]) == set(STRATEGIES), name
+        for label, result in record["strategies"].items():
+            assert "error" not in result, (name, label, result)
+            assert result["epoch_s"] > 0 and result["fwd_items_per_s"] >= 0, (name, label)
+        e2e, g1s = record["strategies"]["e2e"], record["strategies"]["gram-1s"]
+        assert e2e["method"] == g1s["method"] == "steady" and g1s["R_step"] >= 1
+        # GRAM-1S encodes each unique item of a step once, E2E every occurrence.
+        assert e2e["encoder_items_forward"] == round(e2e["occurrences_per_step"] * e2e["steps_timed"])
+        assert g1s["encoder_items_forward"] < e2e["encoder_items_forward"]
+        assert record["strategies"]["nofinetune"]["encoder_items_backward"] == 0
+        floor = record["floor"]
+        for key in ("fwd_items_per_s", "fwdbwd_items_per_s", "cf_head_epoch_s", "floor_s", "gram_1e_over_floor"):
+            assert floor[key] > 0, (name, key)
+        epoch = record["epoch"]
+        assert epoch["R"] == epoch["interactions"] / epoch["unique_items"] and record["info"]["scale"] > 0
+    assert data["workloads"]["mind-title"]["epoch"]["occurrences"] == 55 * data["workloads"]["mind-title"]["epoch"]["interactions"]
+    assert data["workloads"]["toeic"]["full_scale_projection"]["gram_1e_speedup"] > 0
+    rows = {(t["target"], t["workload"]) for t in data["targets"]}
+    assert ("GRAM-1E epoch within 1.5x of the floor", "toeic") in rows
+    assert {t["status"] for t in data["targets"]} <= {"PASS", "FAIL", "n/a"}
+    if real:
+        runs = data["workloads"]["kt-codeworkout"]["train"]
+        assert set(runs) == set(STRATEGIES)
+        assert all(run["history"] and run["history"][0]["elapsed_s"] >= 0 for run in runs.values())
+        assert any(t["target"].startswith("GRAM-1E test auc") for t in data["targets"])
+    assert elapsed < 30
