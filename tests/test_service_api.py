@@ -153,6 +153,11 @@ def test_get_model_item_and_missing_item(client):
     assert client.get("/items/nr/absent").status_code == 404
     assert client.get("/items/xx/nr3").status_code == 422
     assert client.get("/items/nr/a:b").status_code == 422
+    assert client.get("/items/nr3").json() == item  # by id alone: looked up in each served task
+    assert client.get("/items/nr3", params={"task": "nr"}).json() == item
+    assert client.get("/items/nr3", params={"task": "kt"}).status_code == 404
+    assert client.get("/items/absent").status_code == 404
+    assert client.get("/items/a*b").status_code == 422
 
 
 def test_nocontent_model_cannot_add_items(make_client, backend):

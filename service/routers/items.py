@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
 from service.deps import get_registry, get_store, require_model
 from service.item_store import StaleVersion, Store
@@ -49,6 +49,14 @@ def add_items(
     raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the active model keeps changing; try again")
 
 
+def _lookup(task: Task, item_id: str, registry: ModelRegistry, store: Store) -> ItemResponse | None:
+    model = require_model(registry, task)
+    text, vector = store.get_item(task, model.version, item_id)
+    if vector is None:
+        return None
+    return ItemResponse(item_id=item_id, text=text, model_version=model.version, dim=model.bundle.dim)
+
+
 @router.get("/{task}/{item_id}", responses={404: {"description": "no such item in the active table"}})
 def get_item(
     task: Task,
@@ -56,10 +64,24 @@ def get_item(
     registry: Annotated[ModelRegistry, Depends(get_registry)],
     store: Annotated[Store, Depends(get_store)],
 ) -> ItemResponse:
-    model = require_model(registry, task)
-    text, vector = store.get_item(task, model.version, item_id)
-    if vector is None:
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND, detail=f"item {item_id!r} not in the {task} table of {model.version}"
-        )
-    return ItemResponse(item_id=item_id, text=text, model_version=model.version, dim=model.bundle.dim)
+    item = _lookup(task, item_id, registry, store)
+    if item is None:
+        version = require_model(registry, task).version
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"item {item_id!r} not in the {task} table of {version}")
+    return item
+
+
+@router.get("/{item_id}", responses={404: {"description": "no such item in any served task's active table"}})
+def find_item(
+    item_id: Annotated[str, Path(pattern=ITEM_ID_PATTERN)],
+    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    store: Annotated[Store, Depends(get_store)],
+    task: Annotated[Task | None, Query(description="look only in this task's table")] = None,
+) -> ItemResponse:
+    """An item by id alone: item ids of the two tasks live in separate tables, so this looks in each (or `task`)."""
+    tasks = [task] if task else list(registry.active())
+    for candidate in tasks:
+        item = _lookup(candidate, item_id, registry, store)
+        if item is not None:
+            return item
+    raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"item {item_id!r} not in the active table of {tasks}")
