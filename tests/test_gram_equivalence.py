@@ -46,8 +46,8 @@ def nr_batches(steps: int, seed: int = 0):
 
 
 TASKS = {
-    "kt": (lambda dim: KnowledgeTracingHead(dim, hidden_dim=8, dropout=0.0), kt_task.KnowledgeTracingTask.loss, kt_batches),
-    "nr": (lambda dim: NewsHead(dim, num_heads=2, attention_dim=8, dropout=0.0), nr_task.NewsTask.loss, nr_batches),
+    "kt": (lambda dim: KnowledgeTracingHead(dim, hidden_dim=8, dropout=0.0), kt_task.KnowledgeTracingTask.loss_terms, kt_batches),
+    "nr": (lambda dim: NewsHead(dim, num_heads=2, attention_dim=8, dropout=0.0), nr_task.NewsTask.loss_terms, nr_batches),
 }
 
 
@@ -63,7 +63,7 @@ def make_run(strategy_cls, task: str, optimizer: str, period: str = "1s", poolin
     tokens = random_tokens(NUM_ITEMS)
     strategy = strategy_cls(encoder, tokens, head, settings, 10)
     return SimpleNamespace(device=torch.device("cpu"), strategy=strategy, head=head, encoder=encoder,
-                           task=SimpleNamespace(loss=loss))
+                           task=SimpleNamespace(loss_terms=loss))
 
 
 def parameters(run) -> dict[str, torch.Tensor]:

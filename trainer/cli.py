@@ -40,8 +40,9 @@ def _train(args: argparse.Namespace) -> None:
     from trainer.train import train
 
     report = train(settings_from_args(TrainSettings, args))
-    summary = {k: v for k, v in report.items() if k not in ("history", "settings")}
-    print(json.dumps(summary, indent=2, default=float))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same report
+        summary = {k: v for k, v in report.items() if k not in ("history", "settings")}
+        print(json.dumps(summary, indent=2, default=float))
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from models.heads import build_head
 from trainer.batches import PackedField, pack_fields
+from trainer.distributed import SINGLE, World, shard_rows
 from trainer.kt_data import KTSequence, load_kt_data, split_kt
 from trainer.metrics import kt_metrics
 from trainer.settings import TrainSettings
@@ -72,20 +73,26 @@ class KnowledgeTracingTask:
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_windows) // self.settings.batch_size)
 
-    def train_batches(self, rng: np.random.Generator) -> list[KTBatch]:
+    def train_batches(self, rng: np.random.Generator, world: World = SINGLE) -> list[KTBatch]:
+        """The epoch's global batches (same on every rank for one rng), each cut to this rank's shard."""
         order = rng.permutation(len(self.train_windows))
         size = self.settings.batch_size
-        return [make_batch([self.train_windows[i] for i in order[s : s + size]]) for s in range(0, len(order), size)]
+        starts = [s for s in range(0, len(order), size) if len(order[s : s + size]) >= world.size]
+        return [make_batch(shard_rows([self.train_windows[i] for i in order[s : s + size]], world)) for s in starts]
 
     def interactions(self) -> int:
         return sum(len(w.items) for w in self.train_windows)
 
     @staticmethod
-    def loss(head: nn.Module, embeddings: torch.Tensor, batch: KTBatch) -> torch.Tensor:
-        """Mean BCE over real answers. embeddings: [I + 1, D] occurrence embeddings, last row zeros."""
+    def loss_terms(head: nn.Module, embeddings: torch.Tensor, batch: KTBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed BCE over real answers, number of real answers); the loss is their ratio over the global batch.
+
+        embeddings: [I + 1, D] occurrence embeddings, last row zeros.
+        """
         logits = head(gather(embeddings, batch.items), batch.correct)  # [B, T]
         mask = batch.items.mask
-        return F.binary_cross_entropy_with_logits(logits[mask], batch.correct[mask].to(logits.dtype))
+        total = F.binary_cross_entropy_with_logits(logits[mask], batch.correct[mask].to(logits.dtype), reduction="sum")
+        return total, mask.sum()
 
     def eval_sequences(self, split: str) -> list[KTSequence]:
         return {"val": self.splits.val, "test": self.splits.test}[split]

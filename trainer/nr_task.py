@@ -11,6 +11,7 @@ from torch import nn
 
 from models.heads import build_head
 from trainer.batches import PackedField, pack_fields
+from trainer.distributed import SINGLE, World, shard_rows
 from trainer.metrics import news_metrics
 from trainer.mind_data import Impression, load_mind, split_mind
 from trainer.settings import TrainSettings
@@ -74,8 +75,11 @@ class NewsTask:
     def interactions(self) -> int:
         return sum(len(s.history) + 1 + self.settings.negatives for s in self.samples)
 
-    def train_batches(self, rng: np.random.Generator) -> list[NewsBatch]:
-        """Shuffled samples; K non-clicks drawn from the same impression (with replacement only if too few)."""
+    def train_batches(self, rng: np.random.Generator, world: World = SINGLE) -> list[NewsBatch]:
+        """Shuffled samples; K non-clicks drawn from the same impression (with replacement only if too few).
+
+        The global batches are the same on every rank for one rng; each rank keeps its shard of each.
+        """
         k = self.settings.negatives
         order = rng.permutation(len(self.samples))
         batches = []
@@ -85,16 +89,20 @@ class NewsTask:
                 np.concatenate([[r.clicked], rng.choice(r.non_clicked, k, replace=len(r.non_clicked) < k)])
                 for r in rows
             ]
+            if len(rows) < world.size:
+                continue
+            rows, candidates = shard_rows(rows, world), shard_rows(candidates, world)
             batches.append(make_batch([r.history for r in rows], candidates))
         return batches
 
     @staticmethod
-    def loss(head: nn.Module, embeddings: torch.Tensor, batch: NewsBatch) -> torch.Tensor:
-        """Softmax cross-entropy of the click (column 0) against its K non-clicks."""
+    def loss_terms(head: nn.Module, embeddings: torch.Tensor, batch: NewsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed softmax cross-entropy of each click (column 0) against its K non-clicks, number of clicks)."""
         scores = head(
             embeddings[batch.history.positions], batch.history.mask, embeddings[batch.candidates.positions]
         )  # [B, 1 + K]
-        return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+        target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        return F.cross_entropy(scores, target, reduction="sum"), torch.tensor(scores.shape[0], device=scores.device)
 
     def eval_impressions(self, split: str) -> list[Impression]:
         return {"val": self.splits.val, "test": self.splits.test}[split]

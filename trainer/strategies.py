@@ -3,8 +3,8 @@
 Every strategy follows the same step, driven by the training loop:
 
     occurrence_embeddings = strategy.embed(batch.occurrences)   # [I, D], one row per interaction
-    loss = task.loss(head, occurrence_embeddings (+ a zero padding row), batch)
-    loss.backward()
+    total, count = task.loss_terms(head, occurrence_embeddings (+ a zero padding row), batch)
+    (total / global count of targets).backward()
     strategy.finish_step()                                        # optimizer steps, GRAM bookkeeping
 
 E2E runs the encoder once per interaction. GRAM runs it once per unique item: the unique items' embeddings
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.content_encoder import ContentEncoder, ItemTokens
+from trainer.distributed import SINGLE, World, sum_gradients
 from trainer.settings import TrainSettings
 
 
@@ -44,6 +45,7 @@ class Strategy:
         head: nn.Module,
         settings: TrainSettings,
         steps_per_epoch: int,
+        world: World = SINGLE,
     ):
         self.encoder = encoder
         self.tokens = tokens
@@ -52,6 +54,7 @@ class Strategy:
         self.device = next(head.parameters()).device
         self.num_items = len(tokens)
         self.steps_per_epoch = steps_per_epoch
+        self.world = world
         self.optimizers: dict[str, tuple[torch.optim.Optimizer, object]] = {
             "cf": make_optimizer(settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device)
         }
@@ -86,6 +89,7 @@ class Strategy:
     # -- shared helpers -------------------------------------------------------------------------------
     def _step(self, name: str) -> None:
         optimizer, scheduler = self.optimizers[name]
+        sum_gradients([p for group in optimizer.param_groups for p in group["params"]], self.world)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,6 +162,11 @@ class GramMultiStep(Strategy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.world.is_distributed:
+            raise NotImplementedError(
+                "multi-step GRAM is single-process for now (its item table is not yet synchronised across "
+                "ranks); use --period 1s, e2e, nofinetune or nocontent with torchrun"
+            )
         self.period_steps = self.settings.parsed_period.steps(self.steps_per_epoch)
         self.table = self._inference_encode(torch.arange(self.num_items))  # [N, D]
         self.row_version = torch.zeros(self.num_items, dtype=torch.long, device=self.device)
@@ -258,10 +267,10 @@ class NoFinetune(Strategy):
 class NoContent(Strategy):
     """No text at all: a learned embedding per item id (cold-start items keep their random init)."""
 
-    def __init__(self, encoder, tokens, head, settings, steps_per_epoch):
+    def __init__(self, encoder, tokens, head, settings, steps_per_epoch, world: World = SINGLE):
         self.id_embedding = nn.Embedding(len(tokens), encoder.dim).to(next(head.parameters()).device)
         nn.init.normal_(self.id_embedding.weight, std=0.1)
-        super().__init__(encoder, tokens, head, settings, steps_per_epoch)
+        super().__init__(encoder, tokens, head, settings, steps_per_epoch, world)
 
     def cf_parameters(self):
         return [*self.head.parameters(), *self.id_embedding.parameters()]
@@ -281,9 +290,14 @@ class NoContent(Strategy):
 
 
 def make_strategy(
-    encoder: ContentEncoder, tokens: ItemTokens, head: nn.Module, settings: TrainSettings, steps_per_epoch: int
+    encoder: ContentEncoder,
+    tokens: ItemTokens,
+    head: nn.Module,
+    settings: TrainSettings,
+    steps_per_epoch: int,
+    world: World = SINGLE,
 ) -> Strategy:
-    args = (encoder, tokens, head, settings, steps_per_epoch)
+    args = (encoder, tokens, head, settings, steps_per_epoch, world)
     if settings.strategy == "e2e":
         return EndToEnd(*args)
     if settings.strategy == "gram":

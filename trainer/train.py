@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.content_encoder import ContentEncoder, ItemTokens, default_encoder_dir, load_tokenizer
+from trainer.distributed import SINGLE, World, agree, barrier, global_sum, init_from_env
 from trainer.checkpoint import CheckpointMeta, load_optimizers, load_weights, read_config, save_checkpoint
 from trainer.kt_task import KnowledgeTracingTask
 from trainer.nr_task import NewsTask
@@ -25,8 +27,11 @@ log = logging.getLogger("gramrec.train")
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto': this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     return torch.device(name)
 
 
@@ -47,9 +52,10 @@ class Run:
     head: nn.Module
     strategy: Strategy
     setup_s: float  # building the strategy: the initial encoding of all items, part of training time
+    world: World = SINGLE
 
 
-def build_run(settings: TrainSettings, encoder_dir: Path | None = None) -> Run:
+def build_run(settings: TrainSettings, encoder_dir: Path | None = None, world: World = SINGLE) -> Run:
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
     task = make_task(settings)
@@ -62,15 +68,18 @@ def build_run(settings: TrainSettings, encoder_dir: Path | None = None) -> Run:
     if settings.max_steps_per_epoch:
         steps = min(steps, settings.max_steps_per_epoch)
     started = time.perf_counter()
-    strategy = make_strategy(encoder, tokens, head, settings, steps)  # multi-step GRAM / NoFinetune encode all items
-    return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy, time.perf_counter() - started)
+    strategy = make_strategy(encoder, tokens, head, settings, steps, world)  # multi-step/NoFinetune encode all items
+    return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy, time.perf_counter() - started, world)
 
 
-def train_step(run: Run, batch) -> float:
+def train_step(run: Run, batch, world: World = SINGLE) -> torch.Tensor:
+    """One update. Under torchrun `batch` is this rank's shard; the loss is normalised by the global target count
+    (and gradients are summed across ranks in the strategy), so the update is the one of the whole global batch."""
     batch = batch.to(run.device)
     embeddings = run.strategy.embed(batch.occurrences)  # [I, D]
     embeddings = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])  # padding row
-    loss = run.task.loss(run.head, embeddings, batch)
+    total, count = run.task.loss_terms(run.head, embeddings, batch)
+    loss = total / global_sum(count.to(total.dtype), world)
     loss.backward()
     run.strategy.finish_step()
     return loss.detach()
@@ -91,6 +100,13 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def save(run: Run, path: Path, meta: CheckpointMeta, resumable: bool) -> None:
+    """Rank 0 writes; every rank waits for it, so all can read the checkpoint afterwards."""
+    if run.world.is_main:
+        _save(run, path, meta, resumable)
+    barrier(run.world)
+
+
+def _save(run: Run, path: Path, meta: CheckpointMeta, resumable: bool) -> None:
     save_checkpoint(
         path,
         meta,
@@ -120,7 +136,8 @@ def train(settings: TrainSettings) -> dict:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     resume_config = read_config(settings.resume) if settings.resume else None
-    run = build_run(settings, encoder_dir=(Path(settings.resume) / "encoder") if settings.resume else None)
+    world = init_from_env(resolve_device(settings.device))
+    run = build_run(settings, encoder_dir=(Path(settings.resume) / "encoder") if settings.resume else None, world=world)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
 
@@ -139,20 +156,24 @@ def train(settings: TrainSettings) -> dict:
     out_of_time = False
     settings_json = json.loads(settings.model_dump_json())
     for epoch in range(start_epoch, settings.epochs):
-        batches = run.task.train_batches(np.random.default_rng([settings.seed, epoch]))
+        batches = run.task.train_batches(np.random.default_rng([settings.seed, epoch]), world)
         batches = batches[: settings.max_steps_per_epoch] if settings.max_steps_per_epoch else batches
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not settings.progress)
+        show = settings.progress and world.is_main
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not show)
         losses = []
         for batch in bar:
-            losses.append(train_step(run, batch))
+            losses.append(train_step(run, batch, world))
             global_step += 1
-            if settings.progress and global_step % 10 == 0:
+            if show and global_step % 10 == 0:
                 elapsed = bar.format_dict["elapsed"] or 1e-9
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}", items_s=f"{run.encoder.items_forward / elapsed:.0f}")
-            if settings.time_budget_s and time.perf_counter() - started - io_seconds > settings.time_budget_s:
-                out_of_time = True
-                break
+            if settings.time_budget_s:
+                over = time.perf_counter() - started - io_seconds > settings.time_budget_s
+                if agree(float(over), world):
+                    out_of_time = True
+                    break
         val = evaluate(run, "val")
+        val[metric] = agree(val[metric] if val[metric] is not None else float("-inf"), world)
         train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         history.append({"epoch": epoch, "step": global_step, "train_loss": train_loss, "val": val,
                         "elapsed_s": time.perf_counter() - started - io_seconds})
@@ -194,7 +215,9 @@ def train(settings: TrainSettings) -> dict:
         "history": history,
         "settings": settings_json,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    report["world_size"] = world.size
+    if world.is_main:
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
 
 
