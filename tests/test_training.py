@@ -118,3 +118,14 @@ def test_cli_rejects_bad_settings_and_data(tmp_path):
     bad_data = run_cli("train", "--task", "kt", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
     assert bad_data.returncode == 2
     assert "interactions.csv:2" in bad_data.stderr and "Traceback" not in bad_data.stderr
+
+
+def test_evaluate_checkpoint_reproduces_the_reports_test_metrics(shared_data, tmp_path, tiny_encoder_dir):
+    from trainer.evaluate import evaluate_checkpoint
+
+    report = train(kt_settings(shared_data, tmp_path, strategy="gram", period="1e", epochs=1,
+                               encoder_dir=tiny_encoder_dir))
+    result = evaluate_checkpoint(tmp_path / "best", shared_data / "codeworkout_s19", "test", device="cpu")
+    assert result["strategy"] == "gram-1e"
+    assert result["metrics"]["auc"] == pytest.approx(report["metrics"]["auc"], abs=1e-6)
+    assert result["metrics"]["cold_auc"] == pytest.approx(report["metrics"]["cold_auc"], abs=1e-6)
