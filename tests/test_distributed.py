@@ -42,9 +42,11 @@ def shard_batch(task: str, rows: list, world: World):
 
 
 def build(task: str, strategy: str, world: World):
+    """strategy: "e2e", "gram" (1S) or "gram-2s" (multi-step, a regression every 2 steps, 3 items per Adam step)."""
     build_head, loss_terms, _ = TASKS[task]
-    settings = TrainSettings(task=task, data=Path("unused"), strategy=strategy, period="1s", lr_cf=1e-2,
-                             lr_encoder=1e-2, warmup_steps=1, encoder_batch_size=5)
+    name, _, period = strategy.partition("-")
+    settings = TrainSettings(task=task, data=Path("unused"), strategy=name, period=period or "1s", lr_cf=1e-2,
+                             lr_encoder=1e-2, warmup_steps=1, encoder_batch_size=5, regress_batch_size=3)
     encoder = tiny_encoder()
     torch.manual_seed(1)
     head = build_head(encoder.dim).double()
@@ -64,7 +66,8 @@ def worker(rank: int, port: int, task: str, strategy: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         run = train_steps(task, strategy, World(rank=rank, size=2))
-        save_file(parameters(run), f"{out}/rank{rank}.safetensors")
+        state = parameters(run) | {f"strategy.{k}": v for k, v in run.strategy.state_tensors().items()}
+        save_file(state, f"{out}/rank{rank}.safetensors")
         save_file({"forward": torch.tensor(run.encoder.items_forward)}, f"{out}/count{rank}.safetensors")
     finally:
         dist.destroy_process_group()
@@ -77,12 +80,18 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("task", ["kt", "nr"])
-@pytest.mark.parametrize("strategy", ["gram", "e2e"])
+@pytest.mark.parametrize("strategy", ["gram", "e2e", "gram-2s"])
 def test_two_process_update_equals_one_process_update(tmp_path, task, strategy):
     mp.spawn(worker, args=(free_port(), task, strategy, str(tmp_path)), nprocs=2, join=True)
-    single = parameters(train_steps(task, strategy, SINGLE))
+    single_run = train_steps(task, strategy, SINGLE)
+    single = parameters(single_run)
     for rank in (0, 1):
         ranked = load_file(tmp_path / f"rank{rank}.safetensors")
+        if strategy == "gram-2s":
+            assert single_run.strategy.regressions == 1
+            # The item table (SGD-updated rows, refreshed rows) is the same on every rank as in one process.
+            torch.testing.assert_close(ranked["strategy.table"], single_run.strategy.table, rtol=1e-9, atol=1e-12)
+            assert torch.equal(ranked["strategy.touched"], single_run.strategy.touched)
         # Key-bias gradients are exactly zero (rounding noise only): compare every other parameter tightly.
         real = [k for k in single if not k.endswith("attention.self.key.bias")]
         assert max_relative_difference({k: ranked[k] for k in real}, {k: single[k] for k in real}) < 1e-9
@@ -94,9 +103,3 @@ def test_two_process_update_equals_one_process_update(tmp_path, task, strategy):
         assert per_rank == expected
 
 
-def test_multi_step_gram_refuses_several_processes():
-    with pytest.raises(NotImplementedError, match="single-process"):
-        build_head, _, _ = TASKS["kt"]
-        settings = TrainSettings(task="kt", data=Path("unused"), strategy="gram", period="10s")
-        encoder = tiny_encoder()
-        make_strategy(encoder, random_tokens(NUM_ITEMS), build_head(encoder.dim).double(), settings, 10, World(0, 2))

@@ -78,6 +78,21 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def all_gather_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's rows [K_r, ...] concatenated in rank order; ranks may hold different K_r."""
+    if not world.is_distributed:
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world.size)]
+    dist.all_gather(counts, count)
+    longest = max(int(c) for c in counts)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts)])
+
+
 def shard_rows(rows: list, world: World) -> list:
     """This rank's rows of a global batch: every size-th row, starting at the rank."""
     return rows[world.rank :: world.size]

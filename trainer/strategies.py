@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from models.content_encoder import ContentEncoder, ItemTokens
-from trainer.distributed import SINGLE, World, sum_gradients
+from trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
 from trainer.settings import TrainSettings
 
 
@@ -156,17 +156,17 @@ class GramMultiStep(Strategy):
     regression (pseudo-loss 0.5 * sum ||row - CE(c)||^2, one encoder Adam step per `regress_batch_size`
     items). A row is re-encoded lazily, the next time it is used, once the encoder has changed since it was
     encoded; before evaluation every stale row that evaluation needs (untouched and cold-start items) is.
+
+    Under torchrun every rank keeps the whole table: the rows any rank uses in a step are refreshed on all
+    ranks, every rank applies every rank's row gradients (so rows shared by shards get the summed gradient),
+    and each regression chunk is split across ranks with the encoder gradients summed: the same updates as
+    one process on the global batch.
     """
 
     finetunes_encoder = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.world.is_distributed:
-            raise NotImplementedError(
-                "multi-step GRAM is single-process for now (its item table is not yet synchronised across "
-                "ranks); use --period 1s, e2e, nofinetune or nocontent with torchrun"
-            )
         self.period_steps = self.settings.parsed_period.steps(self.steps_per_epoch)
         self.table = self._inference_encode(torch.arange(self.num_items))  # [N, D]
         self.row_version = torch.zeros(self.num_items, dtype=torch.long, device=self.device)
@@ -185,15 +185,17 @@ class GramMultiStep(Strategy):
 
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(occurrences.to(self.device), return_inverse=True)
-        self._refresh(unique)
+        self._refresh(torch.unique(all_gather_rows(unique, self.world)))  # every rank's copy stays identical
         self._unique = unique
         self._leaf = self.table[unique].clone().requires_grad_(True)  # [U, D]
         return self._leaf[inverse]
 
     @torch.no_grad()
     def _sgd_update_table(self) -> None:
-        self.table[self._unique] -= self._leaf.grad  # lr = 1
-        self.touched[self._unique] = True
+        items = all_gather_rows(self._unique, self.world)  # [U_all]; an item may come from several ranks
+        grads = all_gather_rows(self._leaf.grad, self.world)  # [U_all, D]
+        self.table.index_add_(0, items, grads, alpha=-1.0)  # lr = 1; shared rows get the summed gradient
+        self.touched[items] = True
         self._unique = self._leaf = None
 
     def finish_step(self) -> None:
@@ -218,6 +220,7 @@ class GramMultiStep(Strategy):
         for start in range(0, len(touched), step_items):
             chunk = touched[start : start + step_items]
             chunk = chunk[torch.argsort(self.tokens.lengths[chunk], stable=True)]  # micro-batches of like lengths
+            chunk = chunk[self.world.rank :: self.world.size]  # this rank's share; _step sums the gradients
             for micro_start in range(0, len(chunk), micro):
                 items = chunk[micro_start : micro_start + micro]
                 predicted = self.encoder.encode(self.tokens, items, micro)  # [b, D]
