@@ -96,11 +96,13 @@ class ContentEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def encode(self, tokens: ItemTokens, idx: torch.Tensor, batch_size: int, progress: bool = False) -> torch.Tensor:
+    def encode(
+        self, tokens: ItemTokens, idx: torch.Tensor, batch_size: int, progress: bool = False, autocast: bool = True
+    ) -> torch.Tensor:
         """Embeddings of items `idx` ([K] item indices, repeats allowed) -> [K, D] in idx's order (float32 under autocast).
 
         Items are sorted by length so each batch pads only to its own longest text (length bucketing).
-        Autograd flows through when grad is enabled; bf16 autocast on CUDA.
+        Autograd flows through when grad is enabled; bf16 autocast on CUDA unless `autocast=False` (export).
         """
         device = next(self.parameters()).device
         idx = idx.cpu()
@@ -112,7 +114,7 @@ class ContentEncoder(nn.Module):
             input_ids, attention_mask = tokens.batch(chunk)
             input_ids = input_ids.to(device, non_blocking=True)
             attention_mask = attention_mask.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
                 pooled = self(input_ids, attention_mask)
             chunks.append(pooled.float() if pooled.dtype == torch.bfloat16 else pooled)
         self.items_forward += len(idx)

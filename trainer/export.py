@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 from torch import nn
-from tqdm import tqdm
 
 from models.content_encoder import ContentEncoder, ItemTokens
 from service.bundle import (
@@ -168,25 +167,12 @@ def _item_table(model: TrainedModel, has_encoder: bool, device: torch.device, pr
     tokens = ItemTokens.from_texts(model.tokenizer, model.items.texts, model.max_tokens)
     encoder = model.encoder.to(device)
     try:
-        return encode_all(encoder, tokens, device, progress)
+        # Full precision: serving's ONNX encoder is float32 too, so table rows and cold-start items agree.
+        with torch.no_grad():
+            table = encoder.encode(tokens, torch.arange(len(tokens)), ENCODE_BATCH, progress=progress, autocast=False)
+        return table.float().cpu()
     finally:
         model.encoder.cpu()
-
-
-@torch.no_grad()
-def encode_all(encoder: ContentEncoder, tokens: ItemTokens, device: torch.device, progress: bool) -> torch.Tensor:
-    """[N, D] float32 embeddings in item order, in full precision (serving's ONNX encoder is float32 too).
-
-    Items go through in length order, so each batch pads only to its own longest text.
-    """
-    order = torch.argsort(tokens.lengths, stable=True)
-    table = torch.empty(len(tokens), encoder.dim)
-    batches = range(0, len(order), ENCODE_BATCH)
-    for start in tqdm(batches, desc="encoding items", unit="batch", disable=not progress, leave=False):
-        idx = order[start : start + ENCODE_BATCH]
-        input_ids, attention_mask = tokens.batch(idx)  # [b, S], [b, S]
-        table[idx] = encoder(input_ids.to(device), attention_mask.to(device)).float().cpu()
-    return table
 
 
 def _write_items(directory: Path, model: TrainedModel, embeddings: torch.Tensor) -> None:

@@ -146,7 +146,7 @@ def train(settings: TrainSettings) -> dict:
         restore(run, settings.resume, with_optimizers=True)
         start_epoch, global_step = resume_config["epoch"] + 1, resume_config["global_step"]
         best, history = resume_config["best_metric"] or float("-inf"), resume_config["history"]
-        bad_epochs = sum(1 for _ in _epochs_since_best(history, run.task.primary_metric))
+        bad_epochs = epochs_since_best(history, run.task.primary_metric)
         log.info("resumed", extra={"from": str(settings.resume), "epoch": start_epoch})
 
     interactions = run.task.interactions()
@@ -221,12 +221,7 @@ def train(settings: TrainSettings) -> dict:
     return report
 
 
-def _epochs_since_best(history: list[dict], metric: str):
-    best = float("-inf")
-    since = []
-    for entry in history:
-        if entry["val"][metric] > best:
-            best, since = entry["val"][metric], []
-        else:
-            since.append(entry)
-    return since
+def epochs_since_best(history: list[dict], metric: str) -> int:
+    """Validations after the best one: a resumed run continues the same early-stopping count."""
+    scores = [entry["val"][metric] for entry in history]
+    return len(scores) - 1 - scores.index(max(scores)) if scores else 0
