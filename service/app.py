@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
+from service.body_limit import BodyLimitMiddleware
 from service.errors import add_error_handlers
 from service.item_store import open_store
 from service.metrics import Metrics, MetricsMiddleware
@@ -66,7 +67,6 @@ def create_app(
         description=DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=settings.limits.max_body_bytes,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -75,6 +75,7 @@ def create_app(
     add_error_handlers(app)
     for router in (predict.router, items.router, interactions.router, admin.router, health.router):
         app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)  # JSON 413
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

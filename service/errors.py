@@ -7,9 +7,12 @@ import sqlite3
 
 import redis
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.body_limit import BodyTooLarge
 from service.item_store import StoreError
 
 log = logging.getLogger("gramrec.service")
@@ -26,8 +29,37 @@ class UnknownItems(LookupError):
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 without echoing inputs: an input may be NaN (not JSON) or megabytes long."""
-    errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": _message(e)} for e in exc.errors()]
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
+
+
+def _message(error: dict) -> str:
+    """The error's message; a JSON syntax error also says what is wrong ("Expecting ',' delimiter")."""
+    reason = (error.get("ctx") or {}).get("error")
+    if error["type"] == "json_invalid" and isinstance(reason, str):
+        return f"{error['msg']}: {reason}"
+    return error["msg"]
+
+
+# Why FastAPI could not read a JSON body, by the exception it wraps in its generic 400 "error parsing the body".
+_UNREADABLE_BODY = (
+    (UnicodeDecodeError, "request body is not valid UTF-8"),
+    (RecursionError, "request body JSON is nested too deeply"),
+    (ValueError, "request body JSON has a number too long to parse"),  # int() digit limit
+)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's handler, except that a body it could not parse gets a status and message naming the problem."""
+    cause = exc.__cause__
+    if isinstance(cause, BodyTooLarge):
+        return JSONResponse(status_code=status.HTTP_413_CONTENT_TOO_LARGE, content={"detail": str(cause)})
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and cause is not None:
+        for kind, message in _UNREADABLE_BODY:
+            if isinstance(cause, kind):
+                error = {"type": "json_invalid", "loc": ["body"], "msg": message}
+                return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": [error]})
+    return await http_exception_handler(request, exc)
 
 
 async def _unknown_items(request: Request, exc: UnknownItems) -> JSONResponse:
@@ -39,6 +71,7 @@ async def _unknown_items(request: Request, exc: UnknownItems) -> JSONResponse:
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.error("item store error", extra={"path": request.url.path, "error": repr(exc)})
+    request.app.state.metrics.store_errors.labels(type(exc).__name__).inc()
     return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": "item store unavailable"})
 
 
@@ -49,6 +82,7 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UnknownItems, _unknown_items)
     for error in (StoreError, redis.RedisError, sqlite3.Error):
         app.add_exception_handler(error, _store_unavailable)

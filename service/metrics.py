@@ -49,6 +49,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.store_errors = Counter(
+            "gramrec_store_errors",
+            "requests that failed (503) because the item store was unreachable or erred, by error type",
+            ["error"],
+            registry=self.registry,
+        )
 
     def watch_models(self, state: Callable[[], Iterable[tuple[str, str, int | None]]]) -> None:
         self.registry.register(ModelCollector(state))
