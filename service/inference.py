@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.errors import UnknownItems
-from service.item_store import Store, decode_rows
+from service.item_store import Store, StoreError, decode_rows
 from service.registry import ActiveModel
 from service.schemas import ItemText
 
@@ -20,6 +20,10 @@ def item_vectors(
     """
     unique = list(dict.fromkeys(ids))
     matrix, missing = decode_rows(store.get_vectors(model.version, unique), model.bundle.dim)
+    if missing and len(missing) == len(unique) and not store.has_table(model.version):
+        # Not the caller's fault: the store lost the table (Redis restarted empty). A 422 "unknown items" would
+        # tell clients their ids are wrong; this is a 503 until the registry reloads the table (next poll).
+        raise StoreError(f"the item table of {model.version} is missing from the store")
     if missing:
         missing_ids = [unique[i] for i in missing]
         texts = {item.item_id: item.text for item in items}

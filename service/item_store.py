@@ -31,6 +31,8 @@ from typing import Protocol
 
 import numpy as np
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from service.settings import ServiceSettings
 
@@ -135,10 +137,15 @@ class RedisStore:
         self._put_items = client.register_script(_PUT_ITEMS)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "gramrec:") -> RedisStore:
-        return cls(
-            redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30), prefix
-        )
+    def from_url(
+        cls,
+        url: str,
+        prefix: str = "gramrec:",
+        timeout_s: float = 2.0,
+        connect_timeout_s: float = 1.0,
+        retries: int = 1,
+    ) -> RedisStore:
+        return cls(redis_client(url, timeout_s, connect_timeout_s, retries), prefix)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -248,10 +255,35 @@ class RedisStore:
         return json.loads(record) if record is not None else None
 
 
+def redis_client(url: str, timeout_s: float, connect_timeout_s: float, retries: int) -> redis.Redis:
+    """A pooled client whose every call ends within about (retries + 1) x timeout, so a request never hangs.
+
+    redis-py's defaults (5 s timeouts, 10 retries with backoff, timeouts retried too) let one call on a hung Redis
+    block for a minute. Here only connection errors are retried, a few ms apart: they are what a Redis restart
+    leaves in the pool (stale sockets), and a retry on a fresh connection then succeeds at once. A timeout is not
+    retried: the command may have run (an XADD twice would log an interaction twice), and waiting longer on a
+    server that does not answer only holds the request.
+    """
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, supported_errors=(redis.ConnectionError,))
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        retry=retry,
+        health_check_interval=30,
+    )
+
+
 def open_store(settings: ServiceSettings) -> Store:
     """Redis when a URL is configured, else the embedded sqlite store."""
     if settings.redis_url:
-        return RedisStore.from_url(settings.redis_url, settings.redis_key_prefix)
+        return RedisStore.from_url(
+            settings.redis_url,
+            settings.redis_key_prefix,
+            timeout_s=settings.redis_timeout_s,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+            retries=settings.redis_retries,
+        )
     from service.embedded_store import EmbeddedStore
 
     return EmbeddedStore(settings.embedded_store_path)

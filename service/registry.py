@@ -142,6 +142,9 @@ class ModelRegistry:
                 except ActivationConflict:
                     return self.sync(task)  # another process won; follow it
             if current is not None and current.version == version:
+                if not self.store.has_table(version):  # flushed or evicted under us: load it again
+                    log.warning("item table missing from the store; reloading", extra={"version": version})
+                    self._prepare(current.bundle)
                 return current
             if version in self._broken:
                 return current

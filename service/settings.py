@@ -42,6 +42,13 @@ class ServiceSettings(BaseSettings):
         description="redis://host:port/db; unset: the embedded sqlite store (one host only)",
     )
     redis_key_prefix: str = Field("gramrec:", pattern=r"^[A-Za-z0-9_.:-]{0,64}$")
+    redis_timeout_s: float = Field(
+        2.0, gt=0, description="longest wait for one Redis reply; a hung Redis turns into a 503 after this"
+    )
+    redis_connect_timeout_s: float = Field(1.0, gt=0, description="longest wait to open a Redis connection")
+    redis_retries: int = Field(
+        1, ge=0, le=5, description="retries of a command whose connection failed (Redis restarted); never of a timeout"
+    )
     artifacts_dir: Path = Field(Path("artifacts"), description="exported model versions, one folder each")
     embedded_store_path: Path = Path("artifacts/item-table.sqlite3")
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset: admin API disabled")

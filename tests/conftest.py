@@ -55,3 +55,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def exported_artifacts(tmp_path_factory, tiny_encoder_dir) -> Path:
+    """An artifacts root with tiny real exports, versions kt-e2e-v1 and nr-e2e-v1. Shared: copy before changing."""
+    from tests.test_service_e2e import tiny_checkpoint
+    from trainer.export import export_checkpoint
+
+    base = tmp_path_factory.mktemp("exported")
+    for task in ("kt", "nr"):
+        checkpoint = tiny_checkpoint(base / "checkpoints" / task, tiny_encoder_dir, task)
+        export_checkpoint(checkpoint, base / "artifacts", version=f"{task}-e2e-v1", progress=False)
+    return base / "artifacts"

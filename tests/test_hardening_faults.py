@@ -1,0 +1,275 @@
+"""Faults on real processes: a real `gramrec serve` (tiny exported models) over a private redis-server that the
+tests hang, kill and restart (never the shared one on 6379), and the API process itself killed mid-write.
+
+Every load loop is bounded in requests and in time, and talks to loopback only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from service.bundle import ModelBundle
+from tests.redis_server import RedisServer
+from tests.serve_process import ServeProcess
+
+KT = "kt-e2e-v1"
+PREFIX = "gramrec:"
+STORE_ERROR_BOUND_S = 4.0  # redis_timeout_s (2) + a retry's backoff + slack for 2 busy cores
+RECOVERY_BOUND_S = 5.0
+PREDICT = {
+    "task": "kt",
+    "history": [{"item_id": "kt-item-1", "correct": 1}, {"item_id": "kt-item-2", "correct": 0}],
+    "targets": ["kt-item-3"],
+}
+
+
+@dataclass
+class Outcome:
+    started: float
+    elapsed: float
+    status: int  # 0: no HTTP answer (connection refused or cut)
+    body: str
+
+
+class Load:
+    """`workers` threads sending `request(client, n)` until stopped, or `max_requests`, or `max_seconds`."""
+
+    def __init__(self, url: str, request: Callable, workers: int = 3, max_requests: int = 3000, max_seconds=40):
+        self.url, self.request, self.workers = url, request, workers
+        self.max_requests, self.deadline = max_requests, time.monotonic() + max_seconds
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._count = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers)
+        self._futures = []
+
+    def _next(self) -> int | None:
+        with self._lock:
+            if self._stop.is_set() or self._count >= self.max_requests or time.monotonic() > self.deadline:
+                return None
+            self._count += 1
+            return self._count
+
+    def _worker(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=15) as client:
+            while (n := self._next()) is not None:
+                start = time.monotonic()
+                try:
+                    response = self.request(client, n)
+                    status, body = response.status_code, response.text
+                except httpx.TransportError as exc:
+                    status, body = 0, repr(exc)
+                outcome = Outcome(start, time.monotonic() - start, status, body)
+                with self._lock:
+                    self.outcomes.append(outcome)
+                if status == 0:
+                    time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        self._futures = [self._pool.submit(self._worker) for _ in range(self.workers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for future in self._futures:
+            future.result(timeout=30)
+        self._pool.shutdown()
+
+    def between(self, start: float, end: float) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if start <= o.started and o.started + o.elapsed <= end]
+
+
+def predict(client: httpx.Client, n: int) -> httpx.Response:
+    return client.post("/predict", json=PREDICT)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> float:
+    """Seconds until `condition()` held; fails after `timeout_s`."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"condition not met within {timeout_s}s")
+        time.sleep(interval_s)
+    return time.monotonic() - start
+
+
+def predict_ok(url: str) -> bool:
+    try:
+        return httpx.post(url + "/predict", json=PREDICT, timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def timed(method: str, url: str, **kwargs) -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    response = httpx.request(method, url, timeout=30, **kwargs)
+    return response, time.monotonic() - start
+
+
+# -- Redis outages under load -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def outage(tmp_path_factory, exported_artifacts):
+    """A private Redis without persistence and a server on it that follows the store every second."""
+    directory = tmp_path_factory.mktemp("outage")
+    redis_server = RedisServer(directory / "redis").start()
+    server = ServeProcess(
+        directory / "serve.log",
+        {
+            "REDIS_URL": redis_server.url,
+            "GRAMREC_ARTIFACTS_DIR": str(exported_artifacts),
+            "GRAMREC_TASKS": "kt",
+            "GRAMREC_MODEL_POLL_INTERVAL_S": "1",
+        },
+    )
+    try:
+        server.start()
+        yield redis_server, server
+    finally:
+        server.stop()
+        redis_server.close()
+
+
+def assert_outage_answers(load: Load, start: float, end: float) -> None:
+    """Every request that ran entirely inside the outage got a prompt, clear 503."""
+    during = load.between(start, end)
+    assert during, "no request ran during the outage"
+    for outcome in during:
+        assert outcome.status == 503, outcome
+        assert "item store unavailable" in outcome.body, outcome
+        assert outcome.elapsed < STORE_ERROR_BOUND_S, outcome
+
+
+def assert_readiness_fails(url: str) -> None:
+    response, elapsed = timed("GET", url + "/readyz")
+    assert response.status_code == 503 and response.json()["detail"]["store"] == "unreachable", response.text
+    assert elapsed < STORE_ERROR_BOUND_S
+    assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # alive: do not restart it
+
+
+def test_hung_redis_gives_prompt_503_and_recovers(outage):
+    """SIGSTOP: connections open but Redis never answers (the case that used to hang a request ~1 minute)."""
+    redis_server, server = outage
+    with Load(server.url, predict) as load:
+        time.sleep(1.0)
+        redis_server.pause()
+        paused = time.monotonic()
+        try:
+            time.sleep(STORE_ERROR_BOUND_S + 2)
+            assert_readiness_fails(server.url)
+        finally:
+            redis_server.resume()
+        resumed = time.monotonic()
+        recovery = wait_until(lambda: predict_ok(server.url), RECOVERY_BOUND_S)
+    assert_outage_answers(load, paused, resumed)
+    assert {o.status for o in load.outcomes} <= {200, 503}
+    assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
+    print(f"hung Redis: recovered {recovery:.2f}s after SIGCONT")
+
+
+def test_redis_killed_and_restarted_empty(outage):
+    """SIGKILL, then a fresh Redis with nothing in it: 503 meanwhile, then the server reloads its table by itself."""
+    redis_server, server = outage
+    with Load(server.url, predict) as load:
+        time.sleep(1.0)
+        redis_server.kill()
+        killed = time.monotonic()
+        time.sleep(2.0)
+        assert_readiness_fails(server.url)
+        outage_end = time.monotonic()
+        redis_server.start()  # same port, no data: the active pointer and the item table are gone
+        recovery = wait_until(lambda: predict_ok(server.url), RECOVERY_BOUND_S)
+    assert_outage_answers(load, killed + 0.2, outage_end)
+    assert {o.status for o in load.outcomes} <= {200, 503}, {o.status for o in load.outcomes}
+    assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
+    metrics = httpx.get(server.url + "/metrics", timeout=5).text
+    assert 'gramrec_store_errors_total{error="ConnectionError"}' in metrics
+    assert "item store error" in server.log()  # a JSON log line per failed request, at the default level
+    print(f"Redis restarted empty: serving again {recovery:.2f}s later")
+
+
+# -- the API process killed while writing items -----------------------------------------------------------------------
+def test_items_are_whole_or_absent_after_the_api_is_killed(tmp_path, exported_artifacts):
+    redis_server = RedisServer(tmp_path / "redis").start()
+    server = ServeProcess(
+        tmp_path / "serve.log",
+        {"REDIS_URL": redis_server.url, "GRAMREC_ARTIFACTS_DIR": str(exported_artifacts), "GRAMREC_TASKS": "kt"},
+    )
+    per_request = 6
+
+    def add_items(client: httpx.Client, n: int) -> httpx.Response:
+        items = [{"item_id": f"new-{n}-{j}", "text": f"exercise {n}.{j}: sum the odd numbers of an array"}
+                 for j in range(per_request)]
+        return client.post("/items", json={"task": "kt", "items": items})
+
+    try:
+        server.start()
+        with Load(server.url, add_items, workers=4, max_requests=2000, max_seconds=20) as load:
+            time.sleep(2.0)
+            server.kill()
+        acknowledged = {n for n, o in enumerate(load.outcomes) if o.status == 200}
+        assert acknowledged and any(o.status == 0 for o in load.outcomes), "the kill did not land mid-load"
+
+        client = redis_server.client()
+        texts = {k.decode(): v.decode() for k, v in client.hgetall(PREFIX + "texts:kt").items()}
+        table = client.hgetall(PREFIX + f"table:{KT}")
+        added = {k.decode(): v for k, v in table.items() if k.startswith(b"new-")}
+        assert set(texts) == set(added), "a text without its vector or a vector without its text"
+        batches: dict[str, set[str]] = {}
+        for item_id in texts:
+            batches.setdefault(item_id.rsplit("-", 1)[0], set()).add(item_id)
+        assert all(len(ids) == per_request for ids in batches.values()), "a request stored in part"
+        assert len(batches) >= len(acknowledged)  # every 200 is stored (plus requests cut after their write)
+
+        bundle = ModelBundle.load(exported_artifacts, KT, providers=["CPUExecutionProvider"])
+        ids = sorted(texts)
+        expected = bundle.encode_texts([texts[i] for i in ids])
+        stored = np.stack([np.frombuffer(added[i], dtype="<f4") for i in ids])
+        np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)  # each vector is its own text's
+        client.close()
+    finally:
+        server.stop()
+        redis_server.close()
+
+
+# -- acknowledged interactions survive a Redis crash ------------------------------------------------------------------
+def test_acknowledged_interactions_survive_a_redis_crash(tmp_path, exported_artifacts):
+    """Redis with AOF fsynced on every write (as docker-compose runs it): every 201 is on disk before it is sent."""
+    redis_server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    server = ServeProcess(
+        tmp_path / "serve.log",
+        {"REDIS_URL": redis_server.url, "GRAMREC_ARTIFACTS_DIR": str(exported_artifacts), "GRAMREC_TASKS": "kt"},
+    )
+
+    def log_answers(client: httpx.Client, n: int) -> httpx.Response:
+        events = [{"item_id": f"kt-item-{(n + j) % 12}", "correct": (n + j) % 2} for j in range(3)]
+        return client.post("/interactions", json={"task": "kt", "user_id": f"student-{n % 50}", "events": events})
+
+    try:
+        server.start()
+        with Load(server.url, log_answers, workers=4, max_requests=3000, max_seconds=20) as load:
+            time.sleep(1.5)
+            redis_server.kill()
+            time.sleep(0.5)
+        acknowledged = [i for o in load.outcomes if o.status == 201 for i in __import__("json").loads(o.body)["ids"]]
+        assert acknowledged and any(o.status == 503 for o in load.outcomes), "the crash did not land mid-load"
+
+        redis_server.start()  # same directory: replays the AOF
+        client = redis_server.client()
+        stored = {entry_id.decode() for entry_id, _ in client.xrange(PREFIX + "interactions:kt")}
+        lost = set(acknowledged) - stored
+        assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged entries lost"
+        client.close()
+        wait_until(lambda: httpx.get(server.url + "/readyz", timeout=5).status_code == 200, RECOVERY_BOUND_S)
+    finally:
+        server.stop()
+        redis_server.close()
