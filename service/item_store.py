@@ -25,6 +25,7 @@ version they were encoded for (else StaleVersion); activation is a Lua compare-a
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import Protocol
@@ -35,6 +36,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from service.settings import ServiceSettings
+
+log = logging.getLogger("gramrec.service")
 
 LOAD_CHUNK = 1000  # items per HSET while bulk-loading a table
 _CHUNKS_PER_ROUND_TRIP = 8
@@ -274,16 +277,38 @@ def redis_client(url: str, timeout_s: float, connect_timeout_s: float, retries: 
     )
 
 
+def warn_unless_durable(store: RedisStore) -> dict[str, str] | None:
+    """Logs a warning when Redis may lose acknowledged writes in a crash; returns its persistence settings.
+
+    A 201 from POST /interactions means "stored"; that holds through a Redis crash only with the AOF on and fsynced
+    before Redis replies (appendfsync always). With `everysec` a host crash loses up to a second of acknowledged
+    entries; with no AOF, a restart loses everything since the last snapshot. Managed Redis often forbids CONFIG:
+    then nothing is known and nothing is said.
+    """
+    try:
+        config = store.client.config_get("append*")  # {"appendonly": "yes", "appendfsync": "always", ...}
+    except redis.RedisError:
+        return None
+    if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+        log.warning(
+            "Redis may lose acknowledged interactions in a crash: run it with --appendonly yes --appendfsync always",
+            extra={"appendonly": config.get("appendonly"), "appendfsync": config.get("appendfsync")},
+        )
+    return config
+
+
 def open_store(settings: ServiceSettings) -> Store:
     """Redis when a URL is configured, else the embedded sqlite store."""
     if settings.redis_url:
-        return RedisStore.from_url(
+        store = RedisStore.from_url(
             settings.redis_url,
             settings.redis_key_prefix,
             timeout_s=settings.redis_timeout_s,
             connect_timeout_s=settings.redis_connect_timeout_s,
             retries=settings.redis_retries,
         )
+        warn_unless_durable(store)
+        return store
     from service.embedded_store import EmbeddedStore
 
     return EmbeddedStore(settings.embedded_store_path)

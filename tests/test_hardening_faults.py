@@ -273,3 +273,19 @@ def test_acknowledged_interactions_survive_a_redis_crash(tmp_path, exported_arti
     finally:
         server.stop()
         redis_server.close()
+
+
+@pytest.mark.parametrize("appendonly", [False, True])
+def test_a_redis_that_may_lose_acknowledged_writes_is_reported(tmp_path, appendonly, caplog):
+    from service.item_store import RedisStore, warn_unless_durable
+
+    redis_server = RedisServer(tmp_path / "redis", appendonly=appendonly).start()
+    store = RedisStore.from_url(redis_server.url)
+    try:
+        with caplog.at_level("WARNING", logger="gramrec.service"):
+            config = warn_unless_durable(store)
+        assert config["appendonly"] == ("yes" if appendonly else "no")
+        assert ("may lose acknowledged interactions" in caplog.text) is not appendonly
+    finally:
+        store.close()
+        redis_server.close()
