@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 
-import redis
 from fastapi import FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -13,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.body_limit import BodyTooLarge
-from service.item_store import StoreError
+from service.item_store import STORE_ERRORS
 
 log = logging.getLogger("gramrec.service")
 
@@ -84,6 +82,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UnknownItems, _unknown_items)
-    for error in (StoreError, redis.RedisError, sqlite3.Error):
+    for error in STORE_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(Exception, _internal)

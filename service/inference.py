@@ -20,10 +20,13 @@ def item_vectors(
     """
     unique = list(dict.fromkeys(ids))
     matrix, missing = decode_rows(store.get_vectors(model.version, unique), model.bundle.dim)
-    if missing and len(missing) == len(unique) and not store.has_table(model.version):
-        # Not the caller's fault: the store lost the table (Redis restarted empty). A 422 "unknown items" would
-        # tell clients their ids are wrong; this is a 503 until the registry reloads the table (next poll).
-        raise StoreError(f"the item table of {model.version} is missing from the store")
+    if missing and len(missing) == len(unique):
+        # Not the caller's fault if the store lost the table (Redis restarted empty): a 422 "unknown items" would
+        # tell clients their ids are wrong; this is a 503 until the model poll reloads the table.
+        if not store.has_table(model.version):
+            raise StoreError(f"the item table of {model.version} is missing from the store")
+        # It may have been reloaded between the two reads: read once more before calling the ids unknown.
+        matrix, missing = decode_rows(store.get_vectors(model.version, unique), model.bundle.dim)
     if missing:
         missing_ids = [unique[i] for i in missing]
         texts = {item.item_id: item.text for item in items}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sqlite3
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -45,6 +46,10 @@ _CHUNKS_PER_ROUND_TRIP = 8
 
 class StoreError(RuntimeError):
     """The store cannot be reached or answered unexpectedly."""
+
+
+# What a store call raises when the store is away or broken (not the caller's fault): 503s, retried by the poll.
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, redis.RedisError, sqlite3.Error)
 
 
 class StaleVersion(RuntimeError):

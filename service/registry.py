@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.item_store import StaleVersion, Store
+from service.item_store import STORE_ERRORS, StaleVersion, Store
 
 log = logging.getLogger("gramrec.service")
 
@@ -151,6 +151,8 @@ class ModelRegistry:
             try:
                 bundle = self._load_bundle(self.artifacts_dir, version)
                 self._prepare(bundle)
+            except STORE_ERRORS:
+                raise  # the store failed, not the version: the next poll tries again
             except Exception:
                 self._broken.add(version)
                 log.exception("cannot load the active version", extra={"task": task, "version": version})
@@ -158,8 +160,15 @@ class ModelRegistry:
             return self._swap(bundle)
 
     def start(self) -> None:
+        """Loads each task's model. A store that is down does not stop the process: it starts unready (503s)
+        and the poll loads the models once the store answers, so an API started before Redis needs no restart."""
         for task in self.tasks:
-            if self.sync(task) is None:
+            try:
+                model = self.sync(task)
+            except STORE_ERRORS as exc:
+                log.warning("item store unreachable at start; the model poll retries", extra={"error": repr(exc)})
+                continue
+            if model is None:
                 log.warning("no model for task; its predictions answer 503", extra={"task": task})
 
     def start_polling(self, interval_s: float) -> None:
@@ -171,6 +180,8 @@ class ModelRegistry:
                 for task in self.tasks:
                     try:
                         self.sync(task)
+                    except STORE_ERRORS as exc:  # an outage: one line per poll, not a traceback
+                        log.warning("model poll: item store unreachable", extra={"task": task, "error": repr(exc)})
                     except Exception:
                         log.exception("model poll failed", extra={"task": task})
 

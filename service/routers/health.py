@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import get_registry, get_settings, get_store
-from service.item_store import Store
+from service.item_store import STORE_ERRORS, Store
 from service.registry import ModelRegistry
 from service.schemas import Ready
 from service.settings import ServiceSettings
@@ -29,14 +29,26 @@ def readyz(
     store: Annotated[Store, Depends(get_store)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> Ready:
-    """Ready when every configured task has a loaded, warmed model and the store answers a ping."""
+    """Ready when every configured task has a loaded, warmed model whose item table is in the store."""
     models = {task: model.version for task, model in registry.active().items()}
     missing = [task for task in settings.tasks if task not in models]
-    store_ok = store.ping()
-    if missing or not store_ok:
-        detail = {"status": "not ready", "missing_tasks": missing, "store": "ok" if store_ok else "unreachable"}
+    store_state = _store_state(store, models)
+    if missing or store_state != "ok":
+        detail = {"status": "not ready", "missing_tasks": missing, "store": store_state}
         return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": detail})
     return Ready(models=models)
+
+
+def _store_state(store: Store, models: dict[str, str]) -> str:
+    """"ok", "unreachable", or "missing item tables" (the store restarted empty or evicted them; the model poll
+    reloads them): a table that is gone means every prediction of its task fails, so the process is not ready."""
+    if not store.ping():
+        return "unreachable"
+    try:
+        lost = [version for version in models.values() if not store.has_table(version)]
+    except STORE_ERRORS:
+        return "unreachable"
+    return f"missing item tables: {', '.join(lost)}" if lost else "ok"
 
 
 @router.get("/metrics", include_in_schema=False)
