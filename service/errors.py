@@ -70,7 +70,11 @@ async def _unknown_items(request: Request, exc: UnknownItems) -> JSONResponse:
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.error("item store error", extra={"path": request.url.path, "error": repr(exc)})
     request.app.state.metrics.store_errors.labels(type(exc).__name__).inc()
-    return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": "item store unavailable"})
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": "item store unavailable"},
+        headers={"Retry-After": "1"},  # outages seen so far end in seconds (restart, failover)
+    )
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -154,6 +154,8 @@ def assert_readiness_fails(url: str) -> None:
     assert response.status_code == 503 and response.json()["detail"]["store"] == "unreachable", response.text
     assert elapsed < STORE_ERROR_BOUND_S
     assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # alive: do not restart it
+    response = httpx.post(url + "/predict", json=PREDICT, timeout=10)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1", response.text
 
 
 def test_hung_redis_gives_prompt_503_and_recovers(outage):
