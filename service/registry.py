@@ -133,14 +133,7 @@ class ModelRegistry:
             version = self.store.active_version(task)
             current = self._active.get(task)
             if version is None:
-                newest = next((m["version"] for m in self.versions() if m.get("task") == task), None)
-                if newest is None:
-                    return None
-                log.info("adopting newest version", extra={"task": task, "version": newest})
-                try:
-                    return self.activate(newest)
-                except ActivationConflict:
-                    return self.sync(task)  # another process won; follow it
+                return self._adopt_newest(task)
             if current is not None and current.version == version:
                 if not self.store.has_table(version):  # flushed or evicted under us: load it again
                     log.warning("item table missing from the store; reloading", extra={"version": version})
@@ -158,6 +151,28 @@ class ModelRegistry:
                 log.exception("cannot load the active version", extra={"task": task, "version": version})
                 return current
             return self._swap(bundle)
+
+    def _adopt_newest(self, task: str) -> ActiveModel | None:
+        """With no active pointer yet: the newest exported version of `task` that loads.
+
+        A version that does not load (corrupt, tampered) is logged and skipped for the next newest, so one bad
+        export cannot keep a fresh deployment from starting.
+        """
+        for manifest in self.versions():
+            version = manifest["version"]
+            if manifest.get("task") != task or version in self._broken:
+                continue
+            log.info("adopting newest version", extra={"task": task, "version": version})
+            try:
+                return self.activate(version)
+            except ActivationConflict:
+                return self.sync(task)  # another process won; follow it
+            except STORE_ERRORS:
+                raise
+            except Exception as exc:
+                self._broken.add(version)
+                log.error("cannot load version; trying an older one", extra={"version": version, "error": repr(exc)})
+        return None
 
     def start(self) -> None:
         """Loads each task's model. A store that is down does not stop the process: it starts unready (503s)

@@ -276,6 +276,30 @@ def test_activating_a_tampered_version_is_a_422_and_keeps_the_active_one(tmp_pat
         assert client.get("/readyz").json()["models"] == {"kt": KT}
 
 
+@pytest.mark.parametrize("with_good_older_version", [True, False])
+def test_a_bad_newest_version_does_not_stop_the_service(tmp_path, exported_artifacts, with_good_older_version):
+    """First start with a corrupt newest export: the next newest serves, or the task is unready; no crash loop."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(exported_artifacts / KT, root / "kt-e2e-v2")
+    manifest = json.loads((root / "kt-e2e-v2" / "manifest.json").read_text())
+    manifest["version"], manifest["created"] = "kt-e2e-v2", "9999"  # newest
+    (root / "kt-e2e-v2" / "manifest.json").write_text(json.dumps(manifest))
+    flip_byte(root / "kt-e2e-v2" / "encoder.onnx")
+    if with_good_older_version:
+        shutil.copytree(exported_artifacts / KT, root / KT)
+    settings = ServiceSettings(
+        redis_url=None, embedded_store_path=tmp_path / "store.sqlite3", artifacts_dir=root, tasks=["kt"],
+        model_poll_interval_s=0, bootstrap=False,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        if with_good_older_version:
+            assert ready.status_code == 200 and ready.json()["models"] == {"kt": KT}
+        else:
+            assert ready.status_code == 503 and ready.json()["detail"]["missing_tasks"] == ["kt"]
+
+
 # -- no pickle --------------------------------------------------------------------------------------------------------
 LOADING_MODULES = ["service/bundle.py", "service/registry.py", "service/item_store.py", "service/embedded_store.py",
                    "service/inference.py", "service/app.py"]
