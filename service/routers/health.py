@@ -29,14 +29,19 @@ def readyz(
     store: Annotated[Store, Depends(get_store)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> Ready:
-    """Ready when every configured task has a loaded, warmed model and the store answers a ping."""
+    """Ready when every configured task has a loaded, warmed model and the store answers a ping.
+
+    `load_errors` names versions that failed to load while an older one kept serving (still ready).
+    """
     models = {task: model.version for task, model in registry.active().items()}
     missing = [task for task in settings.tasks if task not in models]
     store_ok = store.ping()
+    errors = registry.load_errors()
     if missing or not store_ok:
-        detail = {"status": "not ready", "missing_tasks": missing, "store": "ok" if store_ok else "unreachable"}
+        detail = {"status": "not ready", "missing_tasks": missing, "store": "ok" if store_ok else "unreachable",
+                  "load_errors": errors}
         return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": detail})
-    return Ready(models=models)
+    return Ready(models=models, load_errors=errors)
 
 
 @router.get("/metrics", include_in_schema=False)
