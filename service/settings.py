@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Task = Literal["kt", "nr"]
@@ -33,9 +33,9 @@ class RetrainSettings(BaseModel):
     """The continual-retraining loop run by `gramrec trainer` (GRAMREC_RETRAIN__*)."""
 
     interval_s: float | None = Field(
-        3600.0, gt=0, description="scheduled retrain every this many seconds (aligned to the epoch); unset: cron"
+        86_400.0, gt=0, description="scheduled retrain every this many seconds, on instants aligned across replicas"
     )
-    cron: str | None = Field(None, description="crontab schedule ('0 3 * * *'); used when interval_s is unset")
+    cron: str | None = Field(None, description="crontab schedule in UTC ('0 3 * * *'); when set, replaces interval_s")
     misfire_grace_s: float = Field(300.0, gt=0, description="a tick missed by less than this still runs, once")
     tasks: Annotated[list[Task], NoDecode] = Field(
         default_factory=lambda: list(TASKS), description="tasks retrained on schedule"
@@ -64,6 +64,18 @@ class RetrainSettings(BaseModel):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _has_a_schedule(self) -> RetrainSettings:
+        if self.interval_s is None and self.cron is None:
+            raise ValueError("set retrain.interval_s or retrain.cron")
+        return self
+
+    @field_validator("cron", "interval_s", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """Compose writes an unset variable as an empty string."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cron")
     @classmethod
