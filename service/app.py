@@ -2,7 +2,8 @@
 
 At startup (lifespan) it opens the store, loads and warms the active model of each configured task (adopting the
 newest exported version of a task that has no active pointer yet, and loading its item table into the store),
-then follows activations made by other processes every `model_poll_interval_s`.
+then follows activations made by other processes: at once through the store's activation feed (Redis pub/sub),
+and by polling every `model_poll_interval_s` as a fallback.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def create_app(
         try:
             await run_in_threadpool(registry.start)
             registry.start_polling(settings.model_poll_interval_s)
+            if settings.follow_activations:
+                registry.start_following()
             log.info("serving", extra={"models": {t: m.version for t, m in registry.active().items()}})
             yield
         finally:
@@ -70,7 +73,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    metrics.watch_models(lambda: _model_state(app))
+    metrics.watch_models(lambda: _model_state(app), lambda: _swap_state(app))
 
     add_error_handlers(app)
     for router in (predict.router, items.router, interactions.router, admin.router, health.router):
@@ -98,3 +101,10 @@ def _model_state(app: FastAPI):
         except Exception:  # a scrape must not fail because the store is briefly away
             count = None
         yield task, model.version, count
+
+
+def _swap_state(app: FastAPI) -> tuple[int, int, dict[str, dict]]:
+    registry: ModelRegistry | None = getattr(app.state, "registry", None)
+    if registry is None:
+        return 0, 0, {}
+    return registry.swaps, registry.load_failures, registry.load_errors()

@@ -44,6 +44,7 @@ TOKENIZER_DIR = "tokenizer"
 ITEMS_EMBEDDINGS_FILE = "items.safetensors"
 ITEMS_INDEX_FILE = "items.json"
 THREADS_ENV = "GRAMREC_ORT_THREADS"
+GOLDEN_TOLERANCE = 1e-3  # ONNX Runtime vs PyTorch at export is checked to 1e-4; a loaded bundle must stay close
 ENCODE_BATCH = 64  # texts per encoder run; texts are sorted by length first so each batch pads little
 
 _VERSION = re.compile(VERSION_PATTERN)
@@ -363,12 +364,45 @@ class ModelBundle:
         else:
             self.score_news(history, np.zeros((4, self.dim), np.float32))
 
+    def self_check(self, tolerance: float = GOLDEN_TOLERANCE) -> None:
+        """Answers the manifest's golden request and compares with what PyTorch answered at export.
+
+        Raises ArtifactError on a difference beyond `tolerance` (relative to max(1, |expected|)) or a non-finite
+        output. A bundle exported before golden requests existed passes if its outputs are finite.
+        """
+        golden = self.manifest.get("golden")
+        if not golden:
+            return
+        index = {item_id: i for i, item_id in enumerate(self._item_ids)}
+        try:
+            history = self._item_vectors[[index[i] for i in golden["history"]]]
+            targets = self._item_vectors[[index[i] for i in golden["targets"]]]
+        except KeyError as exc:
+            raise ArtifactError(self.path, f"golden request names item {exc.args[0]!r}, absent from the table") from None
+        if self.task == "kt":
+            got = self.predict_kt(history, np.asarray(golden["history_correct"]), targets)
+        else:
+            got = self.score_news(history, targets)
+        _compare(self.path, "head", got, np.asarray(golden["expected"], np.float32), tolerance)
+        if self.has_encoder and golden.get("texts"):
+            texts = golden["texts"]
+            _compare(self.path, "encoder", self.encode_texts(texts), self._item_vectors[: len(texts)], tolerance)
+
     def _require_task(self, task: str) -> None:
         if self.task != task:
             raise ArtifactError(self.path, f"is a {self.task!r} model; this call needs a {task!r} model")
 
     def __repr__(self) -> str:
         return f"ModelBundle(version={self.version!r}, task={self.task!r}, strategy={self.strategy!r}, dim={self.dim})"
+
+
+def _compare(path: Path, part: str, got: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    got = np.asarray(got, np.float32)
+    if got.shape != expected.shape:
+        raise ArtifactError(path, f"golden check: {part} gives shape {list(got.shape)}, expected {list(expected.shape)}")
+    error = float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))) if got.size else 0.0
+    if not error <= tolerance:  # NaN fails too
+        raise ArtifactError(path, f"golden check: {part} output differs from the exported reference by {error:.3g}")
 
 
 def list_versions(artifacts_root: Path) -> list[dict]:

@@ -2,20 +2,22 @@
 
 For a single host (workers of one machine share the file). Every write is one transaction, so a batch is stored
 whole or not at all, and a table becomes visible (a row in `tables`) in the same commit as its vectors.
+It has no pub/sub: API workers follow activations by polling the pointer.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from service.item_store import StaleVersion, StoreError, same_length, vector_rows
+from service.item_store import MAX_JOB_RECORDS, LeaseLost, StaleVersion, StoreError, same_length, vector_rows
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tables (version TEXT PRIMARY KEY, loaded_at REAL NOT NULL);
@@ -31,6 +33,9 @@ CREATE TABLE IF NOT EXISTS interactions (
 );
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS retrain_queue (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS retrain_pending (task TEXT PRIMARY KEY, job_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS flags (name TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL);
 """
 
 _MAX_PARAMS = 900  # stays under every sqlite build's bound-parameter limit
@@ -83,8 +88,10 @@ class EmbeddedStore:
         rows = self._query("SELECT version FROM active WHERE task = ?", (task,))
         return rows[0][0] if rows else None
 
-    def compare_and_set_active(self, task: str, expected: str | None, new: str) -> bool:
+    def compare_and_set_active(self, task: str, expected: str | None, new: str, lease=None) -> bool:
         def cas(cursor: sqlite3.Cursor) -> bool:
+            if lease is not None and not _holds(cursor, lease.key, lease.token):
+                raise LeaseLost(f"lease {lease.key} is no longer held by this process")
             row = cursor.execute("SELECT version FROM active WHERE task = ?", (task,)).fetchone()
             if (row[0] if row else None) != expected:
                 return False
@@ -92,6 +99,12 @@ class EmbeddedStore:
             return True
 
         return self._transaction(cas)
+
+    def publish_activation(self, task: str, version: str) -> None:
+        """No pub/sub here: other workers see the new pointer at their next poll."""
+
+    def listen_activations(self, on_activation: Callable[[str, str], None], stop: threading.Event) -> None:
+        stop.wait()
 
     # -- tables ---------------------------------------------------------------------------------------------------
     def has_table(self, version: str) -> bool:
@@ -115,6 +128,13 @@ class EmbeddedStore:
 
     def table_ids(self, version: str) -> set[str]:
         return {row[0] for row in self._query("SELECT item_id FROM vectors WHERE version = ?", (version,))}
+
+    def drop_table(self, version: str) -> None:
+        def drop(cursor: sqlite3.Cursor) -> None:
+            cursor.execute("DELETE FROM vectors WHERE version = ?", (version,))
+            cursor.execute("DELETE FROM tables WHERE version = ?", (version,))
+
+        self._transaction(drop)
 
     def count_items(self, version: str) -> int:
         return self._query("SELECT COUNT(*) FROM vectors WHERE version = ?", (version,))[0][0]
@@ -188,17 +208,127 @@ class EmbeddedStore:
 
         return self._transaction(log)
 
-    def read_interactions(self, task: str, count: int = 100) -> list[tuple[str, dict[str, str]]]:
-        rows = self._query("SELECT id, fields FROM interactions WHERE task = ? ORDER BY id LIMIT ?", (task, count))
+    def read_interactions(
+        self, task: str, count: int = 100, after: str | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        rows = self._query(
+            "SELECT id, fields FROM interactions WHERE task = ? AND id > ? ORDER BY id LIMIT ?",
+            (task, int(after or 0), count),
+        )
         return [(str(i), json.loads(fields)) for i, fields in rows]
 
-    def enqueue_job(self, job: dict) -> None:
-        def enqueue(cursor: sqlite3.Cursor) -> None:
+    def enqueue_job(self, job: dict) -> dict:
+        def enqueue(cursor: sqlite3.Cursor) -> dict:
+            waiting = cursor.execute(
+                "SELECT jobs.record FROM retrain_pending JOIN jobs ON jobs.id = retrain_pending.job_id "
+                "WHERE retrain_pending.task = ?",
+                (job["task"],),
+            ).fetchone()
+            if waiting:
+                return json.loads(waiting[0])
             cursor.execute("INSERT INTO jobs (id, record) VALUES (?, ?)", (job["id"], json.dumps(job)))
             cursor.execute("INSERT INTO retrain_queue (job_id) VALUES (?)", (job["id"],))
+            cursor.execute("INSERT OR REPLACE INTO retrain_pending (task, job_id) VALUES (?, ?)", (job["task"], job["id"]))
+            return job
 
-        self._transaction(enqueue)
+        return self._transaction(enqueue)
 
     def get_job(self, job_id: str) -> dict | None:
         rows = self._query("SELECT record FROM jobs WHERE id = ?", (job_id,))
         return json.loads(rows[0][0]) if rows else None
+
+    def update_job(self, job: dict) -> None:
+        self._query("INSERT OR REPLACE INTO jobs (id, record) VALUES (?, ?)", (job["id"], json.dumps(job)))
+
+    def list_jobs(self, limit: int = 50) -> list[dict]:
+        jobs = [json.loads(record) for (record,) in self._query("SELECT record FROM jobs")]
+        jobs.sort(key=lambda job: job.get("created_at", ""), reverse=True)
+        return jobs[:limit]
+
+    def prune_jobs(self, keep: int = MAX_JOB_RECORDS) -> None:
+        old = self.list_jobs(limit=1 << 30)[keep:]
+        for job in old:
+            if job.get("status") not in ("queued", "running"):
+                self._query("DELETE FROM jobs WHERE id = ?", (job["id"],))
+
+    def next_job(self) -> dict | None:
+        def pop(cursor: sqlite3.Cursor) -> dict | None:
+            row = cursor.execute("SELECT seq, job_id FROM retrain_queue ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            cursor.execute("DELETE FROM retrain_queue WHERE seq = ?", (row[0],))
+            record = cursor.execute("SELECT record FROM jobs WHERE id = ?", (row[1],)).fetchone()
+            if record is None:
+                return None
+            job = json.loads(record[0])
+            cursor.execute("DELETE FROM retrain_pending WHERE task = ? AND job_id = ?", (job["task"], job["id"]))
+            cursor.execute(
+                "INSERT OR REPLACE INTO flags (name, value, expires_at) VALUES ('retrain-current', ?, NULL)", (job["id"],)
+            )
+            return job
+
+        return self._transaction(pop)
+
+    def current_job(self) -> str | None:
+        rows = self._query("SELECT value FROM flags WHERE name = 'retrain-current'")
+        return rows[0][0] if rows else None
+
+    def finish_current_job(self) -> None:
+        self._query("DELETE FROM flags WHERE name = 'retrain-current'")
+
+    def lease(self, name: str, ttl_s: float) -> EmbeddedLease:
+        return EmbeddedLease(self, f"lock:{name}", ttl_s)
+
+    def claim_tick(self, task: str, tick: str, ttl_s: float) -> bool:
+        def claim(cursor: sqlite3.Cursor) -> bool:
+            now = time.time()
+            cursor.execute("DELETE FROM flags WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
+            name = f"tick:{task}:{tick}"
+            if cursor.execute("SELECT 1 FROM flags WHERE name = ?", (name,)).fetchone():
+                return False
+            cursor.execute("INSERT INTO flags (name, value, expires_at) VALUES (?, '1', ?)", (name, now + ttl_s))
+            return True
+
+        return self._transaction(claim)
+
+
+def _holds(cursor: sqlite3.Cursor, key: str, token: str) -> bool:
+    row = cursor.execute("SELECT token, expires_at FROM leases WHERE name = ?", (key,)).fetchone()
+    return row is not None and row[0] == token and row[1] > time.time()
+
+
+class EmbeddedLease:
+    """The lease in a sqlite row (name, token, expiry); every change is one IMMEDIATE transaction."""
+
+    def __init__(self, store: EmbeddedStore, key: str, ttl_s: float):
+        self.key = key
+        self.token = secrets.token_hex(16)
+        self._store = store
+        self._ttl_s = ttl_s
+
+    def acquire(self) -> bool:
+        def take(cursor: sqlite3.Cursor) -> bool:
+            row = cursor.execute("SELECT expires_at FROM leases WHERE name = ?", (self.key,)).fetchone()
+            if row is not None and row[0] > time.time():
+                return False
+            cursor.execute(
+                "INSERT OR REPLACE INTO leases (name, token, expires_at) VALUES (?, ?, ?)",
+                (self.key, self.token, time.time() + self._ttl_s),
+            )
+            return True
+
+        return self._store._transaction(take)
+
+    def renew(self) -> bool:
+        def extend(cursor: sqlite3.Cursor) -> bool:
+            if not _holds(cursor, self.key, self.token):
+                return False
+            cursor.execute("UPDATE leases SET expires_at = ? WHERE name = ?", (time.time() + self._ttl_s, self.key))
+            return True
+
+        return self._store._transaction(extend)
+
+    def release(self) -> None:
+        self._store._transaction(
+            lambda cursor: cursor.execute("DELETE FROM leases WHERE name = ? AND token = ?", (self.key, self.token))
+        )

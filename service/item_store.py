@@ -15,11 +15,18 @@ Redis layout ({p} is the key prefix, "gramrec:" by default; versions, tasks and 
                                       and when another version is activated)
     {p}interactions:{task}     stream logged answers (kt) and impressions (nr), the feed of future retrains
     {p}jobs                    hash   job_id -> JSON job record
-    {p}retrain-queue           list   job ids waiting for the retrain worker (LPUSH here, BRPOP there)
+    {p}retrain-queue           list   job ids waiting for the trainer worker (LPUSH by the API and the scheduler,
+                                      RPOP by the trainer that holds the retrain lock)
+    {p}retrain-pending:{task}  string the task's job waiting in the queue: a second trigger joins it
+    {p}retrain-current         string the job the lock holder runs; found by the next holder if that one died
+    {p}lock:{name}             string a lease (redis-py Lock: token, TTL renewed by its holder)
+    {p}tick:{task}:{time}      string a schedule tick already turned into a job by one trainer replica
+    {p}events                  pubsub "task version" on every activation (API workers swap at once)
 
 Round trips: a prediction reads its items with one HMGET; GET /items reads text and vector in one pipeline;
 POST /items writes vectors and texts in one Lua script that first checks the active pointer still names the
-version they were encoded for (else StaleVersion); activation is a Lua compare-and-set on the pointer.
+version they were encoded for (else StaleVersion); activation is a Lua compare-and-set on the pointer which, for
+a retrain, also checks that the caller still holds the retrain lease (a job that lost its lock cannot activate).
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.lock import Lock
 from redis.retry import Retry
 
 from service.settings import ServiceSettings
@@ -54,6 +63,21 @@ STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, redis.RedisError, sqlit
 
 class StaleVersion(RuntimeError):
     """A write was prepared for a version that is no longer the active one."""
+
+
+class LeaseLost(RuntimeError):
+    """The caller's lease expired or another process holds it now."""
+
+
+class Lease(Protocol):
+    """A named lock with an expiry that its holder keeps renewing; if the holder dies, it expires."""
+
+    key: str
+    token: str
+
+    def acquire(self) -> bool: ...
+    def renew(self) -> bool: ...
+    def release(self) -> None: ...
 
 
 def vector_rows(vectors: np.ndarray, dim: int) -> list[bytes]:
@@ -94,7 +118,9 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     def active_version(self, task: str) -> str | None: ...
-    def compare_and_set_active(self, task: str, expected: str | None, new: str) -> bool: ...
+    def compare_and_set_active(self, task: str, expected: str | None, new: str, lease: Lease | None = None) -> bool: ...
+    def publish_activation(self, task: str, version: str) -> None: ...
+    def listen_activations(self, on_activation: Callable[[str, str], None], stop: threading.Event) -> None: ...
 
     def has_table(self, version: str) -> bool: ...
     def load_table(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> bool: ...
@@ -102,6 +128,7 @@ class Store(Protocol):
     def count_items(self, version: str) -> int: ...
     def get_vectors(self, version: str, ids: Sequence[str]) -> list[bytes | None]: ...
     def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None: ...
+    def drop_table(self, version: str) -> None: ...
 
     def texts(self, task: str) -> dict[str, str]: ...
     def get_item(self, task: str, version: str, item_id: str) -> tuple[str | None, bytes | None]: ...
@@ -110,19 +137,58 @@ class Store(Protocol):
     ) -> None: ...
 
     def log_interactions(self, task: str, records: Sequence[dict[str, str]]) -> list[str]: ...
-    def read_interactions(self, task: str, count: int = 100) -> list[tuple[str, dict[str, str]]]: ...
+    def read_interactions(
+        self, task: str, count: int = 100, after: str | None = None
+    ) -> list[tuple[str, dict[str, str]]]: ...
 
-    def enqueue_job(self, job: dict) -> None: ...
+    def enqueue_job(self, job: dict) -> dict: ...
     def get_job(self, job_id: str) -> dict | None: ...
+    def update_job(self, job: dict) -> None: ...
+    def list_jobs(self, limit: int = 50) -> list[dict]: ...
+    def prune_jobs(self, keep: int = ...) -> None: ...
+    def next_job(self) -> dict | None: ...
+    def current_job(self) -> str | None: ...
+    def finish_current_job(self) -> None: ...
+    def lease(self, name: str, ttl_s: float) -> Lease: ...
+    def claim_tick(self, task: str, tick: str, ttl_s: float) -> bool: ...
 
 
+# KEYS: active pointer[, lease]. ARGV: expected ('' for none), new[, lease token].
 _CAS = """
+if KEYS[2] ~= nil and redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
 local current = redis.call('GET', KEYS[1])
 if current == false then current = '' end
 if current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
+
+# KEYS: jobs hash, queue, the task's pending key. ARGV: job id, job JSON. Returns the JSON of the job now waiting.
+_ENQUEUE = """
+local waiting = redis.call('GET', KEYS[3])
+if waiting then
+  local record = redis.call('HGET', KEYS[1], waiting)
+  if record then return record end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
+return ARGV[2]
+"""
+
+# KEYS: jobs hash, queue, current key. ARGV: pending key prefix. Pops the oldest job and makes it current.
+_NEXT_JOB = """
+local job_id = redis.call('RPOP', KEYS[2])
+if not job_id then return false end
+local record = redis.call('HGET', KEYS[1], job_id)
+if not record then return false end
+local task = cjson.decode(record)['task']
+if redis.call('GET', ARGV[1] .. task) == job_id then redis.call('DEL', ARGV[1] .. task) end
+redis.call('SET', KEYS[3], job_id)
+return record
+"""
+
+MAX_JOB_RECORDS = 500  # older job records are dropped when a job finishes
 
 # KEYS: active pointer, table, texts. ARGV: version, then (id, vector, text) triples.
 _PUT_ITEMS = """
@@ -143,6 +209,8 @@ class RedisStore:
         self.prefix = prefix
         self._cas = client.register_script(_CAS)
         self._put_items = client.register_script(_PUT_ITEMS)
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._next_job = client.register_script(_NEXT_JOB)
 
     @classmethod
     def from_url(
@@ -172,8 +240,38 @@ class RedisStore:
         value = self.client.get(self.key("active", task))
         return value.decode() if value is not None else None
 
-    def compare_and_set_active(self, task: str, expected: str | None, new: str) -> bool:
-        return bool(self._cas(keys=[self.key("active", task)], args=[expected or "", new]))
+    def compare_and_set_active(self, task: str, expected: str | None, new: str, lease: Lease | None = None) -> bool:
+        """Sets the pointer if it still names `expected`; with a lease, only while the caller still holds it.
+
+        Raises LeaseLost when the lease has expired or passed to another holder.
+        """
+        keys, args = [self.key("active", task)], [expected or "", new]
+        if lease is not None:
+            keys.append(lease.key)
+            args.append(lease.token)
+        result = int(self._cas(keys=keys, args=args))
+        if result < 0:
+            raise LeaseLost(f"lease {lease.key} is no longer held by this process")
+        return bool(result)
+
+    def publish_activation(self, task: str, version: str) -> None:
+        self.client.publish(self.key("events"), f"{task} {version}")
+
+    def listen_activations(self, on_activation: Callable[[str, str], None], stop: threading.Event) -> None:
+        """Calls on_activation(task, version) for each activation published, until `stop` is set.
+
+        Returns on a connection error too (the caller re-subscribes after a pause; polling covers the gap).
+        """
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.key("events"))
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message and message.get("type") == "message":
+                    task, _, version = message["data"].decode().partition(" ")
+                    on_activation(task, version)
+        finally:
+            pubsub.close()
 
     # -- tables ---------------------------------------------------------------------------------------------------
     def has_table(self, version: str) -> bool:
@@ -203,6 +301,9 @@ class RedisStore:
 
     def table_ids(self, version: str) -> set[str]:
         return {field.decode() for field in self.client.hkeys(self.key("table", version))}
+
+    def drop_table(self, version: str) -> None:
+        self.client.unlink(self.key("table", version))
 
     def count_items(self, version: str) -> int:
         return int(self.client.hlen(self.key("table", version)))
@@ -248,19 +349,82 @@ class RedisStore:
             pipe.xadd(self.key("interactions", task), record)
         return [stream_id.decode() for stream_id in pipe.execute()]
 
-    def read_interactions(self, task: str, count: int = 100) -> list[tuple[str, dict[str, str]]]:
-        entries = self.client.xrange(self.key("interactions", task), count=count)
+    def read_interactions(
+        self, task: str, count: int = 100, after: str | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to `count` logged entries, oldest first, after stream id `after` (exclusive) if given."""
+        start = f"({after}" if after else "-"
+        entries = self.client.xrange(self.key("interactions", task), min=start, count=count)
         return [(i.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for i, fields in entries]
 
-    def enqueue_job(self, job: dict) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.key("jobs"), job["id"], json.dumps(job))
-        pipe.lpush(self.key("retrain-queue"), job["id"])
-        pipe.execute()
+    def enqueue_job(self, job: dict) -> dict:
+        """Queues the job, unless one for the same task is still waiting: then that one is returned instead."""
+        keys = [self.key("jobs"), self.key("retrain-queue"), self.key("retrain-pending", job["task"])]
+        return json.loads(self._enqueue(keys=keys, args=[job["id"], json.dumps(job)]))
 
     def get_job(self, job_id: str) -> dict | None:
         record = self.client.hget(self.key("jobs"), job_id)
         return json.loads(record) if record is not None else None
+
+    def update_job(self, job: dict) -> None:
+        self.client.hset(self.key("jobs"), job["id"], json.dumps(job))
+
+    def list_jobs(self, limit: int = 50) -> list[dict]:
+        """Newest first (by created_at). Finished records beyond MAX_JOB_RECORDS are pruned by the trainer."""
+        jobs = [json.loads(record) for record in self.client.hvals(self.key("jobs"))]
+        jobs.sort(key=lambda job: job.get("created_at", ""), reverse=True)
+        return jobs[:limit]
+
+    def prune_jobs(self, keep: int = MAX_JOB_RECORDS) -> None:
+        old = self.list_jobs(limit=1 << 30)[keep:]
+        finished = [job["id"] for job in old if job.get("status") not in ("queued", "running")]
+        if finished:
+            self.client.hdel(self.key("jobs"), *finished)
+
+    def next_job(self) -> dict | None:
+        """Pops the oldest queued job and records it as the current one (call only while holding the lease)."""
+        keys = [self.key("jobs"), self.key("retrain-queue"), self.key("retrain-current")]
+        record = self._next_job(keys=keys, args=[self.key("retrain-pending", "")])
+        return json.loads(record) if record else None
+
+    def current_job(self) -> str | None:
+        value = self.client.get(self.key("retrain-current"))
+        return value.decode() if value is not None else None
+
+    def finish_current_job(self) -> None:
+        self.client.delete(self.key("retrain-current"))
+
+    def lease(self, name: str, ttl_s: float) -> RedisLease:
+        return RedisLease(self.client, self.key("lock", name), ttl_s)
+
+    def claim_tick(self, task: str, tick: str, ttl_s: float) -> bool:
+        """True for the first caller only: one job per schedule tick, however many trainer replicas tick."""
+        return bool(self.client.set(self.key("tick", task, tick), "1", nx=True, px=int(ttl_s * 1000)))
+
+
+class RedisLease:
+    """A lease on a redis-py Lock with our own token, so a Lua script can check who holds it."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: float):
+        self.key = key
+        self.token = secrets.token_hex(16)
+        self._lock = Lock(client, key, timeout=ttl_s, thread_local=False)
+
+    def acquire(self) -> bool:
+        return bool(self._lock.acquire(blocking=False, token=self.token))
+
+    def renew(self) -> bool:
+        """Resets the expiry to the full TTL; False if the lease was lost meanwhile."""
+        try:
+            return bool(self._lock.reacquire())
+        except redis.exceptions.LockError:
+            return False
+
+    def release(self) -> None:
+        try:
+            self._lock.release()
+        except redis.exceptions.LockError:
+            pass  # already expired or taken over: nothing of ours to release
 
 
 def redis_client(url: str, timeout_s: float, connect_timeout_s: float, retries: int) -> redis.Redis:

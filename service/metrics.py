@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,10 +20,29 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
 class ModelCollector(Collector):
     """Read at scrape time, so the numbers are never stale: active version per task, items in its table."""
 
-    def __init__(self, state: Callable[[], Iterable[tuple[str, str, int | None]]]):
+    def __init__(
+        self,
+        state: Callable[[], Iterable[tuple[str, str, int | None]]],
+        swaps: Callable[[], tuple[int, int, dict[str, dict]]] | None = None,
+    ):
         self.state = state  # yields (task, version, item count or None)
+        self.swaps = swaps  # (swaps, failed loads, task -> {version, error} of a failed newest load)
 
     def collect(self):
+        if self.swaps is not None:
+            swaps, failures, errors = self.swaps()
+            yield CounterMetricFamily("gramrec_model_swaps", "model bundles swapped in by this process", value=swaps)
+            yield CounterMetricFamily(
+                "gramrec_model_load_failures", "versions that failed to load or to pass their golden check",
+                value=failures,
+            )
+            failing = GaugeMetricFamily(
+                "gramrec_model_load_error", "1 while a task's newest version cannot be loaded (an older one serves)",
+                labels=["task", "version"],
+            )
+            for task, error in errors.items():
+                failing.add_metric([task, error["version"]], 1)
+            yield failing
         active = GaugeMetricFamily(
             "gramrec_active_model", "1 for the active model version of a task", labels=["task", "version"]
         )
@@ -56,8 +75,12 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch_models(self, state: Callable[[], Iterable[tuple[str, str, int | None]]]) -> None:
-        self.registry.register(ModelCollector(state))
+    def watch_models(
+        self,
+        state: Callable[[], Iterable[tuple[str, str, int | None]]],
+        swaps: Callable[[], tuple[int, int, dict[str, dict]]] | None = None,
+    ) -> None:
+        self.registry.register(ModelCollector(state, swaps))
 
 
 class MetricsMiddleware:

@@ -1,23 +1,28 @@
 """Which model version serves each task, in this process and in the shared store.
 
 A request takes one ActiveModel (bundle + version) at its start and uses it to the end, so swapping the active
-version never mixes two models or two tables in one answer. Activation loads and warms the new bundle, makes sure
-its item table is in the store, then compare-and-sets the task's pointer; only the winner swaps. Other processes
-(uvicorn workers, replicas) follow the pointer with `sync`, run every few seconds by `start_polling`.
+version never mixes two models or two tables in one answer. Activation loads the new bundle, checks it on its
+golden request, warms it, makes sure its item table is in the store (catching up on items added through the API),
+then compare-and-sets the task's pointer, catches up again, and publishes the change; only the winner swaps.
+Other processes (uvicorn workers, replicas) follow the pointer with `sync`: at once on a published activation
+(pub/sub, `start_following`), and every few seconds by polling, which also covers a lost message.
+
+A version that fails to load or to pass its check is remembered as broken: the old bundle keeps serving, and the
+error shows in `load_errors()` (/readyz detail, /metrics) until a later version loads.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from service.item_store import STORE_ERRORS, StaleVersion, Store
+from service.item_store import STORE_ERRORS, Lease, StaleVersion, Store
 
 log = logging.getLogger("gramrec.service")
 
@@ -40,6 +45,7 @@ class Bundle(Protocol):
     def score_news(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...
     def item_embeddings(self) -> tuple[list[str], np.ndarray]: ...
     def warm_up(self) -> None: ...
+    def self_check(self) -> None: ...
 
 
 class VersionNotFound(LookupError):
@@ -92,9 +98,12 @@ class ModelRegistry:
         self._list_versions = list_versions or _default_lister
         self._active: dict[str, ActiveModel] = {}
         self._lock = threading.RLock()  # one activation at a time in this process
-        self._broken: set[str] = set()  # versions that failed to load, reported once
+        self._broken: dict[str, str] = {}  # version -> why it failed to load; not retried
+        self._load_errors: dict[str, dict] = {}  # task -> {version, error} of its latest failed load
+        self.load_failures = 0  # counter, for /metrics
+        self.swaps = 0  # counter, for /metrics
         self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- reading (hot path: a dict lookup, no lock) -------------------------------------------------------------------
     def get(self, task: str) -> ActiveModel | None:
@@ -102,6 +111,10 @@ class ModelRegistry:
 
     def active(self) -> dict[str, ActiveModel]:
         return dict(self._active)
+
+    def load_errors(self) -> dict[str, dict]:
+        """task -> {version, error} for tasks whose newest version failed to load (the old one still serves)."""
+        return dict(self._load_errors)
 
     def versions(self) -> list[dict]:
         """Manifests of every exported version, newest first."""
@@ -114,18 +127,33 @@ class ModelRegistry:
         raise VersionNotFound(f"model version {version!r} not found in {self.artifacts_dir}")
 
     # -- activation ---------------------------------------------------------------------------------------------------
-    def activate(self, version: str) -> ActiveModel:
-        """Makes `version` the active model of its task, here and in the store (rollback and roll-forward)."""
+    def activate(
+        self,
+        version: str,
+        lease: Lease | None = None,
+        known_texts: Mapping[str, str] | None = None,
+        expected_active: str | None | object = ...,
+    ) -> ActiveModel:
+        """Makes `version` the active model of its task, here and in the store (rollback, roll-forward, retrain).
+
+        lease: the retrain lock; the pointer moves only while it is held (else LeaseLost).
+        known_texts: item id -> text the version's table was encoded from; items whose text changed since are
+        re-encoded, before and after the pointer moves, so nothing added or updated during a retrain is lost.
+        expected_active: the version the pointer must still name (a retrain's base); default: whatever it names now.
+        """
         with self._lock:
             self.manifest(version)
             bundle = self._load_bundle(self.artifacts_dir, version)
+            bundle.self_check()
             task = bundle.task
-            self._prepare(bundle)
-            expected = self.store.active_version(task)
-            if expected != version and not self.store.compare_and_set_active(task, expected, version):
+            self._prepare(bundle, known_texts)
+            expected = self.store.active_version(task) if expected_active is ... else expected_active
+            if expected != version and not self.store.compare_and_set_active(task, expected, version, lease):
                 raise ActivationConflict(f"the active {task} version changed during activation; try again")
-            self._backfill(bundle)  # items added between _prepare and the pointer switch
-            return self._swap(bundle)
+            self._backfill(bundle, known_texts)  # items added or updated between _prepare and the pointer switch
+            model = self._swap(bundle)
+        self.store.publish_activation(task, version)
+        return model
 
     def sync(self, task: str) -> ActiveModel | None:
         """Follows the store's pointer for `task`; with no pointer yet, activates the newest exported version."""
@@ -143,20 +171,28 @@ class ModelRegistry:
                 return current
             try:
                 bundle = self._load_bundle(self.artifacts_dir, version)
+                bundle.self_check()
+            except Exception as exc:  # the artifact itself is bad: not retried until another version is active
+                self._broken[version] = str(exc)
+                return self._failed(task, version, exc, current)
+            try:
                 self._prepare(bundle)
-            except STORE_ERRORS:
-                raise  # the store failed, not the version: the next poll tries again
-            except Exception:
-                self._broken.add(version)
-                log.exception("cannot load the active version", extra={"task": task, "version": version})
-                return current
+            except Exception as exc:  # the store is away: retried at the next poll or message
+                return self._failed(task, version, exc, current)
             return self._swap(bundle)
+
+    def _failed(self, task: str, version: str, exc: Exception, current: ActiveModel | None) -> ActiveModel | None:
+        self._load_errors[task] = {"version": version, "error": str(exc)}
+        self.load_failures += 1
+        log.error("cannot load the active version; the previous one keeps serving",
+                  extra={"task": task, "version": version, "error": str(exc)})
+        return current
 
     def _adopt_newest(self, task: str) -> ActiveModel | None:
         """With no active pointer yet: the newest exported version of `task` that loads.
 
-        A version that does not load (corrupt, tampered) is logged and skipped for the next newest, so one bad
-        export cannot keep a fresh deployment from starting.
+        A version that does not load (corrupt, tampered, failing its check) is remembered as broken and skipped
+        for the next newest, so one bad export cannot keep a fresh deployment from starting.
         """
         for manifest in self.versions():
             version = manifest["version"]
@@ -168,10 +204,10 @@ class ModelRegistry:
             except ActivationConflict:
                 return self.sync(task)  # another process won; follow it
             except STORE_ERRORS:
-                raise
+                raise  # the store, not the version: the next poll tries again
             except Exception as exc:
-                self._broken.add(version)
-                log.error("cannot load version; trying an older one", extra={"version": version, "error": repr(exc)})
+                self._broken[version] = str(exc)
+                self._failed(task, version, exc, None)
         return None
 
     def start(self) -> None:
@@ -187,46 +223,79 @@ class ModelRegistry:
                 log.warning("no model for task; its predictions answer 503", extra={"task": task})
 
     def start_polling(self, interval_s: float) -> None:
-        if interval_s <= 0 or self._poller is not None:
+        """Follows the pointers every interval_s (a fallback for lost messages and stores without pub/sub)."""
+        if interval_s <= 0:
             return
 
         def poll() -> None:
             while not self._stop.wait(interval_s):
-                for task in self.tasks:
-                    try:
-                        self.sync(task)
-                    except STORE_ERRORS as exc:  # an outage: one line per poll, not a traceback
-                        log.warning("model poll: item store unreachable", extra={"task": task, "error": repr(exc)})
-                    except Exception:
-                        log.exception("model poll failed", extra={"task": task})
+                self._sync_all()
 
-        self._poller = threading.Thread(target=poll, name="gramrec-model-poll", daemon=True)
-        self._poller.start()
+        self._start_thread("gramrec-model-poll", poll)
+
+    def start_following(self, retry_s: float = 1.0) -> None:
+        """Swaps as soon as an activation is published; re-subscribes after a broken connection."""
+
+        def on_activation(task: str, _version: str) -> None:
+            if task in self.tasks:
+                self._sync_task(task)
+
+        def follow() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.store.listen_activations(on_activation, self._stop)
+                except Exception:
+                    log.warning("activation feed lost; polling until it is back", exc_info=True)
+                self._stop.wait(retry_s)
+                self._sync_all()  # whatever was published while the feed was down
+
+        self._start_thread("gramrec-model-follow", follow)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._poller is not None:
-            self._poller.join(timeout=5)
-            self._poller = None
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads.clear()
+
+    def _start_thread(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _sync_all(self) -> None:
+        for task in self.tasks:
+            self._sync_task(task)
+
+    def _sync_task(self, task: str) -> None:
+        try:
+            self.sync(task)
+        except STORE_ERRORS as exc:  # an outage: one line per poll, not a traceback
+            log.warning("model sync: item store unreachable", extra={"task": task, "error": repr(exc)})
+        except Exception:
+            log.exception("model sync failed", extra={"task": task})
 
     # -- internals ----------------------------------------------------------------------------------------------------
-    def _prepare(self, bundle: Bundle) -> None:
+    def _prepare(self, bundle: Bundle, known_texts: Mapping[str, str] | None = None) -> None:
         """Loads the bundle's item table into the store if missing, adds API-added items, warms the model."""
         if not self.store.has_table(bundle.version):
             ids, vectors = bundle.item_embeddings()
             if self.store.load_table(bundle.version, ids, vectors, bundle.dim):
                 log.info("item table loaded", extra={"version": bundle.version, "items": len(ids)})
-        self._backfill(bundle)
+        self._backfill(bundle, known_texts)
         bundle.warm_up()
 
-    def _backfill(self, bundle: Bundle) -> None:
-        """Encodes items added through the API (texts hash) that this version's table lacks."""
+    def _backfill(self, bundle: Bundle, known_texts: Mapping[str, str] | None = None) -> None:
+        """Encodes items added through the API (texts hash) that this version's table lacks, and, given the texts
+        the table was built from, items whose text has changed since."""
         if not bundle.has_encoder:
             return
         texts = self.store.texts(bundle.task)
         if not texts:
             return
-        missing = sorted(set(texts) - self.store.table_ids(bundle.version))
+        missing = set(texts) - self.store.table_ids(bundle.version)
+        if known_texts is not None:
+            missing |= {item_id for item_id, text in texts.items() if known_texts.get(item_id, text) != text}
+        missing = sorted(missing)
         for start in range(0, len(missing), BACKFILL_BATCH):
             ids = missing[start : start + BACKFILL_BATCH]
             vectors = bundle.encode_texts([texts[i] for i in ids])
@@ -237,7 +306,9 @@ class ModelRegistry:
     def _swap(self, bundle: Bundle) -> ActiveModel:
         model = ActiveModel(task=bundle.task, version=bundle.version, bundle=bundle)
         self._active[bundle.task] = model
-        self._broken.discard(bundle.version)
+        self._broken.pop(bundle.version, None)
+        self._load_errors.pop(bundle.task, None)
+        self.swaps += 1
         log.info("model active", extra={"task": bundle.task, "version": bundle.version})
         return model
 

@@ -5,7 +5,8 @@ Every request model forbids unknown fields and NaN/inf, and every id must match 
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
@@ -128,18 +129,46 @@ class InteractionsResponse(BaseModel):
 
 # -- /admin ----------------------------------------------------------------------------------------------------------
 class RetrainRequest(RequestModel):
+    """A GRAM-1E retrain of the task's active model on the base data plus everything logged since."""
+
     task: Task
-    epochs: int | None = Field(None, ge=1, le=100)
-    strategy: Literal["e2e", "gram", "nofinetune", "nocontent"] | None = None
+    epochs: int | None = Field(None, ge=1, le=100, description="default: GRAMREC_RETRAIN__EPOCHS")
+    time_budget_s: float | None = Field(None, gt=0, le=86_400, description="stop training after this long")
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected"]
 
 
 class Job(BaseModel):
+    """A retrain job record. `rejected`: trained, but the gate kept the active model."""
+
     id: str
     kind: Literal["retrain"] = "retrain"
-    status: str
+    status: JobStatus
     task: Task
+    trigger: Literal["admin", "schedule"] = "admin"
     created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
     params: dict = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
+    metrics: dict = Field(default_factory=dict, description="gate: new and active metric on the held-out slice")
+    data: dict = Field(default_factory=dict, description="the training snapshot: items, interactions, dropped")
+    base_version: str | None = Field(None, description="the active version it started from")
+    version: str | None = Field(None, description="the version it exported")
+    error: str | None = None
+    worker: str | None = None
+
+    @classmethod
+    def queued(cls, task: str, trigger: str, params: dict) -> dict:
+        """A new queued job record, as the API and the trainer's scheduler both queue them."""
+        job = cls(id=uuid.uuid4().hex, status="queued", task=task, trigger=trigger,
+                  created_at=datetime.now(UTC).isoformat(), params=params)
+        return job.model_dump()
+
+
+class JobsResponse(BaseModel):
+    jobs: list[Job] = Field(description="newest first")
 
 
 class ModelInfo(BaseModel):
@@ -162,6 +191,14 @@ class ActivateResponse(BaseModel):
 
 
 # -- health ----------------------------------------------------------------------------------------------------------
+class LoadError(BaseModel):
+    version: str
+    error: str
+
+
 class Ready(BaseModel):
     status: Literal["ready"] = "ready"
     models: dict[str, str]
+    load_errors: dict[str, LoadError] = Field(
+        default_factory=dict, description="task -> newest version that failed to load (the previous one serves)"
+    )

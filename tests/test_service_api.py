@@ -125,7 +125,7 @@ def test_no_model_for_task_is_503_and_not_ready(make_client, backend):
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["detail"]["missing_tasks"] == ["nr"]
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert make_client(backend, tasks="kt").get("/readyz").json() == {"status": "ready", "models": {"kt": KT1}}
+    assert make_client(backend, tasks="kt").get("/readyz").json() == {"status": "ready", "models": {"kt": KT1}, "load_errors": {}}
 
 
 def test_ready_when_every_task_has_a_warm_model(client, artifacts):

@@ -66,6 +66,10 @@ class FakeBundle:
     def warm_up(self) -> None:
         self.warmed = True
 
+    def self_check(self) -> None:
+        if getattr(self, "broken", None):
+            raise ValueError(self.broken)
+
 
 class FakeArtifacts:
     """Stands in for the artifacts directory: versions by name, `load` and `list_versions` callables."""
@@ -117,7 +121,8 @@ def settings_for(tmp_path, request):
                 "redis_url": None,
                 "embedded_store_path": tmp_path / f"store-{uuid.uuid4().hex[:6]}.sqlite3",
             } | overrides
-        base = {"artifacts_dir": tmp_path / "artifacts", "model_poll_interval_s": 0, "bootstrap": False}
+        base = {"artifacts_dir": tmp_path / "artifacts", "model_poll_interval_s": 0, "bootstrap": False,
+                "follow_activations": False}
         return ServiceSettings(**(base | overrides))
 
     yield make

@@ -80,6 +80,13 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=level, access_log=False)
 
 
+def _trainer(args: argparse.Namespace) -> None:
+    from service.settings import ServiceSettings
+    from trainer.worker import run_trainer
+
+    run_trainer(settings_from_args(ServiceSettings, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trainer.settings import TrainSettings
 
@@ -112,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bootstrap", action=argparse.BooleanOptionalAction, default=None,
                        help="train and export a small model for tasks that have none (default on)")
     serve.set_defaults(func=_serve)
+
+    trainer = commands.add_parser(
+        "trainer", help="run scheduled and requested retrains (settings: GRAMREC_RETRAIN__* variables, REDIS_URL)"
+    )
+    trainer.set_defaults(func=_trainer)
     return parser
 
 

@@ -124,6 +124,7 @@ def export_checkpoint(
         parity["head"] = _export_head(model, tmp / HEAD_FILE)
         log.info("onnx exported", extra={"parity": parity, "seconds": time.perf_counter() - onnx_started})
         manifest = _manifest(model, checkpoint, version, now, has_encoder, parity, metrics, data_fingerprint)
+        manifest["golden"] = _golden(model, embeddings, has_encoder)
         _make_world_readable(tmp)
         manifest["files"] = _file_checksums(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
@@ -248,6 +249,30 @@ def _export_head(model: TrainedModel, path: Path) -> float:
         output = "scores"
     _onnx_export(module, sample(2, 7, 3), path, names, [output], axes)
     return _check_parity(module, path, names, sample(5, 13, 4), output)
+
+
+GOLDEN_ITEMS = 4
+
+
+def _golden(model: TrainedModel, embeddings: torch.Tensor, has_encoder: bool) -> dict:
+    """A fixed request and PyTorch's answer to it: a server checks a freshly loaded bundle against it before
+    swapping it in, so an artifact that loads but computes something else never serves (see ModelBundle)."""
+    n = min(GOLDEN_ITEMS, len(model.items))
+    items = list(range(n))
+    table = embeddings.float()
+    history = table[items][None]  # [1, n, D]
+    mask = torch.ones(1, n, dtype=torch.bool)
+    golden: dict = {"history": [model.items.ids[i] for i in items], "targets": [model.items.ids[i] for i in items]}
+    with torch.no_grad():
+        if model.task == "kt":
+            correct = torch.tensor([[i % 2 for i in items]])
+            logits = KnowledgeTracingServing(model.head).eval().float()(history, correct, mask, history)
+            golden |= {"history_correct": correct[0].tolist(), "expected": torch.sigmoid(logits)[0].tolist()}
+        else:
+            golden["expected"] = model.head.eval().float()(history, mask, history)[0].tolist()
+    if has_encoder:
+        golden["texts"] = [model.items.texts[i] for i in items[:2]]  # their rows in the item table are expected
+    return golden
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:

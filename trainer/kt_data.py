@@ -413,3 +413,18 @@ def split_kt(
         seen[sequence.items] = True
     test = [sequences[i] for i in np.sort(test_idx)]
     return KTSplits(train, val, test, np.flatnonzero(~seen).astype(np.int64))
+
+
+def split_kt_by_users(dataset: KTDataset, val_users: frozenset[str], test_users: frozenset[str]) -> KTSplits:
+    """The split named by a split file: listed users go to val / test, all others train; no cold items are
+    sampled (every item a train or val user answered is warm)."""
+    parts: dict[str, list[KTSequence]] = {"train": [], "val": [], "test": []}
+    for sequence in dataset.sequences:
+        part = "test" if sequence.user_id in test_users else "val" if sequence.user_id in val_users else "train"
+        parts[part].append(sequence)
+    if not parts["train"]:
+        raise ValueError("the split file leaves no training users")
+    seen = np.zeros(len(dataset.items), dtype=bool)
+    for sequence in parts["train"] + parts["val"]:
+        seen[sequence.items] = True
+    return KTSplits(parts["train"], parts["val"], parts["test"], np.flatnonzero(~seen).astype(np.int64))

@@ -12,9 +12,10 @@ from torch import nn
 from models.heads import build_head
 from trainer.batches import PackedField, pack_fields
 from trainer.distributed import SINGLE, World, shard_rows
-from trainer.kt_data import KTSequence, load_kt_data, split_kt
+from trainer.kt_data import KTSequence, load_kt_data, split_kt, split_kt_by_users
 from trainer.metrics import kt_metrics
 from trainer.settings import TrainSettings
+from trainer.split_file import read_split
 
 
 @dataclass
@@ -62,7 +63,11 @@ class KnowledgeTracingTask:
         self.settings = settings
         dataset = load_kt_data(settings.data)
         self.items = dataset.items
-        self.splits = split_kt(dataset, seed=settings.seed, cold_item_frac=settings.cold_item_frac)
+        explicit = read_split(settings.data)
+        if explicit is not None:
+            self.splits = split_kt_by_users(dataset, explicit.val, explicit.test)
+        else:
+            self.splits = split_kt(dataset, seed=settings.seed, cold_item_frac=settings.cold_item_frac)
         self.train_windows = windows(self.splits.train, settings.max_seq_len)
         self.cold = np.zeros(len(self.items), dtype=bool)
         self.cold[self.splits.cold_items] = True

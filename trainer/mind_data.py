@@ -175,3 +175,14 @@ def split_mind(dataset: MindDataset) -> MindSplits:
         target = splits.test if day == test_day else splits.val if day == val_day else splits.train
         target.append(impression)
     return splits
+
+
+def split_mind_by_ids(dataset: MindDataset, val: frozenset[str], test: frozenset[str]) -> MindSplits:
+    """The split named by a split file: listed impression ids go to val / test, all others train."""
+    splits = MindSplits([], [], [])
+    for impression in dataset.impressions:
+        key = impression.impression_id
+        (splits.test if key in test else splits.val if key in val else splits.train).append(impression)
+    if not splits.train:
+        raise ValueError("the split file leaves no training impressions")
+    return splits

@@ -13,8 +13,9 @@ from models.heads import build_head
 from trainer.batches import PackedField, pack_fields
 from trainer.distributed import SINGLE, World, shard_rows
 from trainer.metrics import news_metrics
-from trainer.mind_data import Impression, load_mind, split_mind
+from trainer.mind_data import Impression, load_mind, split_mind, split_mind_by_ids
 from trainer.settings import TrainSettings
+from trainer.split_file import read_split
 
 
 @dataclass
@@ -63,7 +64,8 @@ class NewsTask:
         self.settings = settings
         dataset = load_mind(settings.data, use_abstract=settings.use_abstract)
         self.items = dataset.items
-        self.splits = split_mind(dataset)
+        explicit = read_split(settings.data)
+        self.splits = split_mind(dataset) if explicit is None else split_mind_by_ids(dataset, explicit.val, explicit.test)
         self.samples = click_samples(self.splits.train, settings.history_len)
 
     def build_head(self, item_dim: int) -> nn.Module:

@@ -56,6 +56,9 @@ class TrainSettings(BaseSettings):
     period: str = "1e"
     out: Path = Path("runs/latest")
     resume: Path | None = None
+    init_from: Path | None = Field(
+        None, description="warm start: begin from this checkpoint's encoder and head (fresh optimizers and epochs)"
+    )
 
     # Content encoder
     encoder_dir: Path | None = Field(None, description="local Hugging Face model directory; default all-MiniLM-L6-v2")

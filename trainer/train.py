@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from models.content_encoder import ContentEncoder, ItemTokens, default_encoder_dir, load_tokenizer
 from trainer.distributed import SINGLE, World, agree, barrier, global_sum, init_from_env
-from trainer.checkpoint import CheckpointMeta, load_optimizers, load_weights, read_config, save_checkpoint
+from trainer.checkpoint import CheckpointMeta, load_optimizers, load_weights, read_config, read_items, save_checkpoint
 from trainer.kt_task import KnowledgeTracingTask
 from trainer.nr_task import NewsTask
 from trainer.settings import TrainSettings
@@ -131,13 +131,28 @@ def restore(run: Run, path: Path, with_optimizers: bool) -> dict:
     return config
 
 
+def warm_start(run: Run, checkpoint: Path) -> None:
+    """Takes the checkpoint's head (the encoder came with build_run) and, for the same catalog, its item state.
+
+    A retrain's catalog usually grew (items added through the API), or the checkpoint came from another strategy:
+    then the strategy keeps the item state it built with the warm encoder, which is what GRAM starts from anyway.
+    """
+    tensors = load_weights(checkpoint, run.encoder, run.head)
+    saved = read_config(checkpoint)["settings"]
+    same_strategy = (saved["strategy"], saved["period"]) == (run.settings.strategy, run.settings.period)
+    if same_strategy and read_items(checkpoint).ids == run.task.items.ids:
+        run.strategy.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("loop.")})
+    log.info("warm start", extra={"from": str(checkpoint)})
+
+
 def train(settings: TrainSettings) -> dict:
     """Trains, early-stops on validation, evaluates the best checkpoint on test, writes report.json."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     resume_config = read_config(settings.resume) if settings.resume else None
     world = init_from_env(resolve_device(settings.device))
-    run = build_run(settings, encoder_dir=(Path(settings.resume) / "encoder") if settings.resume else None, world=world)
+    start_from = settings.resume or settings.init_from
+    run = build_run(settings, encoder_dir=(Path(start_from) / "encoder") if start_from else None, world=world)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
 
@@ -148,6 +163,8 @@ def train(settings: TrainSettings) -> dict:
         best, history = resume_config["best_metric"] or float("-inf"), resume_config["history"]
         bad_epochs = epochs_since_best(history, run.task.primary_metric)
         log.info("resumed", extra={"from": str(settings.resume), "epoch": start_epoch})
+    elif settings.init_from:
+        warm_start(run, Path(settings.init_from))
 
     interactions = run.task.interactions()
     metric = run.task.primary_metric

@@ -1,23 +1,21 @@
-"""Admin API (bearer token): queue retrains, list model versions, activate one (roll back or forward).
+"""Admin API (bearer token): queue retrains, follow jobs, list model versions, activate one (roll back or forward).
 
-POST /admin/retrain only records the job and queues it ({prefix}jobs, {prefix}retrain-queue); the worker that
-trains, exports and activates is a separate process (a later issue), so jobs stay "queued" until it exists.
+POST /admin/retrain only records the job and queues it; `gramrec trainer` (trainer/worker.py) runs it. A trigger
+while the task already has a job waiting joins that job (202 with the same id) instead of queuing another.
 """
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
 from service.auth import require_admin
 from service.bundle import ArtifactError
 from service.deps import get_registry, get_store
 from service.item_store import Store
 from service.registry import ActivationConflict, ModelRegistry, VersionNotFound
-from service.schemas import ActivateResponse, Job, ModelInfo, ModelsResponse, RetrainRequest
+from service.schemas import ActivateResponse, Job, JobsResponse, ModelInfo, ModelsResponse, RetrainRequest
 from service.settings import TASKS, VERSION_PATTERN
 
 router = APIRouter(
@@ -33,15 +31,14 @@ JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 @router.post("/retrain", status_code=status.HTTP_202_ACCEPTED)
 def queue_retrain(body: RetrainRequest, store: Annotated[Store, Depends(get_store)]) -> Job:
     params = body.model_dump(exclude={"task"}, exclude_none=True)
-    job = Job(
-        id=uuid.uuid4().hex,
-        status="queued",
-        task=body.task,
-        created_at=datetime.now(UTC).isoformat(),
-        params=params,
-    )
-    store.enqueue_job(job.model_dump())
-    return job
+    return Job.model_validate(store.enqueue_job(Job.queued(body.task, "admin", params)))
+
+
+@router.get("/jobs")
+def list_jobs(
+    store: Annotated[Store, Depends(get_store)], limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> JobsResponse:
+    return JobsResponse(jobs=[Job.model_validate(record) for record in store.list_jobs(limit)])
 
 
 @router.get("/jobs/{job_id}", responses={404: {"description": "no such job"}})

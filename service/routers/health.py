@@ -29,14 +29,18 @@ def readyz(
     store: Annotated[Store, Depends(get_store)],
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> Ready:
-    """Ready when every configured task has a loaded, warmed model whose item table is in the store."""
+    """Ready when every configured task has a loaded, warmed model whose item table is in the store.
+
+    `load_errors` names versions that failed to load while an older one kept serving (still ready).
+    """
     models = {task: model.version for task, model in registry.active().items()}
     missing = [task for task in settings.tasks if task not in models]
     store_state = _store_state(store, models)
+    errors = registry.load_errors()
     if missing or store_state != "ok":
-        detail = {"status": "not ready", "missing_tasks": missing, "store": store_state}
+        detail = {"status": "not ready", "missing_tasks": missing, "store": store_state, "load_errors": errors}
         return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": detail})
-    return Ready(models=models)
+    return Ready(models=models, load_errors=errors)
 
 
 def _store_state(store: Store, models: dict[str, str]) -> str:

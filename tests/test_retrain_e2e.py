@@ -1,0 +1,260 @@
+"""The retrain loop across real processes: `gramrec serve` (uvicorn) and `gramrec trainer` over Redis on loopback.
+
+Under continuous /predict load: interactions logged, retrains triggered (two at once make one job), an item added
+while a retrain runs, rollback and roll-forward through the admin API; zero failed requests, and every response's
+model_version was active during the test. Then the schedule: two trainer replicas, one job per tick.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.retrain_fixtures import deploy_first_version, tiny_training_env, write_kt_data  # noqa: F401
+from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
+from service.settings import ServiceSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "retrain-e2e-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+LOAD_CLIENTS = 3
+TEST_BUDGET_S = 240  # every wait below is bounded; the whole test stops by itself
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """A Redis prefix, an artifacts dir with a first kt version, and the processes started on them."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]):
+        self.prefix = f"gramrec-e2e-{uuid.uuid4().hex[:10]}:"
+        self.artifacts = tmp / "artifacts"
+        self.base = write_kt_data(tmp / "kt-base")
+        self.env = os.environ | env | {
+            "REDIS_URL": REDIS_URL,
+            "GRAMREC_REDIS_KEY_PREFIX": self.prefix,
+            "GRAMREC_ARTIFACTS_DIR": str(self.artifacts),
+            "GRAMREC_ADMIN_TOKEN": TOKEN,
+            "GRAMREC_BOOTSTRAP": "false",
+            "GRAMREC_BOOTSTRAP_KT_DATA": str(self.base),
+            "GRAMREC_TASKS": "kt",
+            "GRAMREC_ORT_THREADS": "1",
+            "GRAMREC_MODEL_POLL_INTERVAL_S": "2",
+            "GRAMREC_RETRAIN__TASKS": "kt",
+            "GRAMREC_RETRAIN__INTERVAL_S": "86400",
+            "GRAMREC_RETRAIN__POLL_S": "0.2",
+            "GRAMREC_RETRAIN__LEASE_TTL_S": "4",
+        }
+        self.settings = ServiceSettings(
+            redis_url=REDIS_URL, redis_key_prefix=self.prefix, artifacts_dir=self.artifacts, tasks=["kt"],
+            bootstrap_kt_data=self.base,
+        )
+        self.first = deploy_first_version(self.settings)
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=self.env | env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self.processes.append(process)
+        return process
+
+    def serve(self) -> str:
+        port = free_port()
+        process = self.start("serve", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"server exited: {process.stderr.read().decode()[-3000:]}")
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        pytest.fail("server not ready within 60 s")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        client = redis_client()
+        drop_prefix(client, self.prefix)
+        client.close()
+
+
+@pytest.fixture
+def deployment(tmp_path, tiny_training_env):  # noqa: F811
+    redis_client().close()  # skips without Redis
+    deployment = Deployment(tmp_path, tiny_training_env)
+    yield deployment
+    deployment.stop()
+
+
+class Load:
+    """LOAD_CLIENTS threads posting /predict back to back until stopped; every response is recorded."""
+
+    BODY = {"task": "kt", "history": [{"item_id": "q1", "correct": 1}, {"item_id": "q2", "correct": 0}],
+            "targets": ["q3", "q4"]}
+
+    def __init__(self, url: str):
+        self.url = url
+        self.stop = threading.Event()
+        self.results: list[tuple[int, str | None]] = []
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(LOAD_CLIENTS)]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + TEST_BUDGET_S
+        with httpx.Client(base_url=self.url, timeout=10) as http:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                try:
+                    response = http.post("/predict", json=self.BODY)
+                    version = response.json().get("model_version") if response.status_code == 200 else None
+                    self.results.append((response.status_code, version))
+                except Exception as exc:  # a failed request is what this test exists to catch
+                    self.errors.append(repr(exc))
+
+    def latest_version(self) -> str | None:
+        return next((v for status, v in reversed(self.results) if status == 200), None)
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def job(http: httpx.Client, job_id: str) -> dict:
+    return http.get(f"/admin/jobs/{job_id}", headers=ADMIN).json()
+
+
+def finished(http: httpx.Client, job_id: str, timeout_s: float = 90) -> dict:
+    return wait_for(lambda: (j := job(http, job_id))["status"] not in ("queued", "running") and j, timeout_s,
+                    f"job {job_id}")
+
+
+def test_retrain_loop_under_load(deployment):
+    url = deployment.serve()
+    deployment.start("trainer")
+    active = {deployment.first}  # every version that was active at some point of the test
+    with httpx.Client(base_url=url, timeout=30) as http, Load(url) as load:
+        wait_for(lambda: len(load.results) > 20, 30, "load to start")
+        body = {"task": "kt", "user_id": "new-student", "events": [{"item_id": "q5", "correct": 1}] * 6}
+        assert http.post("/interactions", json=body).status_code == 201
+
+        # Swap 1: a retrain on demand; its model answers the next predictions.
+        first_job = http.post("/admin/retrain", json={"task": "kt"}, headers=ADMIN).json()
+        v1 = finished(http, first_job["id"])
+        assert v1["status"] == "succeeded", v1
+        active.add(v1["version"])
+        wait_for(lambda: load.latest_version() == v1["version"], 10, "predictions from the new version")
+        assert v1["data"]["logged_interactions"] == 6
+
+        # Swap 2: an item added while the retrain runs is in the new version's table.
+        slow = http.post("/admin/retrain", json={"task": "kt", "epochs": 60}, headers=ADMIN).json()
+        wait_for(lambda: job(http, slow["id"])["status"] == "running", 30, "the retrain to start")
+        added = http.post("/items", json={"task": "kt", "items": [{"item_id": "mid-retrain",
+                                                                   "text": "A question added during a retrain"}]})
+        assert added.status_code == 200 and added.json()["model_version"] == v1["version"]
+        assert job(http, slow["id"])["status"] == "running"  # it really was added mid-job
+        v2 = finished(http, slow["id"])
+        assert v2["status"] == "succeeded", v2
+        active.add(v2["version"])
+        wait_for(lambda: load.latest_version() == v2["version"], 10, "predictions from the second version")
+        item = http.get("/items/kt/mid-retrain")
+        assert item.status_code == 200 and item.json()["model_version"] == v2["version"]
+
+        # Swap 3: two simultaneous triggers run one job.
+        with ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda _: http.post("/admin/retrain", json={"task": "kt"}, headers=ADMIN).json(),
+                                 range(2)))
+        assert both[0]["id"] == both[1]["id"]
+        v3 = finished(http, both[0]["id"])
+        assert v3["status"] == "succeeded", v3
+        active.add(v3["version"])
+
+        # Swaps 4 and 5: rollback and roll forward through the admin API.
+        for version in (v2["version"], v3["version"]):
+            response = http.post(f"/admin/models/{version}/activate", headers=ADMIN)
+            assert response.status_code == 200, response.text
+            wait_for(lambda: load.latest_version() == version, 10, f"predictions from {version}")
+        jobs = http.get("/admin/jobs", headers=ADMIN).json()["jobs"]
+        time.sleep(0.5)
+
+    assert [j["id"] for j in jobs] == [v3["id"], v2["id"], v1["id"]]  # newest first; no duplicate job
+    assert all(j["status"] == "succeeded" and j["timings"] for j in jobs)
+    assert not load.errors, load.errors[:5]
+    statuses = {status for status, _ in load.results}
+    assert statuses == {200}, statuses
+    served = {version for _, version in load.results}
+    assert served <= active and len(served) >= 4, (served, active)
+    assert len(load.results) > 200
+
+
+def test_schedule_runs_one_job_per_tick_across_trainer_replicas(deployment):
+    client = redis_client()
+    interval = 4
+    trainers = [deployment.start("trainer", GRAMREC_RETRAIN__INTERVAL_S=str(interval)) for _ in range(2)]
+
+    def finished_jobs() -> list[dict]:
+        return [j for j in _jobs(client, deployment.prefix) if j["status"] not in ("queued", "running")]
+
+    wait_for(lambda: len(finished_jobs()) >= 3, 90, "three scheduled retrains")
+    for trainer in trainers:
+        trainer.send_signal(signal.SIGTERM)  # a running job finishes first
+    for trainer in trainers:
+        trainer.wait(timeout=60)
+    ticks = list(client.scan_iter(match=f"{deployment.prefix}tick:kt:*"))
+    jobs = _jobs(client, deployment.prefix)
+    assert all(j["trigger"] == "schedule" for j in jobs)
+    assert len(ticks) - 1 <= len(jobs) <= len(ticks)  # a tick may find the previous tick's job still waiting
+    done = sorted((j for j in jobs if j.get("finished_at")), key=lambda j: j["started_at"])
+    assert len(done) >= 3 and all(j["status"] == "succeeded" for j in done), done
+    for earlier, later in zip(done, done[1:]):
+        assert earlier["finished_at"] <= later["started_at"]  # never two retrains at once
+    client.close()
+
+
+def _jobs(client, prefix: str) -> list[dict]:
+    import json
+
+    return [json.loads(record) for record in client.hvals(f"{prefix}jobs")]

@@ -1,0 +1,231 @@
+"""One retrain job: snapshot -> warm-started GRAM-1E -> gate -> export -> activate -> retire old versions.
+
+Runs inside `gramrec trainer` while it holds the retrain lease (trainer/worker.py). Every phase is timed into the
+job record. The gate scores the new model and the active one on the same held-out slice of the most recent
+users (kt) or impressions (nr); the new one is promoted only if it is no worse than the active one minus
+`gate_tolerance`. Activation is a compare-and-set on the task's pointer that also checks the lease, so a job that
+lost its lock, or whose base version was replaced meanwhile (an operator's rollback), cannot activate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from service.item_store import Lease, LeaseLost, Store
+from service.registry import ActivationConflict, ModelRegistry
+from service.settings import ServiceSettings
+
+log = logging.getLogger("gramrec.retrain")
+
+CHECKPOINTS_DIR = "checkpoints"  # artifacts/checkpoints/<version>/: the PyTorch checkpoint a version came from
+JOBS_DIR = "jobs"  # artifacts/jobs/<job id>/: a running job's snapshot and training run, removed at its end
+RETIRED_FILE = "retired.json"  # version -> when it left the last `keep_versions`; deleted after the grace period
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a phase named by GRAMREC_RETRAIN__INJECT_FAULT (fault drills and tests)."""
+
+
+class GateError(RuntimeError):
+    """The gate cannot judge (e.g. the held-out slice has a single class)."""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class RetrainJob:
+    """Runs one job record to its end state; `run()` returns the finished record (status set)."""
+
+    def __init__(
+        self, job: dict, settings: ServiceSettings, store: Store, lease: Lease, lease_lost: threading.Event
+    ):
+        self.job = job
+        self.settings = settings
+        self.retrain = settings.retrain
+        self.store = store
+        self.lease = lease
+        self.lease_lost = lease_lost
+        self.artifacts = Path(settings.artifacts_dir)
+        self.workdir = self.artifacts / JOBS_DIR / job["id"]
+
+    # -- driver ------------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        task = self.job["task"]
+        self.job |= {"status": "running", "started_at": now_iso()}
+        self.job["base_version"] = self.store.active_version(task)
+        self.store.update_job(self.job)
+        try:
+            self._run(task)
+        except Exception as exc:
+            log.exception("retrain failed", extra={"job": self.job["id"], "task": task})
+            self.job |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.job["finished_at"] = now_iso()
+        return self.job
+
+    def _run(self, task: str) -> None:
+        from trainer.snapshot import build_snapshot
+
+        base_checkpoint = self._checkpoint_of(self.job["base_version"])
+        snapshot = self._phase(
+            "snapshot",
+            lambda: build_snapshot(task, self.settings.bootstrap_data(task), self.store, self.workdir / "data",
+                                   self.retrain.gate_fraction),
+        )
+        self.job["data"] = snapshot.summary()
+        report = self._phase("train", lambda: self._train(task, snapshot.folder, base_checkpoint))
+        metric = report["primary_metric"]
+        new = report["metrics"].get(metric)
+        active = self._phase("gate", lambda: self._active_metric(base_checkpoint, snapshot.folder, metric))
+        promote = self._gate(metric, new, active)
+        if not promote:
+            self.job["status"] = "rejected"
+            return
+        version_dir = self._phase("export", lambda: self._export(task, report))
+        self.job["version"] = version_dir.name
+        self._phase("activate", lambda: self._activate(version_dir.name, snapshot.texts))
+        self._phase("retire", lambda: retire_old_versions(self.store, self.artifacts, task,
+                                                         self.retrain.keep_versions, self.retrain.retire_grace_s))
+        self.job["status"] = "succeeded"
+
+    def _phase(self, name: str, work: Callable):
+        if self.lease_lost.is_set():
+            raise LeaseLost("the retrain lease was lost; another trainer may run jobs now")
+        if self.retrain.inject_fault == name:
+            raise InjectedFault(f"injected fault at phase {name!r} (GRAMREC_RETRAIN__INJECT_FAULT)")
+        started = time.perf_counter()
+        result = work()
+        self.job["timings"][name] = round(time.perf_counter() - started, 3)
+        self.store.update_job(self.job)
+        return result
+
+    # -- phases ------------------------------------------------------------------------------------------------------
+    def _train(self, task: str, data: Path, base_checkpoint: Path | None) -> dict:
+        from trainer.checkpoint import read_config
+        from trainer.settings import TrainSettings
+        from trainer.train import train
+
+        saved = read_config(base_checkpoint)["settings"] if base_checkpoint else {"task": task}
+        keep = {"task", "encoder_dir", "max_tokens", "pooling", "encoder_batch_size", "regress_batch_size", "hidden_dim",
+                "batch_size", "max_seq_len", "history_len", "negatives", "optimizer", "lr_cf", "lr_encoder",
+                "warmup_steps", "seed"}
+        params = self.job.get("params", {})
+        settings = TrainSettings(
+            **{k: v for k, v in saved.items() if k in keep},
+            data=data,
+            strategy="gram",
+            period="1e",
+            epochs=params.get("epochs", self.retrain.epochs),
+            time_budget_s=params.get("time_budget_s", self.retrain.time_budget_s),
+            patience=max(1, params.get("epochs", self.retrain.epochs)),
+            init_from=base_checkpoint,
+            out=self.workdir / "run",
+            device=self.retrain.device,
+            progress=False,
+        )
+        report = train(settings)
+        report["primary_metric"] = "auc"
+        return report
+
+    def _active_metric(self, base_checkpoint: Path | None, data: Path, metric: str) -> float | None:
+        """The active model's metric on the same held-out slice; None when there is no active model."""
+        if base_checkpoint is None:
+            return None
+        from trainer.evaluate import evaluate_checkpoint
+
+        return evaluate_checkpoint(base_checkpoint, data, "test", self.retrain.device)["metrics"].get(metric)
+
+    def _gate(self, metric: str, new: float | None, active: float | None) -> bool:
+        tolerance = self.retrain.gate_tolerance
+        self.job["metrics"] = {"metric": metric, "new": new, "active": active, "tolerance": tolerance}
+        if new is None:
+            raise GateError(f"the held-out slice cannot be scored ({metric} undefined: a single class?)")
+        promote = active is None or new >= active - tolerance
+        self.job["metrics"]["promoted"] = promote
+        log.info("gate", extra={"job": self.job["id"]} | self.job["metrics"])
+        return promote
+
+    def _export(self, task: str, report: dict) -> Path:
+        from trainer.export import default_version, export_checkpoint
+
+        run = self.workdir / "run"
+        best = run / "best" if (run / "best").is_dir() else run / "last"
+        version = default_version(task, datetime.now(UTC))
+        checkpoint = self.artifacts / CHECKPOINTS_DIR / version
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(best), checkpoint)  # kept: the next retrain warm-starts from it
+        try:
+            return export_checkpoint(checkpoint, self.artifacts, version, metrics=report["metrics"],
+                                     device=self.retrain.device, progress=False)
+        except BaseException:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            raise
+
+    def _activate(self, version: str, trained_texts: dict[str, str]) -> None:
+        registry = ModelRegistry(self.store, self.artifacts, [self.job["task"]])
+        try:
+            registry.activate(version, lease=self.lease, known_texts=trained_texts,
+                              expected_active=self.job["base_version"])
+        except ActivationConflict as exc:
+            raise ActivationConflict(f"{exc} (the active version is no longer {self.job['base_version']})") from None
+
+    def _checkpoint_of(self, version: str | None) -> Path | None:
+        """The PyTorch checkpoint an exported version came from, if it is still there inside the artifacts dir."""
+        if version is None:
+            return None
+        candidates = [self.artifacts / CHECKPOINTS_DIR / version]
+        manifest = self.artifacts / version / "manifest.json"
+        if manifest.is_file():
+            source = json.loads(manifest.read_text()).get("source_checkpoint")
+            if source:
+                candidates.append(Path(source))
+        root = self.artifacts.resolve()
+        for path in candidates:
+            path = path.resolve()
+            if path.is_relative_to(root) and (path / "model.safetensors").is_file():
+                return path
+        log.warning("no checkpoint for the active version; training from the pre-trained encoder",
+                    extra={"version": version})
+        return None
+
+
+# -- retention -------------------------------------------------------------------------------------------------------
+def retire_old_versions(store: Store, artifacts: Path, task: str, keep: int, grace_s: float) -> list[str]:
+    """Keeps the newest `keep` versions of the task and the active one. Others are marked retired, and deleted
+    (item table, artifact folder, checkpoint) once retired for `grace_s`, so requests still using them finish and
+    a recent rollback target stays available. Returns the versions deleted. Run only under the retrain lease."""
+    from service.bundle import list_versions
+
+    marks_path = artifacts / RETIRED_FILE
+    marks: dict[str, float] = json.loads(marks_path.read_text()) if marks_path.is_file() else {}
+    active = store.active_version(task)
+    versions = [m["version"] for m in list_versions(artifacts) if m.get("task") == task]
+    kept = set(versions[:keep]) | {active}
+    deleted = []
+    now = time.time()
+    for version in versions:
+        if version in kept:
+            marks.pop(version, None)
+            continue
+        marks.setdefault(version, now)
+        if now - marks[version] >= grace_s:
+            store.drop_table(version)
+            shutil.rmtree(artifacts / version, ignore_errors=True)
+            shutil.rmtree(artifacts / CHECKPOINTS_DIR / version, ignore_errors=True)
+            marks.pop(version)
+            deleted.append(version)
+    tmp = marks_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(marks))
+    tmp.replace(marks_path)
+    if deleted:
+        log.info("versions deleted", extra={"task": task, "versions": deleted})
+    return deleted

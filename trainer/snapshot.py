@@ -1,0 +1,172 @@
+"""A retrain's training data: the base dataset plus every interaction logged since, frozen into one folder.
+
+The folder is in the task's ordinary on-disk format (KT: items.csv + interactions.csv; news: MIND's news.tsv +
+behaviors.tsv) plus a split.json, so the ordinary training code reads it and `gramrec train --data` can replay
+any retrain. The split holds out the most recent users (kt) or impressions (nr): the gate's slice, on which the
+new and the active model are both scored, and the slice before it for early stopping.
+
+Items are the base catalog with the texts added or updated through the API laid over it. Logged interactions
+that name an item nobody gave a text for cannot be trained on; they are counted as dropped, not silently lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from service.item_store import Store
+from trainer.items import ItemCatalog
+from trainer.kt_data import load_kt_data
+from trainer.mind_data import BEHAVIORS_FILE, NEWS_FILE, load_mind
+from trainer.split_file import write_split
+
+log = logging.getLogger("gramrec.retrain")
+
+STREAM_PAGE = 10_000  # logged entries per store round trip
+_MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
+
+
+@dataclass
+class Snapshot:
+    folder: Path
+    task: str
+    texts: dict[str, str]  # item id -> the text trained on (new tables are checked against it after the flip)
+    base_interactions: int = 0
+    logged_interactions: int = 0
+    dropped_interactions: int = 0
+    last_logged_id: str | None = None
+    gate_units: list[str] = field(default_factory=list)  # users (kt) or impression ids (nr) of the gate slice
+
+    def summary(self) -> dict:
+        return {
+            "items": len(self.texts),
+            "base_interactions": self.base_interactions,
+            "logged_interactions": self.logged_interactions,
+            "dropped_interactions": self.dropped_interactions,
+            "last_logged_id": self.last_logged_id,
+            "gate_units": len(self.gate_units),
+        }
+
+
+def build_snapshot(
+    task: str, base_data: Path, store: Store, folder: Path, gate_fraction: float, use_abstract: bool = False
+) -> Snapshot:
+    folder.mkdir(parents=True, exist_ok=True)
+    build = _kt_snapshot if task == "kt" else _nr_snapshot
+    snapshot = build(Path(base_data), store, folder, gate_fraction, use_abstract)
+    log.info("snapshot", extra={"task": task, "folder": str(folder)} | snapshot.summary())
+    return snapshot
+
+
+def logged_entries(store: Store, task: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """Every logged entry of the task, oldest first, page by page."""
+    after = None
+    while page := store.read_interactions(task, count=STREAM_PAGE, after=after):
+        yield from page
+        after = page[-1][0]
+
+
+def merged_catalog(base: ItemCatalog, api_texts: dict[str, str]) -> dict[str, str]:
+    """Base items with API texts laid over them (updated texts win); blank texts cannot be trained on."""
+    texts = dict(zip(base.ids, base.texts, strict=True)) | api_texts
+    return {item_id: text for item_id, text in texts.items() if text.strip()}
+
+
+def recent_split(units_by_recency: list[str], gate_fraction: float) -> tuple[list[str], list[str]]:
+    """(val, test): the most recent `gate_fraction` of units is the gate's test slice, the slice before it val."""
+    n = max(1, round(gate_fraction * len(units_by_recency)))
+    if len(units_by_recency) < 2 * n + 1:
+        raise ValueError(f"too little data for a held-out slice: {len(units_by_recency)} users or impressions")
+    newest = units_by_recency[::-1]
+    return newest[n : 2 * n], newest[:n]
+
+
+# -- knowledge tracing ---------------------------------------------------------------------------------------------
+def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: float, _use_abstract: bool) -> Snapshot:
+    base = load_kt_data(base_data)
+    texts = merged_catalog(base.items, store.texts("kt"))
+    snapshot = Snapshot(folder, "kt", texts)
+    rows: list[tuple[str, str, int]] = []  # (user, item, correct) in global order: base first, then the log
+    for sequence in base.sequences:
+        for item, correct in zip(sequence.items, sequence.correct, strict=True):
+            rows.append((sequence.user_id, base.items.ids[item], int(correct)))
+    snapshot.base_interactions = len(rows)
+    for entry_id, fields in logged_entries(store, "kt"):
+        snapshot.last_logged_id = entry_id
+        if fields.get("item_id") not in texts or fields.get("correct") not in ("0", "1"):
+            snapshot.dropped_interactions += 1
+            continue
+        rows.append((fields["user_id"], fields["item_id"], int(fields["correct"])))
+        snapshot.logged_interactions += 1
+
+    with open(folder / "items.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "text"])
+        writer.writerows((item_id, _one_line(text)) for item_id, text in texts.items())
+    with open(folder / "interactions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "item_id", "correct", "order"])
+        writer.writerows((user, item, correct, order) for order, (user, item, correct) in enumerate(rows))
+
+    last_seen = {user: order for order, (user, _, _) in enumerate(rows)}  # dicts keep insertion order
+    users_by_recency = sorted(last_seen, key=last_seen.__getitem__)
+    val, test = recent_split(users_by_recency, gate_fraction)
+    write_split(folder, val, test)
+    snapshot.gate_units = test
+    return snapshot
+
+
+# -- news ------------------------------------------------------------------------------------------------------------
+def _nr_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: float, use_abstract: bool) -> Snapshot:
+    base = load_mind(base_data, use_abstract=use_abstract)
+    texts = merged_catalog(base.items, store.texts("nr"))
+    snapshot = Snapshot(folder, "nr", texts)
+    behaviors: list[tuple[datetime, str, str, list[str], list[str]]] = []  # (time, id, user, history, shown)
+    ids = base.items.ids
+    for imp in base.impressions:
+        shown = [f"{ids[c]}-{label}" for c, label in zip(imp.candidates, imp.labels, strict=True)]
+        behaviors.append((imp.time, f"b{imp.impression_id}", imp.user_id, [ids[h] for h in imp.history], shown))
+    snapshot.base_interactions = len(behaviors)
+    for entry_id, fields in logged_entries(store, "nr"):
+        snapshot.last_logged_id = entry_id
+        impression = _logged_impression(entry_id, fields, texts)
+        if impression is None:
+            snapshot.dropped_interactions += 1
+            continue
+        behaviors.append(impression)
+        snapshot.logged_interactions += 1
+
+    with open(folder / NEWS_FILE, "w", encoding="utf-8") as f:
+        f.writelines(f"{item_id}\t\t\t{_one_line(text)}\n" for item_id, text in texts.items())
+    order = sorted(range(len(behaviors)), key=lambda i: (behaviors[i][0], i))  # stable: the log after the base
+    with open(folder / BEHAVIORS_FILE, "w", encoding="utf-8") as f:
+        for i in order:
+            moment, impression_id, user, history, shown = behaviors[i]
+            f.write(f"{impression_id}\t{user}\t{moment.strftime(_MIND_TIME)}\t{' '.join(history)}\t{' '.join(shown)}\n")
+    val, test = recent_split([behaviors[i][1] for i in order], gate_fraction)
+    write_split(folder, val, test)
+    snapshot.gate_units = test
+    return snapshot
+
+
+def _logged_impression(entry_id: str, fields: dict[str, str], texts: dict[str, str]):
+    """A logged impression in MIND's terms, unknown news left out; None when nothing usable is left."""
+    try:
+        moment = datetime.fromisoformat(fields["timestamp"]).astimezone(UTC).replace(tzinfo=None)
+        history = [nid for nid in fields.get("history", "").split() if nid in texts]
+        shown = [token for token in fields["impressions"].split() if token.rpartition("-")[0] in texts]
+    except (KeyError, ValueError):
+        return None
+    if not shown or not fields.get("user_id"):
+        return None
+    return moment, f"L{entry_id}", fields["user_id"], history, shown
+
+
+def _one_line(text: str) -> str:
+    """Tabs and line breaks would break TSV rows; inside a text they mean the same as a space."""
+    return " ".join(text.split())
+

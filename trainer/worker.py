@@ -1,0 +1,164 @@
+"""`gramrec trainer`: the process that runs retrain jobs, on schedule and on demand.
+
+    API (POST /admin/retrain) ──┐
+    APScheduler tick (each task)┴─> job queue ──> the trainer holding the retrain lease ──> RetrainJob
+
+Any number of trainer replicas may run. Each one's scheduler fires at the same aligned instants; the first replica
+to claim a tick queues its job, the others see the claim and do nothing. A job is taken only by the holder of the
+retrain lease (a Redis lock that the holder renews every ttl/3): exactly one retrain runs at a time. If the holder
+dies, its lease expires; the next holder finds the dead one's job still marked current and records it as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from service.item_store import Lease, Store, open_store
+from service.schemas import Job
+from service.settings import ServiceSettings
+from trainer.retrain import RetrainJob, now_iso
+
+log = logging.getLogger("gramrec.trainer")
+
+LEASE_NAME = "retrain"
+_ALIGNED_START = datetime(2020, 1, 1, tzinfo=UTC)  # interval ticks fall on the same instants in every replica
+
+
+def make_trigger(settings: ServiceSettings):
+    retrain = settings.retrain
+    if retrain.cron:
+        return CronTrigger.from_crontab(retrain.cron, timezone=UTC)
+    return IntervalTrigger(seconds=retrain.interval_s, start_date=_ALIGNED_START, timezone=UTC)
+
+
+def latest_fire_time(trigger, now: datetime, lookback: timedelta) -> datetime | None:
+    """The trigger's last fire time at or before `now` (within lookback): the tick a late run belongs to."""
+    latest, fire = None, trigger.get_next_fire_time(None, now - lookback)
+    while fire is not None and fire <= now:
+        latest = fire
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+    return latest
+
+
+class TrainerWorker:
+    def __init__(self, settings: ServiceSettings, store: Store | None = None):
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.trigger = make_trigger(settings)
+        self.scheduler: BackgroundScheduler | None = None
+        self.stop_event = threading.Event()
+
+    # -- schedule ----------------------------------------------------------------------------------------------------
+    def start_schedule(self) -> None:
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        for task in self.settings.retrain.tasks:
+            self.scheduler.add_job(
+                self.tick, self.trigger, args=[task], id=f"retrain-{task}", max_instances=1, coalesce=True,
+                misfire_grace_time=int(self.settings.retrain.misfire_grace_s),
+            )
+        self.scheduler.start()
+
+    def tick(self, task: str) -> dict | None:
+        """Queues the task's scheduled job, once per tick across all replicas; returns the job if this one did."""
+        now = datetime.now(UTC)
+        grace = timedelta(seconds=self.settings.retrain.misfire_grace_s)
+        fired = latest_fire_time(self.trigger, now, grace) or now
+        ttl = max(2 * grace.total_seconds(), 3600.0)
+        if not self.store.claim_tick(task, fired.strftime("%Y%m%dT%H%M%S"), ttl):
+            return None
+        job = self.store.enqueue_job(Job.queued(task, "schedule", {}))
+        log.info("scheduled retrain queued", extra={"task": task, "job": job["id"], "tick": fired.isoformat()})
+        return job
+
+    # -- jobs --------------------------------------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        self.start_schedule()
+        log.warning("trainer started", extra={"worker": self.name, "tasks": self.settings.retrain.tasks})
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    ran = self.work_once()
+                except Exception:
+                    log.exception("trainer loop error; retrying")
+                    ran = None
+                if ran is None:
+                    self.stop_event.wait(self.settings.retrain.poll_s)
+        finally:
+            if self.scheduler is not None:
+                self.scheduler.shutdown(wait=False)
+            self.store.close()
+
+    def work_once(self) -> dict | None:
+        """Takes the lease, runs the oldest queued job (if any) to its end, releases. Returns the finished job."""
+        lease = self.store.lease(LEASE_NAME, self.settings.retrain.lease_ttl_s)
+        if not lease.acquire():
+            return None
+        lost = threading.Event()
+        renewer = self._keep_renewing(lease, lost)
+        try:
+            self._fail_orphan()
+            job = self.store.next_job()
+            if job is None:
+                return None
+            job["worker"] = self.name
+            finished = RetrainJob(job, self.settings, self.store, lease, lost).run()
+            self.store.update_job(finished)
+            self.store.finish_current_job()
+            self.store.prune_jobs()
+            log.warning("retrain finished", extra={k: finished.get(k) for k in ("id", "task", "status", "version",
+                                                                             "error", "metrics", "timings")})
+            return finished
+        finally:
+            renewer.set()
+            lease.release()
+
+    def _fail_orphan(self) -> None:
+        """A job still marked current when the lease was free belonged to a trainer that died or lost the lease."""
+        job_id = self.store.current_job()
+        if job_id is None:
+            return
+        job = self.store.get_job(job_id)
+        if job is not None and job.get("status") in ("queued", "running"):
+            job |= {"status": "failed", "finished_at": now_iso(),
+                    "error": "the trainer running this job stopped (its retrain lease expired)"}
+            self.store.update_job(job)
+            log.warning("orphaned retrain marked failed", extra={"job": job_id, "worker": job.get("worker")})
+        self.store.finish_current_job()
+
+    def _keep_renewing(self, lease: Lease, lost: threading.Event) -> threading.Event:
+        done = threading.Event()
+        interval = self.settings.retrain.lease_ttl_s / 3
+
+        def renew() -> None:
+            while not done.wait(interval):
+                try:
+                    ok = lease.renew()
+                except Exception:
+                    log.warning("lease renewal failed", exc_info=True)
+                    ok = False
+                if not ok:
+                    lost.set()
+                    log.error("retrain lease lost; this job cannot activate")
+                    return
+
+        threading.Thread(target=renew, name="gramrec-lease", daemon=True).start()
+        return done
+
+
+def run_trainer(settings: ServiceSettings) -> None:
+    """Runs until SIGINT/SIGTERM, which let the job in progress finish first (SIGKILL: its lease expires)."""
+    import signal
+
+    worker = TrainerWorker(settings)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: worker.stop_event.set())
+    worker.run_forever()
