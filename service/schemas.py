@@ -9,12 +9,40 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from service.settings import ITEM_ID_PATTERN, Task
 
 ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
 UserId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
+MAX_UNIX_SECONDS = 2e10  # year 2603; pydantic would read larger numbers as milliseconds
+
+
+def _unix_seconds(value):
+    """Numbers are Unix seconds in [0, 2e10], nothing else (not milliseconds, not before 1970)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and not 0 <= value <= MAX_UNIX_SECONDS:
+        raise ValueError(f"a numeric timestamp is Unix seconds between 0 and {MAX_UNIX_SECONDS:.0e}")
+    return value
+
+
+# ISO 8601 or Unix seconds; the schema says both (pydantic's would claim strings only).
+Timestamp = Annotated[
+    datetime,
+    BeforeValidator(_unix_seconds),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number", "minimum": 0, "maximum": 2e10}]},
+        mode="validation",
+    ),
+]
 # JSON true/false or 0/1, nothing looser ("yes", 0.5): a mistyped label must not become a silent True.
 Binary = Annotated[StrictBool | Literal[0, 1], AfterValidator(bool)]
 
@@ -98,7 +126,7 @@ class ItemResponse(BaseModel):
 class AnswerEvent(RequestModel):
     item_id: ItemId
     correct: Binary
-    timestamp: datetime | None = Field(None, description="ISO 8601 or Unix seconds; naive times are UTC")
+    timestamp: Timestamp | None = Field(None, description="ISO 8601 or Unix seconds; naive times are UTC")
 
 
 class KTInteractions(RequestModel):
@@ -117,7 +145,7 @@ class NRInteractions(RequestModel):
     user_id: UserId
     history: list[ItemId] = Field(default_factory=list, description="news the reader had clicked before")
     impressions: list[Impression] = Field(min_length=1)
-    timestamp: datetime | None = None
+    timestamp: Timestamp | None = Field(None, description="ISO 8601 or Unix seconds; naive times are UTC")
 
 
 Interactions = Annotated[KTInteractions | NRInteractions, Field(discriminator="task")]
