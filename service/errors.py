@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import Counter
 
 from fastapi import FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
@@ -14,6 +17,31 @@ from service.body_limit import BodyTooLarge
 from service.item_store import STORE_ERRORS
 
 log = logging.getLogger("gramrec.service")
+
+
+class LogThrottle:
+    """At most one log line per key and `interval_s`: an outage under load fails every request, and one line per
+    failure would flood the log (the metrics count each one). The line that is let through says how many were not."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> int | None:
+        """None: stay quiet; else log now, with this many lines suppressed since the last one."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[key] += 1
+                return None
+            self._last[key] = now
+            return self._suppressed.pop(key, 0)
+
+
+_store_errors_log = LogThrottle()
 
 
 class UnknownItems(LookupError):
@@ -68,8 +96,12 @@ async def _unknown_items(request: Request, exc: UnknownItems) -> JSONResponse:
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    log.error("item store error", extra={"path": request.url.path, "error": repr(exc)})
-    request.app.state.metrics.store_errors.labels(type(exc).__name__).inc()
+    kind = type(exc).__name__
+    request.app.state.metrics.store_errors.labels(kind).inc()
+    suppressed = _store_errors_log.allow(kind)
+    if suppressed is not None:
+        extra = {"path": request.url.path, "error": f"{kind}: {exc}", "suppressed": suppressed}
+        log.error("item store error", extra=extra)
     return JSONResponse(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         content={"detail": "item store unavailable"},
