@@ -31,6 +31,14 @@ PREDICT = {
 }
 
 
+STORE_CALLS = [
+    ("POST", "/items", {"task": "kt", "items": [{"item_id": "during-outage", "text": "a new exercise"}]}),
+    ("GET", "/items/kt/kt-item-1", None),
+    ("GET", "/items/kt-item-1", None),
+    ("POST", "/interactions", {"task": "kt", "user_id": "u1", "events": [{"item_id": "kt-item-1", "correct": 1}]}),
+]
+
+
 @dataclass
 class Outcome:
     started: float
@@ -156,6 +164,11 @@ def assert_readiness_fails(url: str) -> None:
     assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # alive: do not restart it
     response = httpx.post(url + "/predict", json=PREDICT, timeout=10)
     assert response.status_code == 503 and response.headers["Retry-After"] == "1", response.text
+    for method, path, body in STORE_CALLS:  # every endpoint that needs the store: the same prompt, clear 503
+        response, elapsed = timed(method, url + path, json=body)
+        assert response.status_code == 503, (path, response.text)
+        assert response.json() == {"detail": "item store unavailable"}, (path, response.text)
+        assert elapsed < STORE_ERROR_BOUND_S, (path, elapsed)
 
 
 def test_hung_redis_gives_prompt_503_and_recovers(outage):
