@@ -20,6 +20,7 @@ This module needs only numpy, onnxruntime, tokenizers and safetensors (no torch)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -176,11 +177,23 @@ def _tokenizer(contents: dict[str, bytes], directory: Path, manifest: dict) -> T
         raise ArtifactError(directory / MANIFEST, "has an encoder but no tokenizer entry")
     name = f"{TOKENIZER_DIR}/tokenizer.json"
     try:
-        tokenizer = Tokenizer.from_str(_required(contents, directory, name).decode("utf-8"))
+        return _configured_tokenizer(
+            _required(contents, directory, name), manifest["max_tokens"], int(info["pad_token_id"]),
+            str(info["pad_token"]),
+        )
+    except ArtifactError:
+        raise
     except Exception as exc:  # the Rust parser raises plain Exception subclasses
         raise ArtifactError(directory / name, f"not a valid fast tokenizer: {exc}") from None
-    tokenizer.enable_truncation(max_length=manifest["max_tokens"])
-    tokenizer.enable_padding(pad_id=int(info["pad_token_id"]), pad_token=str(info["pad_token"]))
+
+
+@functools.lru_cache(maxsize=8)
+def _configured_tokenizer(definition: bytes, max_tokens: int, pad_id: int, pad_token: str) -> Tokenizer:
+    """Parsing a tokenizer holds the GIL for ~15 ms, which requests being served would feel during a hot swap;
+    retrained versions share their tokenizer, so it is parsed once. Never mutated after this (encode is &self)."""
+    tokenizer = Tokenizer.from_str(definition.decode("utf-8"))
+    tokenizer.enable_truncation(max_length=max_tokens)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
     return tokenizer
 
 

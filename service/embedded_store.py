@@ -273,8 +273,8 @@ class EmbeddedStore:
         rows = self._query("SELECT value FROM flags WHERE name = 'retrain-current'")
         return rows[0][0] if rows else None
 
-    def finish_current_job(self) -> None:
-        self._query("DELETE FROM flags WHERE name = 'retrain-current'")
+    def finish_current_job(self, job_id: str) -> None:
+        self._query("DELETE FROM flags WHERE name = 'retrain-current' AND value = ?", (job_id,))
 
     def lease(self, name: str, ttl_s: float) -> EmbeddedLease:
         return EmbeddedLease(self, f"lock:{name}", ttl_s)

@@ -148,7 +148,7 @@ class Store(Protocol):
     def prune_jobs(self, keep: int = ...) -> None: ...
     def next_job(self) -> dict | None: ...
     def current_job(self) -> str | None: ...
-    def finish_current_job(self) -> None: ...
+    def finish_current_job(self, job_id: str) -> None: ...
     def lease(self, name: str, ttl_s: float) -> Lease: ...
     def claim_tick(self, task: str, tick: str, ttl_s: float) -> bool: ...
 
@@ -188,6 +188,10 @@ redis.call('SET', KEYS[3], job_id)
 return record
 """
 
+_FINISH_CURRENT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
 MAX_JOB_RECORDS = 500  # older job records are dropped when a job finishes
 
 # KEYS: active pointer, table, texts. ARGV: version, then (id, vector, text) triples.
@@ -211,6 +215,7 @@ class RedisStore:
         self._put_items = client.register_script(_PUT_ITEMS)
         self._enqueue = client.register_script(_ENQUEUE)
         self._next_job = client.register_script(_NEXT_JOB)
+        self._finish_current = client.register_script(_FINISH_CURRENT)
 
     @classmethod
     def from_url(
@@ -391,8 +396,10 @@ class RedisStore:
         value = self.client.get(self.key("retrain-current"))
         return value.decode() if value is not None else None
 
-    def finish_current_job(self) -> None:
-        self.client.delete(self.key("retrain-current"))
+    def finish_current_job(self, job_id: str) -> None:
+        """Clears the current-job marker if it still names job_id (a trainer that lost its lease must not clear
+        the marker of the job its successor runs)."""
+        self._finish_current(keys=[self.key("retrain-current")], args=[job_id])
 
     def lease(self, name: str, ttl_s: float) -> RedisLease:
         return RedisLease(self.client, self.key("lock", name), ttl_s)

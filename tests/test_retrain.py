@@ -367,3 +367,30 @@ def test_redis_layout_of_jobs(deployed):
     assert client.get(f"{prefix}retrain-pending:kt") is None
     assert client.get(f"{prefix}retrain-current").decode() == job["id"]
     client.close()
+
+
+def test_news_retrain_end_to_end(settings_for, tmp_path, tiny_training_env):  # noqa: F811
+    base = write_mind_data(tmp_path / "mind", impressions=80)
+    settings = settings_for("redis", tasks=["nr"], bootstrap_nr_data=base, retrain={"tasks": ["nr"]})
+    first = deploy_first_version(settings, "nr")
+    store = open_store(settings)
+    store.log_interactions("nr", [{"user_id": "R1", "history": "N1 N2", "impressions": "N3-1 N4-0 N5-0",
+                                   "timestamp": NOW}] * 4)
+    job = store.enqueue_job(Job.queued("nr", "admin", {}))
+    finished = TrainerWorker(settings, store).work_once()
+    assert finished["id"] == job["id"] and finished["status"] == "succeeded", finished["error"]
+    assert finished["base_version"] == first and store.active_version("nr") == finished["version"]
+    assert finished["data"]["logged_interactions"] == 4 and finished["metrics"]["active"] is not None
+    store.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "embedded"])
+def test_a_trainer_clears_only_its_own_current_job_marker(settings_for, backend):  # noqa: F811
+    store = open_store(settings_for(backend))
+    job = store.enqueue_job(Job.queued("kt", "admin", {}))
+    assert store.next_job()["id"] == job["id"] and store.current_job() == job["id"]
+    store.finish_current_job("another-job")  # a trainer that lost its lease finishing late
+    assert store.current_job() == job["id"]
+    store.finish_current_job(job["id"])
+    assert store.current_job() is None
+    store.close()

@@ -76,9 +76,9 @@ class Deployment:
         self.processes.append(process)
         return process
 
-    def serve(self) -> str:
+    def serve(self, workers: int = 1) -> str:
         port = free_port()
-        process = self.start("serve", "--port", str(port))
+        process = self.start("serve", "--port", str(port), "--workers", str(workers))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

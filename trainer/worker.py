@@ -112,7 +112,7 @@ class TrainerWorker:
             job["worker"] = self.name
             finished = RetrainJob(job, self.settings, self.store, lease, lost).run()
             self.store.update_job(finished)
-            self.store.finish_current_job()
+            self.store.finish_current_job(finished["id"])
             self.store.prune_jobs()
             log.warning("retrain finished", extra={k: finished.get(k) for k in ("id", "task", "status", "version",
                                                                              "error", "metrics", "timings")})
@@ -132,7 +132,7 @@ class TrainerWorker:
                     "error": "the trainer running this job stopped (its retrain lease expired)"}
             self.store.update_job(job)
             log.warning("orphaned retrain marked failed", extra={"job": job_id, "worker": job.get("worker")})
-        self.store.finish_current_job()
+        self.store.finish_current_job(job_id)
 
     def _keep_renewing(self, lease: Lease, lost: threading.Event) -> threading.Event:
         done = threading.Event()
