@@ -8,7 +8,9 @@ all, an accepted one only the keys it owns.
 from __future__ import annotations
 
 import json
+import time
 
+import httpx
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -221,3 +223,38 @@ def test_error_detail_is_json_with_a_message(client):
     response = client.post("/predict", content=nested(30_000), headers=JSON)
     detail = response.json()["detail"]
     assert isinstance(detail, list) and detail[0]["loc"] == ["body"] and json.dumps(detail)
+
+
+def test_oversized_bodies_on_a_real_server(tmp_path):
+    """Through uvicorn: a 20 MB body, declared or chunked, is a prompt JSON 413 and the server stays up."""
+    from tests.serve_process import ServeProcess
+
+    env = {
+        "GRAMREC_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        "GRAMREC_EMBEDDED_STORE_PATH": str(tmp_path / "store.sqlite3"),
+        "GRAMREC_TASKS": "kt",
+    }
+    server = ServeProcess(tmp_path / "serve.log", env).start(wait_ready=False)
+    size = 20 << 20
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(server.url + "/healthz"):
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.2)
+        bodies = {"declared": b'{"text": "' + b"x" * size + b'"}', "chunked": (b"x" * 65536 for _ in range(size >> 16))}
+        for name, body in bodies.items():
+            start = time.monotonic()
+            response = httpx.post(server.url + "/items", content=body, headers=JSON, timeout=10)
+            assert response.status_code == 413, (name, response.text)
+            assert "larger than 1048576 bytes" in response.json()["detail"]
+            assert time.monotonic() - start < 5, name
+        assert _answers(server.url + "/healthz")
+    finally:
+        server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
