@@ -189,7 +189,8 @@ def test_hung_redis_gives_prompt_503_and_recovers(outage):
     assert_outage_answers(load, paused, resumed)
     assert {o.status for o in load.outcomes} <= {200, 503}
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
-    print(f"hung Redis: recovered {recovery:.2f}s after SIGCONT")
+    slowest = max(o.elapsed for o in load.between(paused, resumed))
+    print(f"hung Redis: slowest 503 {slowest:.2f}s; recovered {recovery:.2f}s after SIGCONT")
 
 
 def test_redis_killed_and_restarted_empty(outage):
@@ -355,3 +356,35 @@ def test_store_error_logs_are_throttled(monkeypatch):
     assert throttle.allow("TimeoutError") == 0  # each error type has its own line
     clock[0] += 1.0
     assert throttle.allow("ConnectionError") == 500  # the next line says how many were left out
+
+
+def test_an_evicted_item_table_is_a_503_then_reloaded(tmp_path):
+    """Only the table key lost (eviction, a stray DEL): 503s and an unready process, never 422s, until the poll."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+    from tests.test_service_fakes import FakeArtifacts, FakeBundle
+
+    version = "kt-20260101T000000-aaaaaa"
+    artifacts = FakeArtifacts(FakeBundle(version, "kt"))
+    redis_server = RedisServer(tmp_path / "redis").start()
+    settings = ServiceSettings(
+        redis_url=redis_server.url, artifacts_dir=tmp_path, tasks=["kt"], model_poll_interval_s=0, bootstrap=False,
+        follow_activations=False,
+    )
+    app = create_app(settings, load_bundle=artifacts.load, list_versions=artifacts.list_versions)
+    body = {"task": "kt", "history": [{"item_id": "kt1", "correct": 1}], "targets": ["kt2"]}
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert client.post("/predict", json=body).status_code == 200
+            redis_server.client().delete(f"{PREFIX}table:{version}")
+            response = client.post("/predict", json=body)
+            assert response.status_code == 503 and response.json() == {"detail": "item store unavailable"}
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["detail"]["store"] == f"missing item tables: {version}"
+            app.state.registry.sync("kt")  # what the poll does every GRAMREC_MODEL_POLL_INTERVAL_S
+            assert client.post("/predict", json=body).status_code == 200
+            assert client.get("/readyz").status_code == 200
+    finally:
+        redis_server.close()
