@@ -331,7 +331,7 @@ def _manifest(
     return {
         "format": FORMAT,
         "version": version,
-        "created": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # microseconds: versions of one second still order
         "task": model.task,
         "strategy": model.strategy,
         "dim": int(model.encoder.dim),
