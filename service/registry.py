@@ -244,8 +244,10 @@ class ModelRegistry:
             while not self._stop.is_set():
                 try:
                     self.store.listen_activations(on_activation, self._stop)
+                except STORE_ERRORS as exc:  # an outage: one line per retry, not a traceback
+                    log.warning("activation feed lost; polling until it is back", extra={"error": repr(exc)})
                 except Exception:
-                    log.warning("activation feed lost; polling until it is back", exc_info=True)
+                    log.exception("activation feed failed; polling until it is back")
                 self._stop.wait(retry_s)
                 self._sync_all()  # whatever was published while the feed was down
 
