@@ -63,6 +63,17 @@ class TrainSettings(BaseSettings):
     pooling: Literal["mean", "attention"] | None = Field(None, description="default: mean (kt), attention (nr)")
     use_abstract: bool = False
     encoder_batch_size: int = Field(256, ge=1, description="items per encoder forward (memory bound)")
+    encoder_batch_tokens: int | None = Field(
+        None, ge=1, description="also cap tokens per encoder forward (lets short texts use large batches)"
+    )
+    attention: Literal["auto", "packed", "padded"] = Field(
+        "auto", description="encoder batch layout: packed = padding-free (varlen attention on CUDA); auto = packed "
+        "on CUDA under bf16 autocast, padded elsewhere"
+    )
+    freeze_bottom_layers: int = Field(
+        0, ge=0, description="freeze the embeddings and this many bottom encoder layers and cache their outputs for "
+        "all items once (IISAN-style); re-encodes and regressions then run only the top layers"
+    )
     regress_batch_size: int = Field(1024, ge=1, description="multi-step GRAM: items per encoder Adam step")
 
     # CF head and data

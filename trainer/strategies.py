@@ -55,13 +55,24 @@ class Strategy:
         self.num_items = len(tokens)
         self.steps_per_epoch = steps_per_epoch
         self.world = world
+        self._configure_encoder()
         self.optimizers: dict[str, tuple[torch.optim.Optimizer, object]] = {
             "cf": make_optimizer(settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device)
         }
         if self.finetunes_encoder:
+            trainable = [p for p in encoder.parameters() if p.requires_grad]  # frozen bottom layers excluded
             self.optimizers["encoder"] = make_optimizer(
-                settings.optimizer, encoder.parameters(), settings.lr_encoder, settings.warmup_steps, self.device
+                settings.optimizer, trainable, settings.lr_encoder, settings.warmup_steps, self.device
             )
+
+    def _configure_encoder(self) -> None:
+        """Applies the encoder settings: batch layout and token cap; for strategies that fine-tune it, the frozen
+        bottom layers, whose outputs are cached once for every item (before the optimizer sees the parameters)."""
+        self.encoder.attention = self.settings.attention
+        self.encoder.batch_tokens = self.settings.encoder_batch_tokens
+        if self.finetunes_encoder and self.settings.freeze_bottom_layers:
+            self.encoder.freeze_bottom(self.settings.freeze_bottom_layers)
+            self.encoder.cache_bottom(self.tokens, self.settings.encoder_batch_size)
 
     # -- hooks for subclasses -------------------------------------------------------------------------
     def cf_parameters(self):
