@@ -108,7 +108,8 @@ def timed(fn, device, min_s: float) -> float:
 
 def speed(encoder: ContentEncoder, tokens, device, batch: int, mode: str, sample: int, min_s: float) -> dict:
     idx = torch.randperm(len(tokens))[:sample]
-    encoder.attention = mode
+    encoder.attention = mode.split("+")[0]
+    encoder.batch_tokens = 65536
 
     def forward():
         encoder.eval()
@@ -123,6 +124,28 @@ def speed(encoder: ContentEncoder, tokens, device, batch: int, mode: str, sample
             encoder.zero_grad(set_to_none=True)
         return run
 
+    out = {}
+    if mode.endswith("+compile"):  # torch.compile of the backbone, dynamic shapes (T and B vary per batch)
+        plain = encoder.backbone
+        encoder.backbone = torch.compile(plain, dynamic=True)
+        try:
+            t0 = time.perf_counter()
+            for fn in (forward, fwdbwd(False), fwdbwd(True)):
+                fn()
+            torch.cuda.synchronize(device)
+            out["compile_s"] = time.perf_counter() - t0
+            out.update(speed_of(forward, fwdbwd, idx, device, min_s))
+        except Exception as error:  # noqa: BLE001 - report the failure, keep measuring the rest
+            out["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print("compile failed:", out["error"], flush=True)
+        finally:
+            encoder.backbone = plain
+        return out
+    out.update(speed_of(forward, fwdbwd, idx, device, min_s))
+    return out
+
+
+def speed_of(forward, fwdbwd, idx, device, min_s: float) -> dict:
     out = {}
     for name, fn in (("fwd", forward), ("fwdbwd_eval", fwdbwd(False)), ("fwdbwd_train", fwdbwd(True))):
         try:
@@ -139,6 +162,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--min-s", type=float, default=1.0)
     parser.add_argument("--workloads", nargs="+", default=["mind-title", "toeic"])
+    parser.add_argument("--modes", nargs="+", default=["padded", "packed"], help="padded, packed, packed+compile")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 256 1024 4096 (short), 128 256 512 (long)")
+    parser.add_argument("--skip-check", action="store_true")
     args = parser.parse_args()
     import transformers
 
@@ -153,23 +179,24 @@ def main() -> None:
     results = {"meta": meta, "check": {}, "speed": {}}
     for name in args.workloads:
         tokens = synthetic_tokens(20_000, LENGTHS[name], encoder.backbone.config.vocab_size, rng)
-        results["check"][name] = check(encoder, tokens, device)
-        print(name, "check", results["check"][name], flush=True)
+        if not args.skip_check:
+            results["check"][name] = check(encoder, tokens, device)
+            print(name, "check", results["check"][name], flush=True)
         long = LENGTHS[name] > 64
-        batches = (128, 256, 512) if long else (256, 1024, 4096)
+        batches = args.batches or ((128, 256, 512) if long else (256, 1024, 4096))
         sample = 4096 if long else 16384
         for batch in batches:
-            for mode in ("padded", "packed"):
+            for mode in args.modes:
                 r = speed(encoder, tokens, device, batch, mode, sample, args.min_s)
                 results["speed"][f"{name}/{batch}/{mode}"] = r
-                print(name, batch, mode, {k: (round(v) if v else v) for k, v in r.items()}, flush=True)
+                print(name, batch, mode, {k: (round(v) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         Path(args.out, "encoder_probe.json").write_text(json.dumps(results, indent=2))
     print("\n| workload | batch | layout | fwd items/s | fwd+bwd eval items/s | fwd+bwd train items/s |")
     print("|---|---|---|---|---|---|")
     for key, r in results["speed"].items():
         name, batch, mode = key.split("/")
-        cells = " | ".join(f"{r[k]:,.0f}" if r[k] else "OOM" for k in ("fwd", "fwdbwd_eval", "fwdbwd_train"))
-        print(f"| {name} | {batch} | {mode} | {cells} |")
+        cells = " | ".join(f"{r[k]:,.0f}" if r.get(k) else r.get("error", "OOM")[:40] for k in ("fwd", "fwdbwd_eval", "fwdbwd_train"))
+        print(f"| {name} | {batch} | {mode} | {cells} |" + (f" compile {r['compile_s']:.0f}s" if "compile_s" in r else ""))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +83,7 @@ class PackedBatch:
         return (torch.arange(self.max_length, device=device)[None, :] < lengths[:, None]).long()
 
 
-@cache
-def _varlen_attn():
+def _load_varlen_attn():
     """torch.nn.attention.varlen.varlen_attn where this torch has it (2.10+), else None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -94,22 +92,26 @@ def _varlen_attn():
     return varlen_attn
 
 
-@cache
-def _varlen_takes_scale() -> bool:
-    fn = _varlen_attn()
-    return fn is not None and "scale" in inspect.signature(fn).parameters
+# Looked up once at import: plain module constants keep the attention function traceable by torch.compile.
+_VARLEN_ATTN = _load_varlen_attn()
+_VARLEN_TAKES_SCALE = _VARLEN_ATTN is not None and "scale" in inspect.signature(_VARLEN_ATTN).parameters
+_FLASH_OP = hasattr(torch.ops.aten, "_flash_attention_forward")
+
+
+def _varlen_attn():
+    return _VARLEN_ATTN
 
 
 def _flash_op_available() -> bool:
-    return hasattr(torch.ops.aten, "_flash_attention_forward")
+    return _FLASH_OP
 
 
 def kernel_for(query: torch.Tensor, dropout: float) -> str:
     """Which kernel `packed_attention_forward` runs for this query ([1, H, T, d]) and dropout: varlen | flash | padded."""
     fast = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
-    if fast and dropout == 0.0 and _varlen_attn() is not None:
+    if fast and dropout == 0.0 and _VARLEN_ATTN is not None:
         return "varlen"
-    if fast and dropout > 0.0 and _flash_op_available():
+    if fast and dropout > 0.0 and _FLASH_OP:
         return "flash"
     return "padded"
 
@@ -136,8 +138,8 @@ def packed_attention_forward(
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     kernel = kernel_for(query, dropout)
     if kernel == "varlen":
-        extra = {"scale": scaling} if scaling is not None and _varlen_takes_scale() else {}
-        out = _varlen_attn()(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **extra)
+        extra = {"scale": scaling} if scaling is not None and _VARLEN_TAKES_SCALE else {}
+        out = _VARLEN_ATTN(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **extra)
     elif kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, dropout, False,
