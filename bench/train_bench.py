@@ -917,9 +917,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--max-epoch-steps", type=int, default=None,
                         help="cut whole epochs (and real-data training epochs) to this many steps; extrapolated")
-    parser.add_argument("--encoder-batch-size", type=int, default=256)
+    parser.add_argument("--encoder-batch-size", type=int, default=4096)
     parser.add_argument("--regress-batch-size", type=int, default=1024)
-    parser.add_argument("--encoder-batch-tokens", type=int, default=None,
+    parser.add_argument("--encoder-batch-tokens", type=int, default=65536,
                         help="cap on tokens per encoder batch (TrainSettings.encoder_batch_tokens)")
     parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
                         help="encoder batch layout (TrainSettings.attention)")

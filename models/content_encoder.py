@@ -146,7 +146,7 @@ class ContentEncoder(nn.Module):
     def pool_packed(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """hidden [T, D] of a packed batch -> [B, D]. Pooling works on the padded [B, L, D] view: only the last
         layer's output is padded, and both layouts then share one pooling code path."""
-        return self.pool(batch.to_padded(hidden), batch.padding_mask(hidden.device))
+        return self.pool(batch.to_padded(hidden), batch.padding_mask())
 
     def uses_packed(self, device: torch.device, autocast: bool) -> bool:
         """Whether `encode` packs its batches on `device` (see the class docstring)."""

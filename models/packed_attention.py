@@ -77,10 +77,11 @@ class PackedBatch:
         padded = packed.new_zeros(self.num_texts, self.max_length, *packed.shape[1:])
         return padded.index_put((self.token_batch, self.position_ids[0]), packed)
 
-    def padding_mask(self, device: torch.device) -> torch.Tensor:
-        """[B, max_length] int64, 1 at real tokens."""
-        lengths = self.lengths.to(device, non_blocking=True)
-        return (torch.arange(self.max_length, device=device)[None, :] < lengths[:, None]).long()
+    def padding_mask(self) -> torch.Tensor:
+        """[B, max_length] int64, 1 at real tokens; from cu_seq_lens, on their device (no host transfer)."""
+        lengths = self.cu_seq_lens[1:] - self.cu_seq_lens[:-1]  # [B]
+        positions = torch.arange(self.max_length, device=self.cu_seq_lens.device)
+        return (positions[None, :] < lengths[:, None]).long()
 
 
 def _load_varlen_attn():
