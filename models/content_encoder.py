@@ -18,6 +18,12 @@ from models.packed_attention import PackedBatch, packed_attention
 Pooling = Literal["mean", "attention"]
 Attention = Literal["auto", "packed", "padded"]
 
+# "auto" packs a batch only when its longest text is longer than this. Measured on an H100 (BENCHMARKS.md §3):
+# for texts of ~150 tokens packing (varlen flash attention instead of masked SDPA) makes fwd+bwd 1.3-2.3x
+# faster; for titles of ~12 tokens, sorted into batches of like length, padding wastes little, attention is a
+# small share, and packing's extra host work made training steps equal or slower.
+PACK_MIN_TOKENS = 64
+
 # cuDNN's attention builds a plan for every new (batch, length) shape, which costs more than the attention itself
 # when each encoder batch has its own width; the memory-efficient and flash kernels have no such cost.
 _SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -84,8 +90,9 @@ class ContentEncoder(nn.Module):
 
     `attention` picks how `encode` lays out a batch: "padded" ([B, L] with a mask, the classic layout),
     "packed" (padding-free [1, T], see models/packed_attention.py; on CPU or in float32 its attention step
-    pads internally, so it is exact but not faster), or "auto": packed on CUDA under bf16 autocast, padded
-    otherwise. `forward` itself always takes the padded layout (export, serving).
+    pads internally, so it is exact but not faster), or "auto": packed on CUDA under bf16 autocast for batches
+    whose longest text exceeds PACK_MIN_TOKENS, padded otherwise. Both layouts compute the same function.
+    `forward` itself always takes the padded layout (export, serving).
     """
 
     def __init__(
@@ -148,10 +155,12 @@ class ContentEncoder(nn.Module):
         layer's output is padded, and both layouts then share one pooling code path."""
         return self.pool(batch.to_padded(hidden), batch.padding_mask())
 
-    def uses_packed(self, device: torch.device, autocast: bool) -> bool:
-        """Whether `encode` packs its batches on `device` (see the class docstring)."""
+    def uses_packed(self, device: torch.device, autocast: bool, max_length: int | None = None) -> bool:
+        """Whether `encode` packs a batch whose longest text has `max_length` tokens (None: any batch may be
+        packed) on `device` (see the class docstring)."""
         if self.attention == "auto":
-            return device.type == "cuda" and autocast
+            long_enough = max_length is None or max_length > PACK_MIN_TOKENS
+            return device.type == "cuda" and autocast and long_enough
         return self.attention == "packed"
 
     def encode(
@@ -166,7 +175,7 @@ class ContentEncoder(nn.Module):
         device = next(self.parameters()).device
         idx = idx.cpu()
         order = torch.argsort(tokens.lengths[idx], stable=True)
-        packed = self.uses_packed(device, autocast)
+        packed = self.uses_packed(device, autocast)  # may any batch be packed (token costs below)
         cached = self.bottom_cache is not None and self.bottom_cache.tokens is tokens
         bounds = batch_bounds(tokens.lengths[idx[order]], batch_size, self.batch_tokens, packed or cached)
         chunks = []
@@ -175,7 +184,7 @@ class ContentEncoder(nn.Module):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
                 if cached:
                     pooled = self.forward_cached(chunk)
-                elif packed:
+                elif packed and self.uses_packed(device, autocast, int(tokens.lengths[chunk[-1]])):  # sorted
                     pooled = self.forward_packed(tokens.packed(chunk).to(device))
                 else:
                     input_ids, attention_mask = tokens.batch(chunk)

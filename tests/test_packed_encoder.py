@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.content_encoder import batch_bounds, token_rows
+from models.content_encoder import PACK_MIN_TOKENS, batch_bounds, token_rows
 from models.packed_attention import kernel_for, packed_attention_forward
 from tests.conftest import random_tokens, tiny_encoder
 from tests.test_gram_equivalence import TASKS, make_run, max_relative_difference, parameters
@@ -67,6 +67,11 @@ def test_auto_is_padded_on_cpu_and_cpu_kernel_is_the_padded_fallback():
     encoder = tiny_encoder()
     assert not encoder.uses_packed(torch.device("cpu"), autocast=True)
     assert encoder.uses_packed(torch.device("cuda"), autocast=True)
+    assert encoder.uses_packed(torch.device("cuda"), autocast=True, max_length=PACK_MIN_TOKENS + 1)
+    assert not encoder.uses_packed(torch.device("cuda"), autocast=True, max_length=PACK_MIN_TOKENS)  # short: padded
+    encoder.attention = "packed"
+    assert encoder.uses_packed(torch.device("cuda"), autocast=True, max_length=4)
+    encoder.attention = "auto"
     assert not encoder.uses_packed(torch.device("cuda"), autocast=False)  # float32 export stays padded
     assert kernel_for(torch.zeros(1, 2, 5, 8), 0.0) == "padded"
     with pytest.raises(ValueError, match="cu_seq_lens"):
