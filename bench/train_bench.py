@@ -15,7 +15,8 @@ Workloads (`--workloads`):
   synthetic  mind-title (NR), poj, toeic (KT): the GRAM paper's item counts, interaction counts and mean text
              lengths, Zipf item popularity (bench/workloads.py), `--scale` of the interactions kept
 
-Per workload and strategy (E2E, GRAM 1S / 10S / 0.5E / 1E, NoFinetune), all at the same CF batch:
+Per workload and strategy (E2E, GRAM 1S / 10S / 0.5E / 1E, GRAM-1E with the bottom --freeze-bottom-layers
+layers frozen and cached (gram-1e-frozen), NoFinetune), all at the same CF batch:
   * epoch time: E2E and GRAM-1S from steady throughput (`--steady-steps` steps after `--warmup-steps`),
     the others from one whole epoch (initial table encoding and regressions included);
   * encoder items/s (forward and backward item passes from the encoder's counters / time), peak GPU memory;
