@@ -176,7 +176,11 @@ class ContentEncoder(nn.Module):
         idx = idx.cpu()
         order = torch.argsort(tokens.lengths[idx], stable=True)
         packed = self.uses_packed(device, autocast)  # may any batch be packed (token costs below)
-        cached = self.bottom_cache is not None and self.bottom_cache.tokens is tokens
+        cache = self.bottom_cache
+        # The cache serves only the precision it was built in: a float32 encode (export) of a bf16 cache would
+        # carry bf16 rounding into the exported table, so it runs the whole model instead.
+        low_precision = autocast and device.type == "cuda"
+        cached = cache is not None and cache.tokens is tokens and cache.low_precision == low_precision
         bounds = batch_bounds(tokens.lengths[idx[order]], batch_size, self.batch_tokens, packed or cached)
         chunks = []
         for start, end in tqdm(bounds, desc="encoding items", unit="batch", disable=not progress, leave=False):
@@ -247,7 +251,7 @@ class ContentEncoder(nn.Module):
                 hidden = self.backbone.embeddings(input_ids=batch.input_ids, position_ids=batch.position_ids)
                 hidden = self._run_layers(hidden, batch, self._layers()[: self.frozen_layers])  # [T, D]
             hidden_all[token_rows(offsets, tokens.lengths, chunk).to(device)] = hidden.to(dtype)
-        self.bottom_cache = BottomCache(tokens=tokens, hidden=hidden_all, offsets=offsets)
+        self.bottom_cache = BottomCache(tokens=tokens, hidden=hidden_all, offsets=offsets, low_precision=on_cuda)
 
     def forward_cached(self, idx: torch.Tensor) -> torch.Tensor:
         """Items `idx` ([B], CPU) from the bottom cache through the top layers -> [B, D]."""
@@ -282,6 +286,7 @@ class BottomCache:
     tokens: ItemTokens
     hidden: torch.Tensor  # [T_all, D] on the encoder's device
     offsets: torch.Tensor  # [N + 1] int64, CPU
+    low_precision: bool  # built under CUDA bf16 autocast (hidden is bf16)
 
 
 def token_rows(offsets: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
