@@ -15,7 +15,8 @@ Workloads (`--workloads`):
   synthetic  mind-title (NR), poj, toeic (KT): the GRAM paper's item counts, interaction counts and mean text
              lengths, Zipf item popularity (bench/workloads.py), `--scale` of the interactions kept
 
-Per workload and strategy (E2E, GRAM 1S / 10S / 0.5E / 1E, NoFinetune), all at the same CF batch:
+Per workload and strategy (E2E, GRAM 1S / 10S / 0.5E / 1E, GRAM-1E with the bottom --freeze-bottom-layers
+layers frozen and cached (gram-1e-frozen), NoFinetune), all at the same CF batch:
   * epoch time: E2E and GRAM-1S from steady throughput (`--steady-steps` steps after `--warmup-steps`),
     the others from one whole epoch (initial table encoding and regressions included);
   * encoder items/s (forward and backward item passes from the encoder's counters / time), peak GPU memory;
@@ -68,22 +69,24 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "gram-10s": ("gram", "10s"),
     "gram-0.5e": ("gram", "0.5e"),
     "gram-1e": ("gram", "1e"),
+    "gram-1e-frozen": ("gram", "1e"),  # + the bottom --freeze-bottom-layers layers frozen and cached (IISAN-style)
     "nofinetune": ("nofinetune", "1e"),
 }
+FROZEN = "gram-1e-frozen"
 STEADY = ("e2e", "gram-1s")  # timed from steady throughput; the rest run whole epochs
 # Execution order: what a stage leaves unused rolls over to the later ones. Synthetic: the steady E2E / 1S
 # first (the speedups need them); real data: the cheap whole epochs first, then E2E / 1S take what is left.
-RUN_ORDER = {"synthetic": ["e2e", "gram-1s", "nofinetune", "gram-1e", "gram-0.5e", "gram-10s"],
-             "real": ["nofinetune", "gram-1e", "gram-0.5e", "gram-10s", "e2e", "gram-1s"]}
-TRAIN_ORDER = ["nofinetune", "gram-1e", "gram-0.5e", "gram-10s", "gram-1s", "e2e"]  # E2E last: gets the rollover
+RUN_ORDER = {"synthetic": ["e2e", "gram-1s", "nofinetune", "gram-1e", FROZEN, "gram-0.5e", "gram-10s"],
+             "real": ["nofinetune", "gram-1e", FROZEN, "gram-0.5e", "gram-10s", "e2e", "gram-1s"]}
+TRAIN_ORDER = ["nofinetune", "gram-1e", FROZEN, "gram-0.5e", "gram-10s", "gram-1s", "e2e"]  # E2E last: gets the rollover
 REAL = {"kt-codeworkout": ("kt", "codeworkout_s19"), "nr-mind": ("nr", "mind_small_subset")}
 ALL_WORKLOADS = ["mind-title", "toeic", "kt-codeworkout", "nr-mind", "poj"]
 # Shares of the time budget (what a part leaves unused rolls over to the parts after it), sized from an H100
 # run of the library as it is (cuDNN attention planning every new batch shape, see --disable-cudnn-sdpa).
 WORKLOAD_SHARES = {"mind-title": 0.21, "toeic": 0.27, "kt-codeworkout": 0.14, "nr-mind": 0.26, "poj": 0.12}
-SYNTH_STAGE_SHARES = {"floor": 0.05, "e2e": 0.30, "gram-1s": 0.20, "nofinetune": 0.06, "gram-1e": 0.15,
+SYNTH_STAGE_SHARES = {"floor": 0.05, "e2e": 0.30, "gram-1s": 0.20, "nofinetune": 0.06, "gram-1e": 0.15, FROZEN: 0.10,
                       "gram-0.5e": 0.12, "gram-10s": 0.12}
-REAL_STAGE_SHARES = {"floor": 0.03, "nofinetune": 0.02, "gram-1e": 0.03, "gram-0.5e": 0.03, "gram-10s": 0.04,
+REAL_STAGE_SHARES = {"floor": 0.03, "nofinetune": 0.02, "gram-1e": 0.03, FROZEN: 0.03, "gram-0.5e": 0.03, "gram-10s": 0.04,
                      "e2e": 0.12, "gram-1s": 0.08, "train": 0.65}
 RESERVE_S = 10.0  # kept back from the budget for the JSON, the plot and the tables
 GIB = 2**30
@@ -211,11 +214,11 @@ class Workload:
     seed: int
     info: dict = field(default_factory=dict)
     synthetic: object = None  # bench.workloads.SyntheticWorkload
+    frozen_layers: int = 3  # FROZEN's bottom layers
     epoch0: list | None = None
 
     def settings(self, label: str) -> TrainSettings:
-        strategy, period = STRATEGIES[label]
-        return self.base.model_copy(update={"strategy": strategy, "period": period})
+        return self.base.model_copy(update=label_settings(label, self.frozen_layers))
 
     def epoch_batches(self, epoch: int) -> list:
         if epoch == 0 and self.epoch0 is not None:
@@ -227,6 +230,12 @@ class Workload:
         while True:
             yield from self.epoch_batches(epoch)
             epoch += 1
+
+
+def label_settings(label: str, frozen_layers: int) -> dict:
+    """TrainSettings fields that make a table label's strategy."""
+    strategy, period = STRATEGIES[label]
+    return {"strategy": strategy, "period": period, "freeze_bottom_layers": frozen_layers if label == FROZEN else 0}
 
 
 def _parse_per_workload(values: list[str] | None, cast) -> dict[str, object]:
@@ -245,6 +254,7 @@ def base_settings(args, task: str, batch_size: int, device: torch.device, **extr
     return TrainSettings(
         task=task, data=extra.pop("data", Path(".")), strategy="e2e", period="1e", batch_size=batch_size,
         encoder_batch_size=args.encoder_batch_size, regress_batch_size=args.regress_batch_size,
+        encoder_batch_tokens=args.encoder_batch_tokens, attention=args.attention,
         device=str(device), progress=False, seed=args.seed, **extra,
     )
 
@@ -266,7 +276,8 @@ def build_synthetic_workload(name: str, args, source: EncoderSource, device: tor
         max_items=300 if args.smoke else None, mean_tokens=min(spec.mean_tokens, 12) if args.smoke else None,
         max_tokens=source.config.max_position_embeddings,
     )
-    workload = Workload(name, "synthetic", spec.task, synth.task, synth.tokens, settings, args.seed, synthetic=synth)
+    workload = Workload(name, "synthetic", spec.task, synth.task, synth.tokens, settings, args.seed, synthetic=synth,
+                        frozen_layers=min(args.freeze_bottom_layers, source.config.num_hidden_layers - 1))
     workload.info = {
         "paper": {"items": spec.num_items, "interactions": spec.interactions, "mean_tokens": spec.mean_tokens,
                   "R": spec.interactions / spec.num_items},
@@ -290,7 +301,8 @@ def build_real_workload(name: str, args, source: EncoderSource, tokenizer_dir: P
     task = make_task(settings)
     tokenizer = load_tokenizer(tokenizer_dir or default_encoder_dir())
     tokens = ItemTokens.from_texts(tokenizer, task.items.texts, settings.max_tokens)
-    workload = Workload(name, "real", task_name, task, tokens, settings, args.seed)
+    workload = Workload(name, "real", task_name, task, tokens, settings, args.seed,
+                        frozen_layers=min(args.freeze_bottom_layers, source.config.num_hidden_layers - 1))
     clicks = len(task.samples) if task_name == "nr" else task.interactions()
     workload.info = {"data": str(settings.data), "scale": 1.0, "interactions": clicks,
                      "interaction_unit": "answer" if task_name == "kt" else "click (training sample)",
@@ -507,6 +519,7 @@ def measure_floor(workload: Workload, source: EncoderSource, device: torch.devic
     idx = idx[torch.argsort(tokens.lengths[idx], stable=True)]
     reset_memory(device)
     encoder = source.make("attention" if workload.task_name == "nr" else "mean")
+    encoder.attention, encoder.batch_tokens = args.attention, args.encoder_batch_tokens
     deadline = time.perf_counter() + cap_s
     max_len = int(tokens.lengths[idx].max())
     fwd_sizes = [b for b in (bs, 4 * bs) if b == bs or (b * max_len <= 400_000 and not args.smoke and b < 2 * len(idx))]
@@ -598,10 +611,9 @@ def train_runs(workload: Workload, args, encoder_dir: Path, device: torch.device
             skipped.append(f"{workload.name} train {label}: no time left ({cap:.1f}s)")
             say(f"{workload.name} train {label}: SKIPPED (only {cap:.1f}s left)")
             continue
-        strategy, period = STRATEGIES[label]
         out = tmp / f"{workload.name}-{label}"
-        settings = workload.base.model_copy(update={
-            "strategy": strategy, "period": period, "epochs": args.real_epochs, "patience": args.patience,
+        settings = workload.base.model_copy(update=label_settings(label, workload.frozen_layers) | {
+            "epochs": args.real_epochs, "patience": args.patience,
             "out": out, "encoder_dir": encoder_dir, "time_budget_s": max(1.0, 0.8 * cap),
             "max_steps_per_epoch": args.max_epoch_steps,
         })
@@ -784,7 +796,21 @@ def targets(results: dict) -> list[dict]:
             add("GRAM-1E epoch within 1.5x of the floor", name, f"{floor['gram_1e_over_floor']:.2f}x", "1.5x",
                 floor["gram_1e_over_floor"] <= 1.5,
                 f"{g1e['epoch_s']:.2f}s vs floor {floor['floor_s']:.2f}s" + (" (1E partial)" if g1e.get("partial") else ""))
+        frozen = s.get(FROZEN, {})
+        if "epoch_s" in frozen and "epoch_s" in g1e:
+            add(f"{FROZEN}: epoch time and peak memory vs GRAM-1E (information)", name,
+                f"{g1e['epoch_s'] / frozen['epoch_s']:.2f}x faster", "-", None,
+                f"{frozen['epoch_s']:.2f}s vs {g1e['epoch_s']:.2f}s (cache build in init {frozen['init_s']:.2f}s); "
+                f"peak {fmt(frozen.get('peak_memory_bytes') and frozen['peak_memory_bytes'] / GIB)} vs "
+                f"{fmt(g1e.get('peak_memory_bytes') and g1e['peak_memory_bytes'] / GIB)} GiB")
         runs = rec.get("train") or {}
+        if "metrics" in runs.get(FROZEN, {}) and "metrics" in runs.get("gram-1e", {}):
+            metric = runs["gram-1e"]["primary_metric"]
+            a, b = runs["gram-1e"]["metrics"][metric], runs[FROZEN]["metrics"][metric]
+            if a is not None and b is not None:
+                add(f"{FROZEN}: test {metric} vs GRAM-1E (information)", name, f"{(b - a) * 100:+.2f} pt", "-", None,
+                    f"{b:.4f} vs {a:.4f}; time to best {fmt(runs[FROZEN]['time_to_best_s'], '.1f')}s vs "
+                    f"{fmt(runs['gram-1e']['time_to_best_s'], '.1f')}s")
         if "metrics" in runs.get("e2e", {}) and "metrics" in runs.get("gram-1e", {}):
             metric = runs["e2e"]["primary_metric"]
             a, b = runs["e2e"]["metrics"][metric], runs["gram-1e"]["metrics"][metric]
@@ -892,8 +918,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--max-epoch-steps", type=int, default=None,
                         help="cut whole epochs (and real-data training epochs) to this many steps; extrapolated")
-    parser.add_argument("--encoder-batch-size", type=int, default=256)
+    parser.add_argument("--encoder-batch-size", type=int, default=4096)
     parser.add_argument("--regress-batch-size", type=int, default=1024)
+    parser.add_argument("--encoder-batch-tokens", type=int, default=65536,
+                        help="cap on tokens per encoder batch (TrainSettings.encoder_batch_tokens)")
+    parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
+                        help="encoder batch layout (TrainSettings.attention)")
+    parser.add_argument("--freeze-bottom-layers", type=int, default=3,
+                        help=f"{FROZEN}: GRAM-1E with this many bottom encoder layers frozen and cached")
     parser.add_argument("--floor-min-time", type=float, default=0.5, help="seconds per floor rate measurement")
     parser.add_argument("--forced-regress-items", type=int, default=2048,
                         help="a GRAM-1E epoch cut short times its regression on at most this many rows")
@@ -961,6 +993,8 @@ def _main(args: argparse.Namespace, device: torch.device, out: Path, deadline: f
         "encoder": source.description, "encoder_params": source.params, "time_budget_s": args.time_budget_s,
         "steady_steps": args.steady_steps, "warmup_steps": args.warmup_steps,
         "encoder_batch_size": args.encoder_batch_size, "regress_batch_size": args.regress_batch_size,
+        "encoder_batch_tokens": args.encoder_batch_tokens, "attention": args.attention,
+        "freeze_bottom_layers": args.freeze_bottom_layers,
         "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled() if hasattr(torch.backends.cuda, "cudnn_sdp_enabled") else None,
         "smoke": args.smoke, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

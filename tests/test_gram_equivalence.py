@@ -51,11 +51,11 @@ TASKS = {
 }
 
 
-def make_run(strategy_cls, task: str, optimizer: str, period: str = "1s", pooling: str = "mean"):
+def make_run(strategy_cls, task: str, optimizer: str, period: str = "1s", pooling: str = "mean", **overrides):
     build_head, loss, _ = TASKS[task]
     settings = TrainSettings(
         task=task, data=Path("unused"), strategy="gram", period=period, optimizer=optimizer,
-        lr_cf=1e-2, lr_encoder=1e-2, warmup_steps=2, encoder_batch_size=5, regress_batch_size=10_000,
+        lr_cf=1e-2, lr_encoder=1e-2, warmup_steps=2, encoder_batch_size=5, regress_batch_size=10_000, **overrides,
     )
     encoder = tiny_encoder(pooling)
     torch.manual_seed(1)

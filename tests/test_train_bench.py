@@ -49,4 +49,4 @@ def test_train_bench_smoke_covers_every_strategy_and_the_floor(tmp_path):
         assert set(runs) == set(STRATEGIES)
         assert all(run["history"] and run["history"][0]["elapsed_s"] >= 0 for run in runs.values())
         assert any(t["target"].startswith("GRAM-1E test auc") for t in data["targets"])
-    assert elapsed < 30
+    assert elapsed < 45  # seven strategies x three workloads on a shared 2-core CPU

@@ -65,7 +65,20 @@ class TrainSettings(BaseSettings):
     max_tokens: int | None = Field(None, ge=4, le=512, description="default: 128 (kt), 32 (nr)")
     pooling: Literal["mean", "attention"] | None = Field(None, description="default: mean (kt), attention (nr)")
     use_abstract: bool = False
-    encoder_batch_size: int = Field(256, ge=1, description="items per encoder forward (memory bound)")
+    encoder_batch_size: int = Field(
+        4096, ge=1, description="items per encoder forward; on a GPU the pass is launch-bound below ~10k tokens"
+    )
+    encoder_batch_tokens: int | None = Field(
+        65536, ge=1, description="also cap tokens per encoder forward, so long texts stay within memory"
+    )
+    attention: Literal["auto", "packed", "padded"] = Field(
+        "auto", description="encoder batch layout: packed = padding-free (varlen attention on CUDA); auto = packed "
+        "on CUDA under bf16 autocast, padded elsewhere"
+    )
+    freeze_bottom_layers: int = Field(
+        0, ge=0, description="freeze the embeddings and this many bottom encoder layers and cache their outputs for "
+        "all items once (IISAN-style); re-encodes and regressions then run only the top layers"
+    )
     regress_batch_size: int = Field(1024, ge=1, description="multi-step GRAM: items per encoder Adam step")
 
     # CF head and data

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.content_encoder import ContentEncoder, ItemTokens
+from models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
 from trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
 from trainer.settings import TrainSettings
 
@@ -55,13 +55,24 @@ class Strategy:
         self.num_items = len(tokens)
         self.steps_per_epoch = steps_per_epoch
         self.world = world
+        self._configure_encoder()
         self.optimizers: dict[str, tuple[torch.optim.Optimizer, object]] = {
             "cf": make_optimizer(settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device)
         }
         if self.finetunes_encoder:
+            trainable = [p for p in encoder.parameters() if p.requires_grad]  # frozen bottom layers excluded
             self.optimizers["encoder"] = make_optimizer(
-                settings.optimizer, encoder.parameters(), settings.lr_encoder, settings.warmup_steps, self.device
+                settings.optimizer, trainable, settings.lr_encoder, settings.warmup_steps, self.device
             )
+
+    def _configure_encoder(self) -> None:
+        """Applies the encoder settings: batch layout and token cap; for strategies that fine-tune it, the frozen
+        bottom layers, whose outputs are cached once for every item (before the optimizer sees the parameters)."""
+        self.encoder.attention = self.settings.attention
+        self.encoder.batch_tokens = self.settings.encoder_batch_tokens
+        if self.finetunes_encoder and self.settings.freeze_bottom_layers:
+            self.encoder.freeze_bottom(self.settings.freeze_bottom_layers)
+            self.encoder.cache_bottom(self.tokens, self.settings.encoder_batch_size)
 
     # -- hooks for subclasses -------------------------------------------------------------------------
     def cf_parameters(self):
@@ -217,12 +228,15 @@ class GramMultiStep(Strategy):
         touched = self.touched.nonzero().squeeze(1).cpu()
         touched = touched[torch.randperm(len(touched), generator=self._generator)]
         step_items, micro = self.settings.regress_batch_size, self.settings.encoder_batch_size
+        packed = self.encoder.uses_packed(self.device, autocast=True)
         for start in range(0, len(touched), step_items):
             chunk = touched[start : start + step_items]
             chunk = chunk[torch.argsort(self.tokens.lengths[chunk], stable=True)]  # micro-batches of like lengths
             chunk = chunk[self.world.rank :: self.world.size]  # this rank's share; _step sums the gradients
-            for micro_start in range(0, len(chunk), micro):
-                items = chunk[micro_start : micro_start + micro]
+            # Micro-batches within the encoder's item and token caps, each back-propagated before the next, so
+            # only one micro-batch's graph is alive: peak memory follows encoder_batch_tokens, not the chunk.
+            for lo, hi in batch_bounds(self.tokens.lengths[chunk], micro, self.encoder.batch_tokens, packed):
+                items = chunk[lo:hi]
                 predicted = self.encoder.encode(self.tokens, items, micro)  # [b, D]
                 target = self.table[items.to(self.device)]
                 (0.5 * (predicted - target).pow(2).sum()).backward()
