@@ -115,9 +115,9 @@ class RetrainJob:
         from trainer.train import train
 
         saved = read_config(base_checkpoint)["settings"] if base_checkpoint else {"task": task}
-        keep = {"task", "encoder_dir", "max_tokens", "pooling", "encoder_batch_size", "regress_batch_size", "hidden_dim",
-                "batch_size", "max_seq_len", "history_len", "negatives", "optimizer", "lr_cf", "lr_encoder",
-                "warmup_steps", "seed"}
+        keep = {"task", "encoder_dir", "max_tokens", "pooling", "attention", "encoder_batch_size",
+                "encoder_batch_tokens", "regress_batch_size", "freeze_bottom_layers", "hidden_dim", "batch_size",
+                "max_seq_len", "history_len", "negatives", "optimizer", "lr_cf", "lr_encoder", "warmup_steps", "seed"}
         params = self.job.get("params", {})
         settings = TrainSettings(
             **{k: v for k, v in saved.items() if k in keep},
