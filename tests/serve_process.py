@@ -21,8 +21,9 @@ STARTUP_TIMEOUT_S = 90
 
 
 class ServeProcess:
-    def __init__(self, log_path: Path, env: dict[str, str]):
+    def __init__(self, log_path: Path, env: dict[str, str], workers: int = 1):
         self.port = free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -36,7 +37,8 @@ class ServeProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True) -> ServeProcess:
-        command = [sys.executable, "-m", "trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--workers", str(self.workers)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait_ready:

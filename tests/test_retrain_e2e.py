@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,29 +19,24 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.load import Load
 from tests.retrain_fixtures import deploy_first_version, tiny_training_env, write_kt_data  # noqa: F401
+from tests.serve_process import ROOT, ServeProcess
 from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
 from service.settings import ServiceSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "retrain-e2e-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 LOAD_CLIENTS = 3
 TEST_BUDGET_S = 240  # every wait below is bounded; the whole test stops by itself
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_REQUESTS = 200_000
 
 
 class Deployment:
     """A Redis prefix, an artifacts dir with a first kt version, and the processes started on them."""
 
     def __init__(self, tmp: Path, env: dict[str, str]):
+        self.tmp = tmp
         self.prefix = f"gramrec-e2e-{uuid.uuid4().hex[:10]}:"
         self.artifacts = tmp / "artifacts"
         self.base = write_kt_data(tmp / "kt-base")
@@ -67,32 +61,24 @@ class Deployment:
         )
         self.first = deploy_first_version(self.settings)
         self.processes: list[subprocess.Popen] = []
+        self.servers: list[ServeProcess] = []
 
     def start(self, *args: str, **env: str) -> subprocess.Popen:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=self.env | env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        log = self.tmp / f"{args[0]}-{len(self.processes)}.log"  # a file: an unread pipe would fill and block
+        with open(log, "ab") as output:
+            process = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=self.env | env,
+                                       stdout=output, stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process
 
-    def serve(self, workers: int = 1) -> str:
-        port = free_port()
-        process = self.start("serve", "--port", str(port), "--workers", str(workers))
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited: {process.stderr.read().decode()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail("server not ready within 60 s")
+    def serve(self, workers: int = 1) -> ServeProcess:
+        server = ServeProcess(self.tmp / f"serve-{len(self.servers)}.log", self.env, workers=workers)
+        self.servers.append(server)
+        return server.start()
 
     def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -115,42 +101,17 @@ def deployment(tmp_path, tiny_training_env):  # noqa: F811
     deployment.stop()
 
 
-class Load:
-    """LOAD_CLIENTS threads posting /predict back to back until stopped; every response is recorded."""
+PREDICT = {"task": "kt", "history": [{"item_id": "q1", "correct": 1}, {"item_id": "q2", "correct": 0}],
+           "targets": ["q3", "q4"]}
 
-    BODY = {"task": "kt", "history": [{"item_id": "q1", "correct": 1}, {"item_id": "q2", "correct": 0}],
-            "targets": ["q3", "q4"]}
 
-    def __init__(self, url: str):
-        self.url = url
-        self.stop = threading.Event()
-        self.results: list[tuple[int, str | None]] = []
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(LOAD_CLIENTS)]
+def predict(client: httpx.Client, n: int) -> httpx.Response:
+    return client.post("/predict", json=PREDICT)
 
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
 
-    def __exit__(self, *_) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=15)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + TEST_BUDGET_S
-        with httpx.Client(base_url=self.url, timeout=10) as http:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                try:
-                    response = http.post("/predict", json=self.BODY)
-                    version = response.json().get("model_version") if response.status_code == 200 else None
-                    self.results.append((response.status_code, version))
-                except Exception as exc:  # a failed request is what this test exists to catch
-                    self.errors.append(repr(exc))
-
-    def latest_version(self) -> str | None:
-        return next((v for status, v in reversed(self.results) if status == 200), None)
+def latest_version(load: Load) -> str | None:
+    """The model version of the newest successful prediction so far."""
+    return next((o.model_version for o in reversed(load.outcomes) if o.status == 200), None)
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -173,11 +134,12 @@ def finished(http: httpx.Client, job_id: str, timeout_s: float = 90) -> dict:
 
 
 def test_retrain_loop_under_load(deployment):
-    url = deployment.serve()
+    url = deployment.serve().url
     deployment.start("trainer")
     active = {deployment.first}  # every version that was active at some point of the test
-    with httpx.Client(base_url=url, timeout=30) as http, Load(url) as load:
-        wait_for(lambda: len(load.results) > 20, 30, "load to start")
+    load = Load(url, predict, workers=LOAD_CLIENTS, max_requests=MAX_REQUESTS, max_seconds=TEST_BUDGET_S)
+    with httpx.Client(base_url=url, timeout=30) as http, load:
+        wait_for(lambda: len(load.outcomes) > 20, 30, "load to start")
         body = {"task": "kt", "user_id": "new-student", "events": [{"item_id": "q5", "correct": 1}] * 6}
         assert http.post("/interactions", json=body).status_code == 201
 
@@ -186,7 +148,7 @@ def test_retrain_loop_under_load(deployment):
         v1 = finished(http, first_job["id"])
         assert v1["status"] == "succeeded", v1
         active.add(v1["version"])
-        wait_for(lambda: load.latest_version() == v1["version"], 10, "predictions from the new version")
+        wait_for(lambda: latest_version(load) == v1["version"], 10, "predictions from the new version")
         assert v1["data"]["logged_interactions"] == 6
 
         # Swap 2: an item added while the retrain runs is in the new version's table.
@@ -199,7 +161,7 @@ def test_retrain_loop_under_load(deployment):
         v2 = finished(http, slow["id"])
         assert v2["status"] == "succeeded", v2
         active.add(v2["version"])
-        wait_for(lambda: load.latest_version() == v2["version"], 10, "predictions from the second version")
+        wait_for(lambda: latest_version(load) == v2["version"], 10, "predictions from the second version")
         item = http.get("/items/kt/mid-retrain")
         assert item.status_code == 200 and item.json()["model_version"] == v2["version"]
 
@@ -216,18 +178,17 @@ def test_retrain_loop_under_load(deployment):
         for version in (v2["version"], v3["version"]):
             response = http.post(f"/admin/models/{version}/activate", headers=ADMIN)
             assert response.status_code == 200, response.text
-            wait_for(lambda: load.latest_version() == version, 10, f"predictions from {version}")
+            wait_for(lambda: latest_version(load) == version, 10, f"predictions from {version}")
         jobs = http.get("/admin/jobs", headers=ADMIN).json()["jobs"]
         time.sleep(0.5)
 
     assert [j["id"] for j in jobs] == [v3["id"], v2["id"], v1["id"]]  # newest first; no duplicate job
     assert all(j["status"] == "succeeded" and j["timings"] for j in jobs)
-    assert not load.errors, load.errors[:5]
-    statuses = {status for status, _ in load.results}
-    assert statuses == {200}, statuses
-    served = {version for _, version in load.results}
+    statuses = {o.status for o in load.outcomes}
+    assert statuses == {200}, [o for o in load.outcomes if o.status != 200][:5]
+    served = {o.model_version for o in load.outcomes}
     assert served <= active and len(served) >= 4, (served, active)
-    assert len(load.results) > 200
+    assert len(load.outcomes) > 200
 
 
 def test_schedule_runs_one_job_per_tick_across_trainer_replicas(deployment):

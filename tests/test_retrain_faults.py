@@ -26,7 +26,7 @@ def jobs_in_redis(prefix: str) -> list[dict]:
 def test_trainer_killed_mid_retrain(deployment):  # noqa: F811
     """SIGKILL the trainer running a job: its lease expires, the job is marked failed, and the next scheduled
     retrain runs on the surviving trainer."""
-    url = deployment.serve()
+    url = deployment.serve().url
     # Ticks every 6 s; the first trainer is started alone so it takes the long admin job.
     first = deployment.start("trainer", GRAMREC_RETRAIN__INTERVAL_S="6")
     with httpx.Client(base_url=url, timeout=30) as http:
@@ -53,7 +53,7 @@ def test_trainer_killed_mid_retrain(deployment):  # noqa: F811
 
 
 def test_four_api_workers_and_two_trainers_run_one_retrain_per_trigger(deployment):  # noqa: F811
-    url = deployment.serve(workers=4)
+    url = deployment.serve(workers=4).url
     for _ in range(2):
         deployment.start("trainer")
     with httpx.Client(base_url=url, timeout=30) as http:

@@ -6,11 +6,6 @@ Also the registry on real bundles (table load from the artifact) and the bootstr
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -23,15 +18,13 @@ from models.content_encoder import ContentEncoder, load_tokenizer
 from models.heads import build_head
 from service.bundle import ModelBundle, list_versions
 from service.settings import ServiceSettings
+from tests.serve_process import ServeProcess
 from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
 from trainer.checkpoint import CheckpointMeta, save_checkpoint
-from trainer.export import export_checkpoint
 from trainer.items import ItemCatalog
 from trainer.settings import TrainSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-token"
-STARTUP_TIMEOUT_S = 60
 ITEM_TEXTS = {
     "kt": [f"Write a Java method that solves exercise {i} about loops and arrays." for i in range(12)],
     "nr": [f"Headline {i}: markets, sports and weather news of the day" for i in range(12)],
@@ -54,68 +47,26 @@ def tiny_checkpoint(path: Path, encoder_dir: Path, task: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, tiny_encoder_dir) -> Path:
-    base = tmp_path_factory.mktemp("serve-e2e")
-    for task in ("kt", "nr"):
-        checkpoint = tiny_checkpoint(base / "checkpoints" / task, tiny_encoder_dir, task)
-        export_checkpoint(checkpoint, base / "artifacts", version=f"{task}-e2e-v1", progress=False)
-    return base / "artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(artifacts):
+def server(exported_artifacts, tmp_path_factory):
     """`gramrec serve` in a subprocess on a free loopback port; stopped (and its Redis keys dropped) after."""
     client = redis_client()
     prefix = f"gramrec-test-{uuid.uuid4().hex[:12]}:"
-    port = free_port()
-    env = os.environ | {
+    env = {
         "REDIS_URL": REDIS_URL,
         "GRAMREC_REDIS_KEY_PREFIX": prefix,
-        "GRAMREC_ARTIFACTS_DIR": str(artifacts),
+        "GRAMREC_ARTIFACTS_DIR": str(exported_artifacts),
         "GRAMREC_ADMIN_TOKEN": TOKEN,
-        "GRAMREC_BOOTSTRAP": "false",
-        "GRAMREC_ORT_THREADS": "1",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process = ServeProcess(tmp_path_factory.mktemp("serve-e2e") / "serve.log", env)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}: {process.stdout.read().decode()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready within {STARTUP_TIMEOUT_S}s")
-            time.sleep(0.2)
-        yield url
+        yield process.start().url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        process.stop()
         drop_prefix(client, prefix)
 
 
-def test_added_item_is_served_by_a_real_server(server, artifacts):
-    bundle = ModelBundle.load(artifacts, "kt-e2e-v1", providers=["CPUExecutionProvider"])
+def test_added_item_is_served_by_a_real_server(server, exported_artifacts):
+    bundle = ModelBundle.load(exported_artifacts, "kt-e2e-v1", providers=["CPUExecutionProvider"])
     text = "Write a method that returns true if a string is a palindrome."
     with httpx.Client(base_url=server, timeout=10) as http:
         response = http.post("/items", json={"task": "kt", "items": [{"item_id": "palindrome", "text": text}]})

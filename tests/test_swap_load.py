@@ -8,7 +8,6 @@ memory grows by less than 50 MB.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from service.bootstrap import train_and_export
 from service.item_store import open_store
+from tests.load import Load
 from tests.retrain_fixtures import tiny_training_env  # noqa: F401
 from tests.test_retrain_e2e import Deployment, wait_for
 
@@ -26,6 +26,9 @@ STEADY_S = 20
 SWAPPING_S = 40
 SWAP_EVERY_S = 1.5
 MEMORY_CYCLES = 100
+MAX_REQUESTS = 200_000  # far above what 60 s can send; the time bound ends the load
+PREDICT = {"task": "kt", "history": [{"item_id": f"q{i % 16}", "correct": i % 2} for i in range(20)],
+           "targets": ["q3", "q4", "q5"]}
 
 
 def rss_mb(pid: int) -> float:
@@ -35,44 +38,14 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-class TimedLoad:
-    """Clients that record (start time, latency, status, version) of every request until stopped."""
+def predict(client: httpx.Client, n: int) -> httpx.Response:
+    return client.post("/predict", json=PREDICT)
 
-    BODY = {"task": "kt", "history": [{"item_id": f"q{i % 16}", "correct": i % 2} for i in range(20)],
-            "targets": ["q3", "q4", "q5"]}
 
-    def __init__(self, url: str, clients: int):
-        self.url = url
-        self.stop = threading.Event()
-        self.samples: list[tuple[float, float, int, str | None]] = []
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=15)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + STEADY_S + SWAPPING_S + 60
-        with httpx.Client(base_url=self.url, timeout=10) as http:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                started = time.monotonic()
-                try:
-                    response = http.post("/predict", json=self.BODY)
-                    version = response.json().get("model_version") if response.status_code == 200 else None
-                    self.samples.append((started, time.monotonic() - started, response.status_code, version))
-                except Exception as exc:
-                    self.errors.append(repr(exc))
-
-    def p99(self, start: float, end: float) -> float:
-        latencies = [latency for t, latency, _, _ in self.samples if start <= t < end]
-        assert len(latencies) > 200, len(latencies)
-        return float(np.percentile(latencies, 99))
+def p99(load: Load, start: float, end: float) -> float:
+    latencies = [o.elapsed for o in load.outcomes if start <= o.started < end]
+    assert len(latencies) > 200, len(latencies)
+    return float(np.percentile(latencies, 99))
 
 
 @pytest.fixture
@@ -85,8 +58,8 @@ def two_versions(tmp_path, tiny_training_env):  # noqa: F811
 
 def test_hot_swaps_under_load(two_versions):
     deployment, first, second = two_versions
-    url = deployment.serve()
-    server = deployment.processes[-1]
+    server = deployment.serve()
+    url = server.url
     store = open_store(deployment.settings)
 
     def swap_to(version: str) -> None:
@@ -96,28 +69,26 @@ def test_hot_swaps_under_load(two_versions):
     def wait_serving(http: httpx.Client, version: str) -> None:
         wait_for(lambda: http.get("/readyz").json()["models"]["kt"] == version, 10, f"{version} to serve")
 
-    load = TimedLoad(url, CLIENTS)
-    load.start()
     swaps = 0
+    load = Load(url, predict, workers=CLIENTS, max_requests=MAX_REQUESTS, max_seconds=STEADY_S + SWAPPING_S + 60)
     with httpx.Client(base_url=url, timeout=10) as http:
-        began = time.monotonic()
-        time.sleep(STEADY_S)
-        swap_phase = time.monotonic()
-        versions = [second, first]
-        while time.monotonic() < swap_phase + SWAPPING_S:
-            swap_to(versions[swaps % 2])
-            swaps += 1
-            time.sleep(SWAP_EVERY_S)
-        ended = time.monotonic()
-        load.finish()
+        with load:
+            began = time.monotonic()
+            time.sleep(STEADY_S)
+            swap_phase = time.monotonic()
+            versions = [second, first]
+            while time.monotonic() < swap_phase + SWAPPING_S:
+                swap_to(versions[swaps % 2])
+                swaps += 1
+                time.sleep(SWAP_EVERY_S)
+            ended = time.monotonic()
 
         assert ended - began >= 60 and swaps >= 20
-        assert not load.errors, load.errors[:5]
-        assert {status for _, _, status, _ in load.samples} == {200}
-        assert {version for *_, version in load.samples} == {first, second}
-        steady, swapping = load.p99(began + 2, swap_phase), load.p99(swap_phase, ended)
+        assert {o.status for o in load.outcomes} == {200}, [o for o in load.outcomes if o.status != 200][:5]
+        assert {o.model_version for o in load.outcomes} == {first, second}
+        steady, swapping = p99(load, began + 2, swap_phase), p99(load, swap_phase, ended)
         print(f"p99 steady {steady * 1000:.1f} ms, during swaps {swapping * 1000:.1f} ms, {swaps} swaps, "
-              f"{len(load.samples) / (ended - began):.0f} req/s")
+              f"{len(load.outcomes) / (ended - began):.0f} req/s")
         assert swapping <= 1.5 * steady, (steady, swapping)
 
         # Memory over many swap cycles (to the other version and back), without load.
@@ -129,10 +100,10 @@ def test_hot_swaps_under_load(two_versions):
 
         for _ in range(10):  # warm-up: allocator pools and caches reach their working size
             cycle()
-        before = rss_mb(server.pid)
+        before = rss_mb(server.process.pid)
         for _ in range(MEMORY_CYCLES):
             cycle()
-        after = rss_mb(server.pid)
+        after = rss_mb(server.process.pid)
         print(f"resident memory {before:.0f} MB -> {after:.0f} MB over {MEMORY_CYCLES} swap cycles")
         assert after - before < 50
     store.close()
