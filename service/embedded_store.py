@@ -17,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from service.item_store import MAX_JOB_RECORDS, LeaseLost, StaleVersion, StoreError, same_length, vector_rows
+from service.item_store import (
+    MAX_JOB_RECORDS,
+    LeaseLost,
+    StaleVersion,
+    StoreError,
+    newest_first,
+    prunable_jobs,
+    same_length,
+    vector_rows,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tables (version TEXT PRIMARY KEY, loaded_at REAL NOT NULL);
@@ -241,15 +250,11 @@ class EmbeddedStore:
         self._query("INSERT OR REPLACE INTO jobs (id, record) VALUES (?, ?)", (job["id"], json.dumps(job)))
 
     def list_jobs(self, limit: int = 50) -> list[dict]:
-        jobs = [json.loads(record) for (record,) in self._query("SELECT record FROM jobs")]
-        jobs.sort(key=lambda job: job.get("created_at", ""), reverse=True)
-        return jobs[:limit]
+        return newest_first([record for (record,) in self._query("SELECT record FROM jobs")])[:limit]
 
     def prune_jobs(self, keep: int = MAX_JOB_RECORDS) -> None:
-        old = self.list_jobs(limit=1 << 30)[keep:]
-        for job in old:
-            if job.get("status") not in ("queued", "running"):
-                self._query("DELETE FROM jobs WHERE id = ?", (job["id"],))
+        finished = prunable_jobs(self.list_jobs(limit=1 << 30), keep)
+        self._transaction(lambda cursor: cursor.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in finished]))
 
     def next_job(self) -> dict | None:
         def pop(cursor: sqlite3.Cursor) -> dict | None:

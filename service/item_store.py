@@ -111,6 +111,16 @@ def decode_rows(rows: Sequence[bytes | None], dim: int) -> tuple[np.ndarray, lis
     return matrix, missing
 
 
+def newest_first(records: Sequence[str | bytes]) -> list[dict]:
+    """Job records (JSON) parsed and sorted by creation time, newest first."""
+    return sorted((json.loads(record) for record in records), key=lambda job: job.get("created_at", ""), reverse=True)
+
+
+def prunable_jobs(jobs: Sequence[dict], keep: int) -> list[str]:
+    """Ids of finished jobs beyond the newest `keep` records (queued and running ones are never dropped)."""
+    return [job["id"] for job in jobs[keep:] if job.get("status") not in ("queued", "running")]
+
+
 class Store(Protocol):
     """What the API needs from its shared state; both backends implement it."""
 
@@ -376,13 +386,10 @@ class RedisStore:
 
     def list_jobs(self, limit: int = 50) -> list[dict]:
         """Newest first (by created_at). Finished records beyond MAX_JOB_RECORDS are pruned by the trainer."""
-        jobs = [json.loads(record) for record in self.client.hvals(self.key("jobs"))]
-        jobs.sort(key=lambda job: job.get("created_at", ""), reverse=True)
-        return jobs[:limit]
+        return newest_first(self.client.hvals(self.key("jobs")))[:limit]
 
     def prune_jobs(self, keep: int = MAX_JOB_RECORDS) -> None:
-        old = self.list_jobs(limit=1 << 30)[keep:]
-        finished = [job["id"] for job in old if job.get("status") not in ("queued", "running")]
+        finished = prunable_jobs(newest_first(self.client.hvals(self.key("jobs"))), keep)
         if finished:
             self.client.hdel(self.key("jobs"), *finished)
 

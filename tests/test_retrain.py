@@ -394,3 +394,14 @@ def test_a_trainer_clears_only_its_own_current_job_marker(settings_for, backend)
     store.finish_current_job(job["id"])
     assert store.current_job() is None
     store.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "embedded"])
+def test_old_finished_job_records_are_pruned(settings_for, backend):  # noqa: F811
+    store = open_store(settings_for(backend))
+    for n in range(5):
+        store.update_job({"id": f"j{n}", "task": "kt", "status": "succeeded", "created_at": f"2026-11-23T10:0{n}"})
+    store.update_job({"id": "waiting", "task": "kt", "status": "queued", "created_at": "2026-11-23T09:00"})
+    store.prune_jobs(keep=2)
+    assert [job["id"] for job in store.list_jobs()] == ["j4", "j3", "waiting"]
+    store.close()
