@@ -33,9 +33,9 @@ TASKS = {"nr": "mind_small_subset", "kt": "codeworkout_s19"}
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from trainer.distributed import init_from_env
-    from trainer.settings import TrainSettings
-    from trainer.train import build_run, resolve_device, train_step
+    from gramrec.trainer.distributed import init_from_env
+    from gramrec.trainer.settings import TrainSettings
+    from gramrec.trainer.train import build_run, resolve_device, train_step
 
     device = resolve_device("auto")
     if device.type == "cuda":
@@ -132,7 +132,7 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if a != "--worker"]
     args = parser.parse_args()
     if args.worker:
-        from trainer.logs import configure_logging
+        from gramrec.trainer.logs import configure_logging
 
         configure_logging()
         worker(args)

@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-import models.packed_attention as pa
+import gramrec.models.packed_attention as pa
 from bench.workloads import synthetic_tokens
-from models.content_encoder import ContentEncoder
+from gramrec.models.content_encoder import ContentEncoder
 
 LENGTHS = {"mind-title": 11.5, "mind-real-title": 16.0, "toeic": 147.0, "poj": 271.0}
 

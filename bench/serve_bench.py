@@ -97,10 +97,10 @@ def mind_sample(source: Path, target: Path, impressions: int) -> Path:
 
 
 def ensure_models(args: argparse.Namespace) -> None:
-    from service.bootstrap import train_and_export
-    from service.bundle import list_versions
-    from service.settings import ServiceSettings
-    from trainer.logs import configure_logging
+    from gramrec.service.bootstrap import train_and_export
+    from gramrec.service.bundle import list_versions
+    from gramrec.service.settings import ServiceSettings
+    from gramrec.trainer.logs import configure_logging
 
     configure_logging()  # quiet Hugging Face load reports
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,7 +135,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
         "GRAMREC_BOOTSTRAP": "false",
         "GRAMREC_ORT_THREADS": str(args.ort_threads),
     }
-    command = [sys.executable, "-m", "trainer.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
+    command = [sys.executable, "-m", "gramrec.trainer.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -26,9 +26,9 @@ DATASETS = {"kt": "codeworkout_s19", "nr": "mind_small_subset"}
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
-    from trainer.logs import configure_logging
-    from trainer.settings import TrainSettings
-    from trainer.train import train
+    from gramrec.trainer.logs import configure_logging
+    from gramrec.trainer.settings import TrainSettings
+    from gramrec.trainer.train import train
 
     configure_logging()
     results = []

@@ -57,10 +57,10 @@ import numpy as np
 import torch
 
 from bench.workloads import SPECS, build_synthetic
-from models.content_encoder import ContentEncoder, ItemTokens
-from trainer.settings import TrainSettings
-from trainer.strategies import GramMultiStep, make_strategy
-from trainer.train import Run, train_step
+from gramrec.models.content_encoder import ContentEncoder, ItemTokens
+from gramrec.trainer.settings import TrainSettings
+from gramrec.trainer.strategies import GramMultiStep, make_strategy
+from gramrec.trainer.train import Run, train_step
 
 # label -> (TrainSettings.strategy, period); table order
 STRATEGIES: dict[str, tuple[str, str]] = {
@@ -186,7 +186,7 @@ class EncoderSource:
 
 def smoke_encoder_dir(source: EncoderSource, tokenizer_dir: Path | None, root: Path) -> Path | None:
     """A local HF dir with the smoke encoder's weights and a real tokenizer, for the real-data train() runs."""
-    from models.content_encoder import default_encoder_dir, load_tokenizer
+    from gramrec.models.content_encoder import default_encoder_dir, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(tokenizer_dir or default_encoder_dir())
@@ -290,8 +290,8 @@ def build_synthetic_workload(name: str, args, source: EncoderSource, device: tor
 
 def build_real_workload(name: str, args, source: EncoderSource, tokenizer_dir: Path | None,
                         device: torch.device) -> Workload:
-    from models.content_encoder import default_encoder_dir, load_tokenizer
-    from trainer.train import make_task
+    from gramrec.models.content_encoder import default_encoder_dir, load_tokenizer
+    from gramrec.trainer.train import make_task
 
     task_name, folder = REAL[name]
     batches = _parse_per_workload(args.batch_size, int)
@@ -599,7 +599,7 @@ def run_strategy(workload: Workload, label: str, source, device, args, cap_s: fl
 
 def train_runs(workload: Workload, args, encoder_dir: Path, device: torch.device, cap_s: float,
                tmp: Path, skipped: list) -> dict:
-    from trainer.train import train
+    from gramrec.trainer.train import train
 
     budget = Budget(time.perf_counter() + cap_s, {label: 1.0 for label in TRAIN_ORDER if label in args.strategies})
     runs = {}
@@ -652,7 +652,7 @@ def reuse_task(workload: Workload):
     """train() builds its task from the settings; hand it the task already loaded for this workload instead
     (the same data and data settings), so six runs don't parse the dataset six times. Bench-only shortcut:
     the library has no hook to pass a task to train()."""
-    import trainer.train as train_module
+    import gramrec.trainer.train as train_module
 
     original = train_module.make_task
     base = workload.base
@@ -1109,7 +1109,7 @@ def run_workload(name, args, source, tokenizer_dir, train_encoder_dir, device, c
 
 
 if __name__ == "__main__":
-    from trainer.logs import configure_logging
+    from gramrec.trainer.logs import configure_logging
 
     configure_logging()  # quiet JSON logs and no Hugging Face load reports (not done in-process: tests use caplog)
     main()

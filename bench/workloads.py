@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.content_encoder import ItemTokens
-from trainer.kt_data import KTSequence
-from trainer.kt_task import KnowledgeTracingTask, windows
-from trainer.nr_task import ClickSample, NewsTask
-from trainer.settings import TrainSettings
+from gramrec.models.content_encoder import ItemTokens
+from gramrec.trainer.kt_data import KTSequence
+from gramrec.trainer.kt_task import KnowledgeTracingTask, windows
+from gramrec.trainer.nr_task import ClickSample, NewsTask
+from gramrec.trainer.settings import TrainSettings
 
 CLS_ID, SEP_ID = 101, 102  # BERT-family specials; any id works for speed, these keep the rows realistic
 MIN_TOKENS, MAX_TOKENS = 4, 512

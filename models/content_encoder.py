@@ -12,8 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.additive_attention import AdditiveAttention
-from models.packed_attention import PackedBatch, packed_attention
+from gramrec.models.additive_attention import AdditiveAttention
+from gramrec.models.packed_attention import PackedBatch, packed_attention
 
 Pooling = Literal["mean", "attention"]
 Attention = Literal["auto", "packed", "padded"]

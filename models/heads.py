@@ -2,8 +2,8 @@
 
 from torch import nn
 
-from models.knowledge_tracing_head import KnowledgeTracingHead
-from models.news_head import NewsHead
+from gramrec.models.knowledge_tracing_head import KnowledgeTracingHead
+from gramrec.models.news_head import NewsHead
 
 
 def build_head(task: str, item_dim: int, hidden_dim: int = 128) -> nn.Module:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.additive_attention import AdditiveAttention
+from gramrec.models.additive_attention import AdditiveAttention
 
 
 class NewsSelfAttention(nn.Module):

@@ -17,13 +17,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
-from service.body_limit import BodyLimitMiddleware
-from service.errors import add_error_handlers
-from service.item_store import open_store
-from service.metrics import Metrics, MetricsMiddleware
-from service.registry import Bundle, ModelRegistry
-from service.routers import admin, health, interactions, items, predict
-from service.settings import ServiceSettings
+from gramrec.service.body_limit import BodyLimitMiddleware
+from gramrec.service.errors import add_error_handlers
+from gramrec.service.item_store import open_store
+from gramrec.service.metrics import Metrics, MetricsMiddleware
+from gramrec.service.registry import Bundle, ModelRegistry
+from gramrec.service.routers import admin, health, interactions, items, predict
+from gramrec.service.settings import ServiceSettings
 
 log = logging.getLogger("gramrec.service")
 

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.deps import get_settings
-from service.settings import ServiceSettings
+from gramrec.service.deps import get_settings
+from gramrec.service.settings import ServiceSettings
 
 bearer = HTTPBearer(auto_error=False, description="the GRAMREC_ADMIN_TOKEN value")
 

@@ -11,13 +11,13 @@ import multiprocessing
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.settings import ServiceSettings, Task
+from gramrec.service.settings import ServiceSettings, Task
 
 log = logging.getLogger("gramrec.service")
 
 
 def tasks_without_versions(settings: ServiceSettings) -> list[Task]:
-    from service.bundle import list_versions
+    from gramrec.service.bundle import list_versions
 
     have = {manifest["task"] for manifest in list_versions(settings.artifacts_dir)}
     return [task for task in settings.tasks if task not in have]
@@ -25,9 +25,9 @@ def tasks_without_versions(settings: ServiceSettings) -> list[Task]:
 
 def train_and_export(settings: ServiceSettings, task: Task) -> Path:
     """Trains a small model (GRAM-1E, or NoFinetune, see settings) on the task's data; returns the version dir."""
-    from trainer.export import export_checkpoint
-    from trainer.settings import TrainSettings
-    from trainer.train import train
+    from gramrec.trainer.export import export_checkpoint
+    from gramrec.trainer.settings import TrainSettings
+    from gramrec.trainer.train import train
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = Path(settings.artifacts_dir) / "checkpoints" / f"bootstrap-{task}-{stamp}"
@@ -50,7 +50,7 @@ def train_and_export(settings: ServiceSettings, task: Task) -> Path:
 
 
 def _child(settings_json: str, task: Task, log_level: int) -> None:
-    from trainer.logs import configure_logging
+    from gramrec.trainer.logs import configure_logging
 
     configure_logging(log_level)
     train_and_export(ServiceSettings.model_validate_json(settings_json), task)

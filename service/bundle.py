@@ -33,7 +33,7 @@ import onnxruntime as ort
 from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
 
-from service.settings import VERSION_PATTERN
+from gramrec.service.settings import VERSION_PATTERN
 
 log = logging.getLogger("gramrec.bundle")
 

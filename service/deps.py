@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from fastapi import HTTPException, Request, status
 
-from service.item_store import Store
-from service.registry import ActiveModel, ModelRegistry
-from service.settings import ServiceSettings
+from gramrec.service.item_store import Store
+from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.settings import ServiceSettings
 
 
 async def get_settings(request: Request) -> ServiceSettings:

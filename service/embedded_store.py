@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.item_store import (
+from gramrec.service.item_store import (
     MAX_JOB_RECORDS,
     LeaseLost,
     StaleVersion,

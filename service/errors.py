@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.body_limit import BodyTooLarge
-from service.item_store import STORE_ERRORS
+from gramrec.service.body_limit import BodyTooLarge
+from gramrec.service.item_store import STORE_ERRORS
 
 log = logging.getLogger("gramrec.service")
 

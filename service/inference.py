@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.errors import UnknownItems
-from service.item_store import Store, StoreError, decode_rows
-from service.registry import ActiveModel
-from service.schemas import ItemText
+from gramrec.service.errors import UnknownItems
+from gramrec.service.item_store import Store, StoreError, decode_rows
+from gramrec.service.registry import ActiveModel
+from gramrec.service.schemas import ItemText
 
 
 def item_vectors(

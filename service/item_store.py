@@ -45,7 +45,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.lock import Lock
 from redis.retry import Retry
 
-from service.settings import ServiceSettings
+from gramrec.service.settings import ServiceSettings
 
 log = logging.getLogger("gramrec.service")
 
@@ -492,6 +492,6 @@ def open_store(settings: ServiceSettings) -> Store:
         )
         warn_unless_durable(store)
         return store
-    from service.embedded_store import EmbeddedStore
+    from gramrec.service.embedded_store import EmbeddedStore
 
     return EmbeddedStore(settings.embedded_store_path)

@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import Body, Depends
 from fastapi.exceptions import RequestValidationError
 
-from service.deps import get_settings
-from service.schemas import (
+from gramrec.service.deps import get_settings
+from gramrec.service.schemas import (
     AddItemsRequest,
     Interactions,
     ItemText,
@@ -21,7 +21,7 @@ from service.schemas import (
     KTPredictRequest,
     PredictRequest,
 )
-from service.settings import ServiceSettings
+from gramrec.service.settings import ServiceSettings
 
 
 class _Checks:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.item_store import STORE_ERRORS, Lease, StaleVersion, Store
+from gramrec.service.item_store import STORE_ERRORS, Lease, StaleVersion, Store
 
 log = logging.getLogger("gramrec.service")
 
@@ -65,7 +65,7 @@ class ActiveModel:
 
 def _default_loader(providers: Sequence[str] | None, threads: int | None) -> Callable[[Path, str], Bundle]:
     def load(root: Path, version: str) -> Bundle:
-        from service.bundle import ModelBundle
+        from gramrec.service.bundle import ModelBundle
 
         return ModelBundle.load(
             root, version, providers=list(providers) if providers else None, intra_op_threads=threads
@@ -75,7 +75,7 @@ def _default_loader(providers: Sequence[str] | None, threads: int | None) -> Cal
 
 
 def _default_lister(root: Path) -> list[dict]:
-    from service.bundle import list_versions
+    from gramrec.service.bundle import list_versions
 
     return list_versions(root)
 

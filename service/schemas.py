@@ -20,7 +20,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from service.settings import ITEM_ID_PATTERN, Task
+from gramrec.service.settings import ITEM_ID_PATTERN, Task
 
 ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
 UserId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]

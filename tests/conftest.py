@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from models.content_encoder import ContentEncoder, ItemTokens
+from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,7 +37,7 @@ def random_tokens(num_items: int, max_len: int = 9, seed: int = 0) -> ItemTokens
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
     """A small random BERT with the real MiniLM tokenizer, saved as a local Hugging Face model directory."""
-    from models.content_encoder import default_encoder_dir, load_tokenizer
+    from gramrec.models.content_encoder import default_encoder_dir, load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-encoder")
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def shared_data() -> Path:
 def exported_artifacts(tmp_path_factory, tiny_encoder_dir) -> Path:
     """An artifacts root with tiny real exports, versions kt-e2e-v1 and nr-e2e-v1. Shared: copy before changing."""
     from tests.test_service_e2e import tiny_checkpoint
-    from trainer.export import export_checkpoint
+    from gramrec.trainer.export import export_checkpoint
 
     base = tmp_path_factory.mktemp("exported")
     for task in ("kt", "nr"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import ServiceSettings
+from gramrec.service.settings import ServiceSettings
 
 TOPICS = ["loops", "arrays", "strings", "recursion", "sorting", "maps", "classes", "math"]
 
@@ -71,9 +71,9 @@ def tiny_training_env(monkeypatch, tiny_encoder_dir):
 
 def deploy_first_version(settings: ServiceSettings, task: str = "kt") -> str:
     """Trains and exports the first model on the base data and activates it, as `gramrec serve` does."""
-    from service.bootstrap import train_and_export
-    from service.item_store import open_store
-    from service.registry import ModelRegistry
+    from gramrec.service.bootstrap import train_and_export
+    from gramrec.service.item_store import open_store
+    from gramrec.service.registry import ModelRegistry
 
     version = train_and_export(settings, task).name
     store = open_store(settings)

@@ -1,7 +1,7 @@
 """A real `gramrec serve` process for fault and security tests: this checkout's code, loopback only, logs kept.
 
-The server runs `python -m trainer.cli serve` with cwd and PYTHONPATH at this repository's root, so it imports
-the code under test (not an installed copy). Its stdout and stderr go to a file, which tests read.
+The server runs `python -m gramrec.trainer.cli serve` from the (editable) install of this checkout, so it imports
+the code under test. Its stdout and stderr go to a file, which tests read.
 """
 
 from __future__ import annotations
@@ -26,18 +26,16 @@ class ServeProcess:
         self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         base = {
             "GRAMREC_BOOTSTRAP": "false",
             "GRAMREC_ORT_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": python_path,
         }
         self.env = os.environ | base | env
         self.process: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True) -> ServeProcess:
-        command = [sys.executable, "-m", "trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        command = [sys.executable, "-m", "gramrec.trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--workers", str(self.workers)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import random_tokens, tiny_encoder
 from tests.test_gram_equivalence import NUM_ITEMS, TASKS, max_relative_difference, parameters
-from trainer import kt_task, nr_task
-from trainer.distributed import SINGLE, World
-from trainer.kt_data import KTSequence
-from trainer.settings import TrainSettings
-from trainer.strategies import make_strategy
-from trainer.train import train_step
+from gramrec.trainer import kt_task, nr_task
+from gramrec.trainer.distributed import SINGLE, World
+from gramrec.trainer.kt_data import KTSequence
+from gramrec.trainer.settings import TrainSettings
+from gramrec.trainer.strategies import make_strategy
+from gramrec.trainer.train import train_step
 
 STEPS = 3
 

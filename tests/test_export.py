@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.content_encoder import ContentEncoder, default_encoder_dir, load_tokenizer
-from models.heads import build_head
-from service import bundle as bundle_module
-from service.bundle import ArtifactError, ModelBundle, list_versions
-from trainer.checkpoint import CheckpointMeta, load_trained_model, save_checkpoint
-from trainer.export import ExportError, export_checkpoint
-from trainer.items import ItemCatalog
-from trainer.settings import TrainSettings
+from gramrec.models.content_encoder import ContentEncoder, default_encoder_dir, load_tokenizer
+from gramrec.models.heads import build_head
+from gramrec.service import bundle as bundle_module
+from gramrec.service.bundle import ArtifactError, ModelBundle, list_versions
+from gramrec.trainer.checkpoint import CheckpointMeta, load_trained_model, save_checkpoint
+from gramrec.trainer.export import ExportError, export_checkpoint
+from gramrec.trainer.items import ItemCatalog
+from gramrec.trainer.settings import TrainSettings
 
 TEXTS = [
     "Write a function that returns the sum of the even numbers in an array.",
@@ -356,7 +356,7 @@ def test_list_versions_newest_first_and_skips_invalid(exported, tmp_path):
 
 
 def test_cli_export_prints_the_version_directory(exported, tmp_path, capsys):
-    from trainer.cli import main
+    from gramrec.trainer.cli import main
 
     main(["export", str(exported["nr-mean"][0]), "--out", str(tmp_path), "--version", "nr-cli"])
     printed = json.loads(capsys.readouterr().out)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.knowledge_tracing_head import KnowledgeTracingHead
-from models.news_head import NewsHead
+from gramrec.models.knowledge_tracing_head import KnowledgeTracingHead
+from gramrec.models.news_head import NewsHead
 from tests.conftest import random_tokens, tiny_encoder
-from trainer import kt_task, nr_task
-from trainer.kt_data import KTSequence
-from trainer.settings import TrainSettings
-from trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
-from trainer.train import train_step
+from gramrec.trainer import kt_task, nr_task
+from gramrec.trainer.kt_data import KTSequence
+from gramrec.trainer.settings import TrainSettings
+from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
+from gramrec.trainer.train import train_step
 
 NUM_ITEMS = 12
 

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service.app import create_app
-from service.settings import Limits, ServiceSettings
+from gramrec.service.app import create_app
+from gramrec.service.settings import Limits, ServiceSettings
 from tests.redis_server import RedisServer, changed_keys, snapshot
 from tests.test_service_fakes import FakeArtifacts, FakeBundle
 

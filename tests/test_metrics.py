@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from trainer.metrics import auc, kt_metrics, mrr, ndcg_at_k, news_metrics
+from gramrec.trainer.metrics import auc, kt_metrics, mrr, ndcg_at_k, news_metrics
 
 
 @pytest.mark.parametrize("seed", range(200))

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import redis
 
-from service.bundle import ModelBundle, list_versions
-from service.item_store import LeaseLost, open_store
-from service.registry import ModelRegistry
-from service.schemas import Job
+from gramrec.service.bundle import ModelBundle, list_versions
+from gramrec.service.item_store import LeaseLost, open_store
+from gramrec.service.registry import ModelRegistry
+from gramrec.service.schemas import Job
 from tests.retrain_fixtures import deploy_first_version, tiny_training_env, write_kt_data, write_mind_data  # noqa: F401
 from tests.test_service_fakes import REDIS_URL, settings_for  # noqa: F401
-from trainer.snapshot import build_snapshot
-from trainer.split_file import read_split
-from trainer.worker import TrainerWorker, latest_fire_time, make_trigger
+from gramrec.trainer.snapshot import build_snapshot
+from gramrec.trainer.split_file import read_split
+from gramrec.trainer.worker import TrainerWorker, latest_fire_time, make_trigger
 
 NOW = "2026-11-23T10:00:00+00:00"
 
@@ -78,8 +78,8 @@ def test_kt_snapshot_merges_base_log_and_api_items(settings_for, kt_base, tmp_pa
     assert split.test == {"late1", "late2"}  # the most recent users are the gate's slice
     assert len(split.val) == 2 and not split.val & split.test
 
-    from trainer.kt_task import KnowledgeTracingTask
-    from trainer.settings import TrainSettings
+    from gramrec.trainer.kt_task import KnowledgeTracingTask
+    from gramrec.trainer.settings import TrainSettings
 
     task = KnowledgeTracingTask(TrainSettings(task="kt", data=tmp_path / "snap"))
     assert sorted(s.user_id for s in task.splits.test) == ["late1", "late2"]
@@ -100,8 +100,8 @@ def test_news_snapshot_keeps_known_news_and_holds_out_the_latest(settings_for, t
     assert last[1:] == ["R1", "11/23/2026 10:00:00 AM", "N1 N2", "N3-1 N4-0"]
     assert read_split(tmp_path / "snap").test == {last[0]} | {"b60", "b59"}
 
-    from trainer.nr_task import NewsTask
-    from trainer.settings import TrainSettings
+    from gramrec.trainer.nr_task import NewsTask
+    from gramrec.trainer.settings import TrainSettings
 
     task = NewsTask(TrainSettings(task="nr", data=tmp_path / "snap"))
     assert {i.impression_id for i in task.splits.test} == {last[0], "b60", "b59"}
@@ -263,7 +263,7 @@ def test_interval_ticks_are_aligned_and_late_runs_find_their_tick(settings_for):
 def test_bad_cron_is_refused():
     from pydantic import ValidationError
 
-    from service.settings import RetrainSettings
+    from gramrec.service.settings import RetrainSettings
 
     with pytest.raises(ValidationError, match="cron"):
         RetrainSettings(cron="every day at noon")
@@ -273,7 +273,7 @@ def test_bad_cron_is_refused():
 def test_items_added_or_updated_during_a_retrain_are_in_the_new_version(deployed, monkeypatch):
     """An item added through the API mid-job, and an API item whose text changed mid-job, are encoded by the
     new version's encoder before the flip is visible to anyone reading the new table."""
-    from trainer.retrain import RetrainJob
+    from gramrec.trainer.retrain import RetrainJob
 
     settings, store, first = deployed
     store.put_items("kt", first, ["edited"], ["The original wording of a question"], np.ones((1, 32)), 32)

@@ -23,7 +23,7 @@ from tests.load import Load
 from tests.retrain_fixtures import deploy_first_version, tiny_training_env, write_kt_data  # noqa: F401
 from tests.serve_process import ROOT, ServeProcess
 from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
-from service.settings import ServiceSettings
+from gramrec.service.settings import ServiceSettings
 
 TOKEN = "retrain-e2e-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -66,7 +66,7 @@ class Deployment:
     def start(self, *args: str, **env: str) -> subprocess.Popen:
         log = self.tmp / f"{args[0]}-{len(self.processes)}.log"  # a file: an unread pipe would fill and block
         with open(log, "ab") as output:
-            process = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=self.env | env,
+            process = subprocess.Popen([sys.executable, "-m", "gramrec.trainer.cli", *args], cwd=ROOT, env=self.env | env,
                                        stdout=output, stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process

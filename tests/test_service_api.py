@@ -7,8 +7,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Limits
+from gramrec.service.app import create_app
+from gramrec.service.settings import Limits
 from tests.test_service_fakes import DIM, REDIS_URL, FakeArtifacts, FakeBundle, settings_for, text_vector  # noqa: F401
 
 KT1 = "kt-20260101T000000-aaaaaa"
@@ -336,7 +336,7 @@ LIMITS = Limits(
 @pytest.fixture(scope="module")
 def limited_client(tmp_path_factory):
     arts = FakeArtifacts(FakeBundle(KT1, "kt"), FakeBundle(NR1, "nr"))
-    from service.settings import ServiceSettings
+    from gramrec.service.settings import ServiceSettings
 
     path = tmp_path_factory.mktemp("limits")
     settings = ServiceSettings(

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.content_encoder import ContentEncoder, load_tokenizer
-from models.heads import build_head
-from service.bundle import ModelBundle, list_versions
-from service.settings import ServiceSettings
+from gramrec.models.content_encoder import ContentEncoder, load_tokenizer
+from gramrec.models.heads import build_head
+from gramrec.service.bundle import ModelBundle, list_versions
+from gramrec.service.settings import ServiceSettings
 from tests.serve_process import ServeProcess
 from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
-from trainer.checkpoint import CheckpointMeta, save_checkpoint
-from trainer.items import ItemCatalog
-from trainer.settings import TrainSettings
+from gramrec.trainer.checkpoint import CheckpointMeta, save_checkpoint
+from gramrec.trainer.items import ItemCatalog
+from gramrec.trainer.settings import TrainSettings
 
 TOKEN = "e2e-token"
 ITEM_TEXTS = {
@@ -109,7 +109,7 @@ def test_news_and_admin_on_a_real_server(server):
 
 
 def test_bootstrap_skips_tasks_without_data(tmp_path, caplog):
-    from service.bootstrap import bootstrap
+    from gramrec.service.bootstrap import bootstrap
 
     settings = ServiceSettings(
         artifacts_dir=tmp_path / "artifacts", bootstrap_kt_data=tmp_path / "no-kt", bootstrap_nr_data=tmp_path / "no-nr"
@@ -123,8 +123,8 @@ def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir,
     """First start on real CodeWorkout data (tiny encoder, 2 steps), then the app serves the new version."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.bootstrap import bootstrap
+    from gramrec.service.app import create_app
+    from gramrec.service.bootstrap import bootstrap
 
     monkeypatch.setenv("GRAMREC_ENCODER_DIR", str(tiny_encoder_dir))  # read by TrainSettings in the child
     monkeypatch.setenv("GRAMREC_PROGRESS", "false")

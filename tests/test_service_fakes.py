@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.settings import ServiceSettings
+from gramrec.service.settings import ServiceSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 DIM = 8

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import redis
 
-from service.embedded_store import EmbeddedStore
-from service.item_store import RedisStore, StaleVersion, decode_rows, vector_rows
+from gramrec.service.embedded_store import EmbeddedStore
+from gramrec.service.item_store import RedisStore, StaleVersion, decode_rows, vector_rows
 from tests.test_service_fakes import drop_prefix, redis_client
 
 D = 4

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.settings import Period, TrainSettings
-from trainer.train import train
+from gramrec.trainer.settings import Period, TrainSettings
+from gramrec.trainer.train import train
 
 
 def kt_settings(data: Path, out: Path, **overrides) -> TrainSettings:
@@ -107,7 +107,7 @@ def test_period_parsing():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "gramrec.trainer.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_rejects_bad_settings_and_data(tmp_path):
@@ -121,7 +121,7 @@ def test_cli_rejects_bad_settings_and_data(tmp_path):
 
 
 def test_evaluate_checkpoint_reproduces_the_reports_test_metrics(shared_data, tmp_path, tiny_encoder_dir):
-    from trainer.evaluate import evaluate_checkpoint
+    from gramrec.trainer.evaluate import evaluate_checkpoint
 
     report = train(kt_settings(shared_data, tmp_path, strategy="gram", period="1e", epochs=1,
                                encoder_dir=tiny_encoder_dir))

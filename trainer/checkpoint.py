@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.content_encoder import ContentEncoder
-from trainer.items import ItemCatalog
+from gramrec.models.content_encoder import ContentEncoder
+from gramrec.trainer.items import ItemCatalog
 
 FORMAT = "gramrec-checkpoint/1"
 
@@ -178,8 +178,8 @@ class TrainedModel:
 
 def load_trained_model(path: Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Loads encoder, head and items of a checkpoint, in eval mode."""
-    from models.content_encoder import load_tokenizer
-    from models.heads import build_head
+    from gramrec.models.content_encoder import load_tokenizer
+    from gramrec.models.heads import build_head
 
     path = Path(path)
     config = read_config(path)

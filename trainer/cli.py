@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from trainer.logs import configure_logging
+from gramrec.trainer.logs import configure_logging
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str] = frozenset()) -> None:
@@ -36,8 +36,8 @@ def settings_from_args(model: type[BaseModel], args: argparse.Namespace, **extra
 
 
 def _train(args: argparse.Namespace) -> None:
-    from trainer.settings import TrainSettings
-    from trainer.train import train
+    from gramrec.trainer.settings import TrainSettings
+    from gramrec.trainer.train import train
 
     report = train(settings_from_args(TrainSettings, args))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same report
@@ -46,13 +46,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from trainer.evaluate import evaluate_checkpoint
+    from gramrec.trainer.evaluate import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.split, args.device), indent=2))
 
 
 def _export(args: argparse.Namespace) -> None:
-    from trainer.export import export_checkpoint
+    from gramrec.trainer.export import export_checkpoint
 
     path = export_checkpoint(Path(args.checkpoint), Path(args.out), args.version, device=args.device)
     print(json.dumps({"version": path.name, "path": str(path)}, indent=2))
@@ -63,32 +63,32 @@ def _serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from service.bootstrap import bootstrap
-    from service.settings import ServiceSettings
+    from gramrec.service.bootstrap import bootstrap
+    from gramrec.service.settings import ServiceSettings
 
     settings = settings_from_args(ServiceSettings, args)
     if settings.bootstrap:
         bootstrap(settings)
     level = "info" if args.verbose else "warning"
     if settings.workers > 1:  # each worker process builds its app (and settings, from the environment)
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
+        uvicorn.run("gramrec.service.app:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=level, access_log=False)
         return
-    from service.app import create_app
+    from gramrec.service.app import create_app
 
     logging.getLogger("uvicorn.error").setLevel(level.upper())
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=level, access_log=False)
 
 
 def _trainer(args: argparse.Namespace) -> None:
-    from service.settings import ServiceSettings
-    from trainer.worker import run_trainer
+    from gramrec.service.settings import ServiceSettings
+    from gramrec.trainer.worker import run_trainer
 
     run_trainer(settings_from_args(ServiceSettings, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.settings import TrainSettings
+    from gramrec.trainer.settings import TrainSettings
 
     parser = argparse.ArgumentParser(prog="gramrec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress events (JSON lines) to stderr")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError, load_weights, read_config, read_items
-from trainer.settings import TrainSettings
-from trainer.train import build_run, evaluate, restore
+from gramrec.trainer.checkpoint import CheckpointError, load_weights, read_config, read_items
+from gramrec.trainer.settings import TrainSettings
+from gramrec.trainer.train import build_run, evaluate, restore
 
 
 def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", device: str = "auto") -> dict:

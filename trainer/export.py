@@ -31,8 +31,8 @@ import torch
 from safetensors.numpy import save_file
 from torch import nn
 
-from models.content_encoder import ContentEncoder, ItemTokens
-from service.bundle import (
+from gramrec.models.content_encoder import ContentEncoder, ItemTokens
+from gramrec.service.bundle import (
     ENCODER_FILE,
     FORMAT,
     HEAD_FILE,
@@ -42,8 +42,8 @@ from service.bundle import (
     TOKENIZER_DIR,
     is_valid_version,
 )
-from service.settings import VERSION_PATTERN
-from trainer.checkpoint import TrainedModel, load_trained_model
+from gramrec.service.settings import VERSION_PATTERN
+from gramrec.trainer.checkpoint import TrainedModel, load_trained_model
 
 log = logging.getLogger("gramrec.export")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import DataFormatError
-from trainer.items import ItemCatalog
+from gramrec.trainer.errors import DataFormatError
+from gramrec.trainer.items import ItemCatalog
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")

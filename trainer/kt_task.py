@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import build_head
-from trainer.batches import PackedField, pack_fields
-from trainer.distributed import SINGLE, World, shard_rows
-from trainer.kt_data import KTSequence, load_kt_data, split_kt, split_kt_by_users
-from trainer.metrics import kt_metrics
-from trainer.settings import TrainSettings
-from trainer.split_file import read_split
+from gramrec.models.heads import build_head
+from gramrec.trainer.batches import PackedField, pack_fields
+from gramrec.trainer.distributed import SINGLE, World, shard_rows
+from gramrec.trainer.kt_data import KTSequence, load_kt_data, split_kt, split_kt_by_users
+from gramrec.trainer.metrics import kt_metrics
+from gramrec.trainer.settings import TrainSettings
+from gramrec.trainer.split_file import read_split
 
 
 @dataclass

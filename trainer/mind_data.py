@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import DataFormatError
-from trainer.items import ItemCatalog
+from gramrec.trainer.errors import DataFormatError
+from gramrec.trainer.items import ItemCatalog
 
 NEWS_FILE = "news.tsv"
 BEHAVIORS_FILE = "behaviors.tsv"

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.item_store import Lease, LeaseLost, Store
-from service.registry import ActivationConflict, ModelRegistry
-from service.settings import ServiceSettings
+from gramrec.service.item_store import Lease, LeaseLost, Store
+from gramrec.service.registry import ActivationConflict, ModelRegistry
+from gramrec.service.settings import ServiceSettings
 
 log = logging.getLogger("gramrec.retrain")
 
@@ -73,7 +73,7 @@ class RetrainJob:
         return self.job
 
     def _run(self, task: str) -> None:
-        from trainer.snapshot import build_snapshot
+        from gramrec.trainer.snapshot import build_snapshot
 
         base_checkpoint = self._checkpoint_of(self.job["base_version"])
         snapshot = self._phase(
@@ -110,9 +110,9 @@ class RetrainJob:
 
     # -- phases ------------------------------------------------------------------------------------------------------
     def _train(self, task: str, data: Path, base_checkpoint: Path | None) -> dict:
-        from trainer.checkpoint import read_config
-        from trainer.settings import TrainSettings
-        from trainer.train import train
+        from gramrec.trainer.checkpoint import read_config
+        from gramrec.trainer.settings import TrainSettings
+        from gramrec.trainer.train import train
 
         saved = read_config(base_checkpoint)["settings"] if base_checkpoint else {"task": task}
         keep = {"task", "encoder_dir", "max_tokens", "pooling", "attention", "encoder_batch_size",
@@ -140,7 +140,7 @@ class RetrainJob:
         """The active model's metric on the same held-out slice; None when there is no active model."""
         if base_checkpoint is None:
             return None
-        from trainer.evaluate import evaluate_checkpoint
+        from gramrec.trainer.evaluate import evaluate_checkpoint
 
         return evaluate_checkpoint(base_checkpoint, data, "test", self.retrain.device)["metrics"].get(metric)
 
@@ -155,7 +155,7 @@ class RetrainJob:
         return promote
 
     def _export(self, task: str, report: dict) -> Path:
-        from trainer.export import default_version, export_checkpoint
+        from gramrec.trainer.export import default_version, export_checkpoint
 
         run = self.workdir / "run"
         best = run / "best" if (run / "best").is_dir() else run / "last"
@@ -203,7 +203,7 @@ def retire_old_versions(store: Store, artifacts: Path, task: str, keep: int, gra
     """Keeps the newest `keep` versions of the task and the active one. Others are marked retired, and deleted
     (item table, artifact folder, checkpoint) once retired for `grace_s`, so requests still using them finish and
     a recent rollback target stays available. Returns the versions deleted. Run only under the retrain lease."""
-    from service.bundle import list_versions
+    from gramrec.service.bundle import list_versions
 
     marks_path = artifacts / RETIRED_FILE
     marks: dict[str, float] = json.loads(marks_path.read_text()) if marks_path.is_file() else {}

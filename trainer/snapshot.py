@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.item_store import Store
-from trainer.items import ItemCatalog
-from trainer.kt_data import load_kt_data
-from trainer.mind_data import BEHAVIORS_FILE, NEWS_FILE, load_mind
-from trainer.split_file import write_split
+from gramrec.service.item_store import Store
+from gramrec.trainer.items import ItemCatalog
+from gramrec.trainer.kt_data import load_kt_data
+from gramrec.trainer.mind_data import BEHAVIORS_FILE, NEWS_FILE, load_mind
+from gramrec.trainer.split_file import write_split
 
 log = logging.getLogger("gramrec.retrain")
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import DataFormatError
+from gramrec.trainer.errors import DataFormatError
 
 SPLIT_FILE = "split.json"
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
-from trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
-from trainer.settings import TrainSettings
+from gramrec.models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
+from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
+from gramrec.trainer.settings import TrainSettings
 
 
 def make_optimizer(kind: str, params, lr: float, warmup_steps: int, device: torch.device):

@@ -21,10 +21,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from service.item_store import Lease, Store, open_store
-from service.schemas import Job
-from service.settings import ServiceSettings
-from trainer.retrain import RetrainJob, now_iso
+from gramrec.service.item_store import Lease, Store, open_store
+from gramrec.service.schemas import Job
+from gramrec.service.settings import ServiceSettings
+from gramrec.trainer.retrain import RetrainJob, now_iso
 
 log = logging.getLogger("gramrec.trainer")
 

@@ -10,13 +10,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
-from service.auth import require_admin
-from service.bundle import ArtifactError
-from service.deps import get_registry, get_store
-from service.item_store import Store
-from service.registry import ActivationConflict, ModelRegistry, VersionNotFound
-from service.schemas import ActivateResponse, Job, JobsResponse, ModelInfo, ModelsResponse, RetrainRequest
-from service.settings import TASKS, VERSION_PATTERN
+from gramrec.service.auth import require_admin
+from gramrec.service.bundle import ArtifactError
+from gramrec.service.deps import get_registry, get_store
+from gramrec.service.item_store import Store
+from gramrec.service.registry import ActivationConflict, ModelRegistry, VersionNotFound
+from gramrec.service.schemas import ActivateResponse, Job, JobsResponse, ModelInfo, ModelsResponse, RetrainRequest
+from gramrec.service.settings import TASKS, VERSION_PATTERN
 
 router = APIRouter(
     prefix="/admin",

@@ -11,10 +11,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, status
 
-from service.deps import get_store
-from service.item_store import Store
-from service.limits import checked_interactions
-from service.schemas import Interactions, InteractionsResponse, KTInteractions
+from gramrec.service.deps import get_store
+from gramrec.service.item_store import Store
+from gramrec.service.limits import checked_interactions
+from gramrec.service.schemas import Interactions, InteractionsResponse, KTInteractions
 
 router = APIRouter(tags=["interactions"])
 

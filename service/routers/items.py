@@ -9,12 +9,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
-from service.deps import get_registry, get_store, require_model
-from service.item_store import StaleVersion, Store
-from service.limits import checked_items
-from service.registry import ActiveModel, ModelRegistry
-from service.schemas import AddItemsRequest, AddItemsResponse, ItemResponse
-from service.settings import ITEM_ID_PATTERN, Task
+from gramrec.service.deps import get_registry, get_store, require_model
+from gramrec.service.item_store import StaleVersion, Store
+from gramrec.service.limits import checked_items
+from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.schemas import AddItemsRequest, AddItemsResponse, ItemResponse
+from gramrec.service.settings import ITEM_ID_PATTERN, Task
 
 router = APIRouter(prefix="/items", tags=["items"])
 

@@ -11,12 +11,12 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from service.deps import get_registry, get_store, require_model
-from service.inference import item_vectors
-from service.item_store import Store
-from service.limits import checked_predict
-from service.registry import ActiveModel, ModelRegistry
-from service.schemas import (
+from gramrec.service.deps import get_registry, get_store, require_model
+from gramrec.service.inference import item_vectors
+from gramrec.service.item_store import Store
+from gramrec.service.limits import checked_predict
+from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.schemas import (
     KTPredictRequest,
     KTPredictResponse,
     NRPredictRequest,
