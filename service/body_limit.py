@@ -3,7 +3,7 @@
 Starlette's own limit (FastAPI's `max_body_size`) answers a plain-text "Content Too Large" and, when the
 Content-Length header is over the limit, replaces whatever the app answered with that text. Here a declared
 Content-Length over the limit is refused before the app runs (nothing is read); a chunked body is counted as it
-arrives and the read fails with BodyTooLarge, which service.errors turns into the same JSON 413.
+arrives and the read fails with BodyTooLarge, which service.http_errors turns into the same JSON 413.
 """
 
 from __future__ import annotations

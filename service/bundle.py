@@ -30,10 +30,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnxruntime as ort
+from gramrec.service.settings import VERSION_PATTERN
 from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
-
-from gramrec.service.settings import VERSION_PATTERN
 
 log = logging.getLogger("gramrec.bundle")
 

@@ -7,10 +7,9 @@ threadpool hop per dependency on the hot path.
 from __future__ import annotations
 
 from fastapi import HTTPException, Request, status
-
-from gramrec.service.item_store import Store
 from gramrec.service.registry import ActiveModel, ModelRegistry
 from gramrec.service.settings import ServiceSettings
+from gramrec.service.store import Store
 
 
 async def get_settings(request: Request) -> ServiceSettings:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-
-from gramrec.service.errors import UnknownItems
-from gramrec.service.item_store import Store, StoreError, decode_rows
+from gramrec.service.http_errors import UnknownItems
 from gramrec.service.registry import ActiveModel
 from gramrec.service.schemas import ItemText
+from gramrec.service.store import Store, StoreError
+from gramrec.service.store.items import decode_rows
 
 
 def item_vectors(

@@ -11,7 +11,6 @@ from typing import Annotated
 
 from fastapi import Body, Depends
 from fastapi.exceptions import RequestValidationError
-
 from gramrec.service.deps import get_settings
 from gramrec.service.schemas import (
     AddItemsRequest,

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from gramrec.service.item_store import STORE_ERRORS, Lease, StaleVersion, Store
+from gramrec.service.store import STORE_ERRORS, Lease, StaleVersion, Store
 
 log = logging.getLogger("gramrec.service")
 

@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
+from gramrec.service.settings import ITEM_ID_PATTERN, Task
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -19,8 +20,6 @@ from pydantic import (
     StringConstraints,
     WithJsonSchema,
 )
-
-from gramrec.service.settings import ITEM_ID_PATTERN, Task
 
 ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
 UserId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
-
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
+from transformers import BertConfig, BertModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,8 +59,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def exported_artifacts(tmp_path_factory, tiny_encoder_dir) -> Path:
     """An artifacts root with tiny real exports, versions kt-e2e-v1 and nr-e2e-v1. Shared: copy before changing."""
-    from tests.test_service_e2e import tiny_checkpoint
     from gramrec.trainer.export import export_checkpoint
+
+    from tests.test_service_e2e import tiny_checkpoint
 
     base = tmp_path_factory.mktemp("exported")
     for task in ("kt", "nr"):

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from gramrec.service.settings import ServiceSettings
 
 TOPICS = ["loops", "arrays", "strings", "recursion", "sorting", "maps", "classes", "math"]
@@ -72,8 +71,8 @@ def tiny_training_env(monkeypatch, tiny_encoder_dir):
 def deploy_first_version(settings: ServiceSettings, task: str = "kt") -> str:
     """Trains and exports the first model on the base data and activates it, as `gramrec serve` does."""
     from gramrec.service.bootstrap import train_and_export
-    from gramrec.service.item_store import open_store
     from gramrec.service.registry import ModelRegistry
+    from gramrec.service.store import open_store
 
     version = train_and_export(settings, task).name
     store = open_store(settings)

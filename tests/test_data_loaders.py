@@ -12,10 +12,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from gramrec.trainer.errors import DataFormatError
 from gramrec.trainer.items import ItemCatalog
-from gramrec.trainer.kt_data import KTDataset, load_codeworkout, load_kt_data, load_kt_tables, split_kt
+from gramrec.trainer.kt_data import (
+    KTDataset,
+    load_codeworkout,
+    load_kt_data,
+    load_kt_tables,
+    split_kt,
+)
 from gramrec.trainer.mind_data import Impression, MindDataset, load_mind, split_mind
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -10,12 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from gramrec.models.content_encoder import ContentEncoder, default_encoder_dir, load_tokenizer
+from gramrec.models.content_encoder import (
+    ContentEncoder,
+    default_encoder_dir,
+    load_tokenizer,
+)
 from gramrec.models.heads import build_head
 from gramrec.service import bundle as bundle_module
 from gramrec.service.bundle import ArtifactError, ModelBundle, list_versions
-from gramrec.trainer.checkpoint import CheckpointMeta, load_trained_model, save_checkpoint
+from gramrec.trainer.checkpoint import (
+    CheckpointMeta,
+    load_trained_model,
+    save_checkpoint,
+)
 from gramrec.trainer.export import ExportError, export_checkpoint
 from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.settings import TrainSettings

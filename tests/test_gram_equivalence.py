@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from gramrec.models.knowledge_tracing_head import KnowledgeTracingHead
 from gramrec.models.news_head import NewsHead
-from tests.conftest import random_tokens, tiny_encoder
 from gramrec.trainer import kt_task, nr_task
 from gramrec.trainer.kt_data import KTSequence
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
 from gramrec.trainer.train import train_step
+
+from tests.conftest import random_tokens, tiny_encoder
 
 NUM_ITEMS = 12
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 import pytest
-
 from gramrec.service.bundle import ModelBundle
+
 from tests.load import Load
 from tests.redis_server import RedisServer
 from tests.serve_process import ServeProcess
@@ -269,7 +269,7 @@ def test_acknowledged_interactions_survive_a_redis_crash(tmp_path, exported_arti
 
 @pytest.mark.parametrize("appendonly", [False, True])
 def test_a_redis_that_may_lose_acknowledged_writes_is_reported(tmp_path, appendonly, caplog):
-    from gramrec.service.item_store import RedisStore, warn_unless_durable
+    from gramrec.service.store.redis_store import RedisStore, warn_unless_durable
 
     redis_server = RedisServer(tmp_path / "redis", appendonly=appendonly).start()
     store = RedisStore.from_url(redis_server.url)
@@ -284,10 +284,10 @@ def test_a_redis_that_may_lose_acknowledged_writes_is_reported(tmp_path, appendo
 
 
 def test_store_error_logs_are_throttled(monkeypatch):
-    from gramrec.service.errors import LogThrottle
+    from gramrec.service.http_errors import LogThrottle
 
     clock = [100.0]
-    monkeypatch.setattr("gramrec.service.errors.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("gramrec.service.http_errors.time.monotonic", lambda: clock[0])
     throttle = LogThrottle(interval_s=1.0)
     assert throttle.allow("ConnectionError") == 0
     assert [throttle.allow("ConnectionError") for _ in range(500)] == [None] * 500
@@ -299,9 +299,9 @@ def test_store_error_logs_are_throttled(monkeypatch):
 def test_an_evicted_item_table_is_a_503_then_reloaded(tmp_path):
     """Only the table key lost (eviction, a stray DEL): 503s and an unready process, never 422s, until the poll."""
     from fastapi.testclient import TestClient
-
     from gramrec.service.app import create_app
     from gramrec.service.settings import ServiceSettings
+
     from tests.test_service_fakes import FakeArtifacts, FakeBundle
 
     version = "kt-20260101T000000-aaaaaa"

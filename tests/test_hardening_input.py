@@ -14,12 +14,12 @@ import httpx
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
+from gramrec.service.app import create_app
+from gramrec.service.settings import Limits, ServiceSettings
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from gramrec.service.app import create_app
-from gramrec.service.settings import Limits, ServiceSettings
 from tests.redis_server import RedisServer, changed_keys, snapshot
 from tests.test_service_fakes import FakeArtifacts, FakeBundle
 

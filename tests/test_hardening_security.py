@@ -18,11 +18,11 @@ import numpy as np
 import onnxruntime
 import pytest
 from fastapi.testclient import TestClient
-
 from gramrec.service import auth as service_auth
 from gramrec.service.app import create_app
 from gramrec.service.bundle import ArtifactError, ModelBundle, list_versions
 from gramrec.service.settings import ServiceSettings
+
 from tests.redis_server import RedisServer
 from tests.serve_process import ROOT, ServeProcess
 from tests.test_service_fakes import FakeArtifacts, FakeBundle
@@ -301,7 +301,7 @@ def test_a_bad_newest_version_does_not_stop_the_service(tmp_path, exported_artif
 
 
 # -- no pickle --------------------------------------------------------------------------------------------------------
-LOADING_MODULES = ["service/bundle.py", "service/registry.py", "service/item_store.py", "service/embedded_store.py",
+LOADING_MODULES = ["service/bundle.py", "service/registry.py", *sorted(f"service/store/{p.name}" for p in (ROOT / "service" / "store").glob("*.py")),
                    "service/inference.py", "service/app.py"]
 
 

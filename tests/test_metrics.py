@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
-
 from gramrec.trainer.metrics import auc, kt_metrics, mrr, ndcg_at_k, news_metrics
+from sklearn.metrics import roc_auc_score
 
 
 @pytest.mark.parametrize("seed", range(200))

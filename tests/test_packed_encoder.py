@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gramrec.models.content_encoder import PACK_MIN_TOKENS, batch_bounds, token_rows
 from gramrec.models.packed_attention import kernel_for, packed_attention_forward
-from tests.conftest import random_tokens, tiny_encoder
-from tests.test_gram_equivalence import TASKS, make_run, max_relative_difference, parameters
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep
 from gramrec.trainer.train import train_step
+
+from tests.conftest import random_tokens, tiny_encoder
+from tests.test_gram_equivalence import (
+    TASKS,
+    make_run,
+    max_relative_difference,
+    parameters,
+)
 
 IDX = torch.tensor([3, 5, 3, 0, 39, 12, 7, 7, 20, 1, 2])  # repeats, mixed lengths
 

@@ -14,16 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-
 from gramrec.service.bundle import ModelBundle, list_versions
-from gramrec.service.item_store import LeaseLost, open_store
 from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import Job
-from tests.retrain_fixtures import deploy_first_version, tiny_training_env, write_kt_data, write_mind_data  # noqa: F401
-from tests.test_service_fakes import REDIS_URL, settings_for  # noqa: F401
+from gramrec.service.store import LeaseLost, open_store
 from gramrec.trainer.snapshot import build_snapshot
 from gramrec.trainer.split_file import read_split
 from gramrec.trainer.worker import TrainerWorker, latest_fire_time, make_trigger
+
+from tests.retrain_fixtures import (  # noqa: F401
+    deploy_first_version,
+    tiny_training_env,
+    write_kt_data,
+    write_mind_data,
+)
+from tests.test_service_fakes import REDIS_URL, settings_for  # noqa: F401
 
 NOW = "2026-11-23T10:00:00+00:00"
 
@@ -261,9 +266,8 @@ def test_interval_ticks_are_aligned_and_late_runs_find_their_tick(settings_for):
 
 
 def test_bad_cron_is_refused():
-    from pydantic import ValidationError
-
     from gramrec.service.settings import RetrainSettings
+    from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="cron"):
         RetrainSettings(cron="every day at noon")

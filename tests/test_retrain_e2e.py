@@ -18,12 +18,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gramrec.service.settings import ServiceSettings
 
 from tests.load import Load
-from tests.retrain_fixtures import deploy_first_version, tiny_training_env, write_kt_data  # noqa: F401
+from tests.retrain_fixtures import (  # noqa: F401
+    deploy_first_version,
+    tiny_training_env,
+    write_kt_data,
+)
 from tests.serve_process import ROOT, ServeProcess
 from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
-from gramrec.service.settings import ServiceSettings
 
 TOKEN = "retrain-e2e-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-
 from gramrec.service.app import create_app
 from gramrec.service.settings import Limits
-from tests.test_service_fakes import DIM, REDIS_URL, FakeArtifacts, FakeBundle, settings_for, text_vector  # noqa: F401
+
+from tests.test_service_fakes import (  # noqa: F401
+    DIM,
+    REDIS_URL,
+    FakeArtifacts,
+    FakeBundle,
+    settings_for,
+    text_vector,
+)
 
 KT1 = "kt-20260101T000000-aaaaaa"
 KT2 = "kt-20260202T000000-bbbbbb"

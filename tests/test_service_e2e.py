@@ -13,16 +13,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
 from gramrec.models.content_encoder import ContentEncoder, load_tokenizer
 from gramrec.models.heads import build_head
 from gramrec.service.bundle import ModelBundle, list_versions
 from gramrec.service.settings import ServiceSettings
-from tests.serve_process import ServeProcess
-from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
 from gramrec.trainer.checkpoint import CheckpointMeta, save_checkpoint
 from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.settings import TrainSettings
+
+from tests.serve_process import ServeProcess
+from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
 
 TOKEN = "e2e-token"
 ITEM_TEXTS = {
@@ -122,7 +122,6 @@ def test_bootstrap_skips_tasks_without_data(tmp_path, caplog):
 def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir, shared_data, monkeypatch):
     """First start on real CodeWorkout data (tiny encoder, 2 steps), then the app serves the new version."""
     from fastapi.testclient import TestClient
-
     from gramrec.service.app import create_app
     from gramrec.service.bootstrap import bootstrap
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-
 from gramrec.service.settings import ServiceSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from gramrec.service.bootstrap import train_and_export
-from gramrec.service.item_store import open_store
+from gramrec.service.store import open_store
+
 from tests.load import Load
 from tests.retrain_fixtures import tiny_training_env  # noqa: F401
 from tests.test_retrain_e2e import Deployment, wait_for

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from gramrec.trainer.settings import Period, TrainSettings
 from gramrec.trainer.train import train
+from safetensors.torch import load_file
 
 
 def kt_settings(data: Path, out: Path, **overrides) -> TrainSettings:

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
 from gramrec.models.content_encoder import ContentEncoder
 from gramrec.trainer.items import ItemCatalog
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 FORMAT = "gramrec-checkpoint/1"
 

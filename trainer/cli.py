@@ -8,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
-
 from gramrec.trainer.logs import configure_logging
+from pydantic import BaseModel, ValidationError
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str] = frozenset()) -> None:
@@ -62,7 +61,6 @@ def _serve(args: argparse.Namespace) -> None:
     import logging
 
     import uvicorn
-
     from gramrec.service.bootstrap import bootstrap
     from gramrec.service.settings import ServiceSettings
 

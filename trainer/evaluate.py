@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gramrec.trainer.checkpoint import CheckpointError, load_weights, read_config, read_items
+from gramrec.trainer.checkpoint import (
+    CheckpointError,
+    load_weights,
+    read_config,
+    read_items,
+)
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.train import build_run, evaluate, restore
 

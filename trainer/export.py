@@ -28,9 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
-from torch import nn
-
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.service.bundle import (
     ENCODER_FILE,
@@ -44,6 +41,8 @@ from gramrec.service.bundle import (
 )
 from gramrec.service.settings import VERSION_PATTERN
 from gramrec.trainer.checkpoint import TrainedModel, load_trained_model
+from safetensors.numpy import save_file
+from torch import nn
 
 log = logging.getLogger("gramrec.export")
 

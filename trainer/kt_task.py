@@ -7,15 +7,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from gramrec.models.heads import build_head
 from gramrec.trainer.batches import PackedField, pack_fields
 from gramrec.trainer.distributed import SINGLE, World, shard_rows
-from gramrec.trainer.kt_data import KTSequence, load_kt_data, split_kt, split_kt_by_users
+from gramrec.trainer.kt_data import (
+    KTSequence,
+    load_kt_data,
+    split_kt,
+    split_kt_by_users,
+)
 from gramrec.trainer.metrics import kt_metrics
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.split_file import read_split
+from torch import nn
 
 
 @dataclass

@@ -12,7 +12,6 @@ from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
-
 from gramrec.trainer.errors import DataFormatError
 from gramrec.trainer.items import ItemCatalog
 

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gramrec.service.item_store import Lease, LeaseLost, Store
 from gramrec.service.registry import ActivationConflict, ModelRegistry
 from gramrec.service.settings import ServiceSettings
+from gramrec.service.store import Lease, LeaseLost, Store
 
 log = logging.getLogger("gramrec.retrain")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gramrec.service.item_store import Store
+from gramrec.service.store import Store
 from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.kt_data import load_kt_data
 from gramrec.trainer.mind_data import BEHAVIORS_FILE, NEWS_FILE, load_mind

@@ -12,16 +12,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
-
-from gramrec.models.content_encoder import ContentEncoder, ItemTokens, default_encoder_dir, load_tokenizer
-from gramrec.trainer.distributed import SINGLE, World, agree, barrier, global_sum, init_from_env
-from gramrec.trainer.checkpoint import CheckpointMeta, load_optimizers, load_weights, read_config, read_items, save_checkpoint
+from gramrec.models.content_encoder import (
+    ContentEncoder,
+    ItemTokens,
+    default_encoder_dir,
+    load_tokenizer,
+)
+from gramrec.trainer.checkpoint import (
+    CheckpointMeta,
+    load_optimizers,
+    load_weights,
+    read_config,
+    read_items,
+    save_checkpoint,
+)
+from gramrec.trainer.distributed import (
+    SINGLE,
+    World,
+    agree,
+    barrier,
+    global_sum,
+    init_from_env,
+)
 from gramrec.trainer.kt_task import KnowledgeTracingTask
 from gramrec.trainer.nr_task import NewsTask
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.strategies import Strategy, make_strategy
+from torch import nn
+from tqdm import tqdm
 
 log = logging.getLogger("gramrec.train")
 

@@ -20,10 +20,9 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-
-from gramrec.service.item_store import Lease, Store, open_store
 from gramrec.service.schemas import Job
 from gramrec.service.settings import ServiceSettings
+from gramrec.service.store import Lease, Store, open_store
 from gramrec.trainer.retrain import RetrainJob, now_iso
 
 log = logging.getLogger("gramrec.trainer")

@@ -9,14 +9,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
-
 from gramrec.service.auth import require_admin
 from gramrec.service.bundle import ArtifactError
 from gramrec.service.deps import get_registry, get_store
-from gramrec.service.item_store import Store
 from gramrec.service.registry import ActivationConflict, ModelRegistry, VersionNotFound
-from gramrec.service.schemas import ActivateResponse, Job, JobsResponse, ModelInfo, ModelsResponse, RetrainRequest
+from gramrec.service.schemas import (
+    ActivateResponse,
+    Job,
+    JobsResponse,
+    ModelInfo,
+    ModelsResponse,
+    RetrainRequest,
+)
 from gramrec.service.settings import TASKS, VERSION_PATTERN
+from gramrec.service.store import Store
 
 router = APIRouter(
     prefix="/admin",

@@ -6,13 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from gramrec.service.deps import get_registry, get_settings, get_store
-from gramrec.service.item_store import STORE_ERRORS, Store
 from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import Ready
 from gramrec.service.settings import ServiceSettings
+from gramrec.service.store import STORE_ERRORS, Store
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 router = APIRouter(tags=["health"])
 

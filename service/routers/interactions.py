@@ -10,11 +10,10 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, status
-
 from gramrec.service.deps import get_store
-from gramrec.service.item_store import Store
 from gramrec.service.limits import checked_interactions
 from gramrec.service.schemas import Interactions, InteractionsResponse, KTInteractions
+from gramrec.service.store import Store
 
 router = APIRouter(tags=["interactions"])
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
-
 from gramrec.service.deps import get_registry, get_store, require_model
-from gramrec.service.item_store import StaleVersion, Store
 from gramrec.service.limits import checked_items
 from gramrec.service.registry import ActiveModel, ModelRegistry
 from gramrec.service.schemas import AddItemsRequest, AddItemsResponse, ItemResponse
 from gramrec.service.settings import ITEM_ID_PATTERN, Task
+from gramrec.service.store import StaleVersion, Store
 
 router = APIRouter(prefix="/items", tags=["items"])
 

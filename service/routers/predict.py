@@ -10,10 +10,8 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends
-
 from gramrec.service.deps import get_registry, get_store, require_model
 from gramrec.service.inference import item_vectors
-from gramrec.service.item_store import Store
 from gramrec.service.limits import checked_predict
 from gramrec.service.registry import ActiveModel, ModelRegistry
 from gramrec.service.schemas import (
@@ -25,6 +23,7 @@ from gramrec.service.schemas import (
     PredictRequest,
     Score,
 )
+from gramrec.service.store import Store
 
 router = APIRouter(tags=["predict"])
 

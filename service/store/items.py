@@ -1,0 +1,316 @@
+"""The item store: active pointers, versioned item tables (float32 rows), texts of API-added items."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import redis
+from gramrec.service.store.errors import LeaseLost, StaleVersion, StoreError
+from gramrec.service.store.leases import Lease, _holds
+
+LOAD_CHUNK = 1000  # items per HSET while bulk-loading a table
+_CHUNKS_PER_ROUND_TRIP = 8
+_MAX_PARAMS = 900  # stays under every sqlite build's bound-parameter limit
+
+
+def vector_rows(vectors: np.ndarray, dim: int) -> list[bytes]:
+    """Validates a [n, dim] batch (finite, right shape) and returns one little-endian float32 row each.
+
+    Called before any write, so a bad batch is refused whole and nothing of it is stored.
+    """
+    array = np.asarray(vectors)
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise ValueError(f"vectors must have shape [n, {dim}], got {list(array.shape)}")
+    array = np.ascontiguousarray(array, dtype="<f4")
+    if not np.isfinite(array).all():
+        raise ValueError("vectors must be finite (found NaN or inf)")
+    return [row.tobytes() for row in array]
+
+
+def same_length(ids: Sequence[str], *columns: Sequence) -> None:
+    if any(len(column) != len(ids) for column in columns):
+        raise ValueError(f"{len(ids)} item ids, but columns of lengths {[len(c) for c in columns]}")
+
+
+def decode_rows(rows: Sequence[bytes | None], dim: int) -> tuple[np.ndarray, list[int]]:
+    """Raw rows as read from the store -> ([n, dim] float32 matrix with zero rows for absent items, absent indices)."""
+    missing = [i for i, row in enumerate(rows) if row is None]
+    width = 4 * dim
+    if missing:
+        rows = [b"\0" * width if row is None else row for row in rows]
+    if any(len(row) != width for row in rows):
+        raise StoreError(f"item table holds vectors of the wrong size (expected {dim} float32)")
+    matrix = np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), dim)
+    return matrix, missing
+
+
+class ItemStore(Protocol):
+    def active_version(self, task: str) -> str | None: ...
+    def compare_and_set_active(self, task: str, expected: str | None, new: str, lease: Lease | None = None) -> bool: ...
+    def publish_activation(self, task: str, version: str) -> None: ...
+    def listen_activations(self, on_activation: Callable[[str, str], None], stop: threading.Event) -> None: ...
+    def has_table(self, version: str) -> bool: ...
+    def load_table(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> bool: ...
+    def table_ids(self, version: str) -> set[str]: ...
+    def drop_table(self, version: str) -> None: ...
+    def count_items(self, version: str) -> int: ...
+    def get_vectors(self, version: str, ids: Sequence[str]) -> list[bytes | None]: ...
+    def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None: ...
+    def texts(self, task: str) -> dict[str, str]: ...
+    def get_item(self, task: str, version: str, item_id: str) -> tuple[str | None, bytes | None]: ...
+    def put_items(
+        self, task: str, version: str, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray, dim: int
+    ) -> None: ...
+
+
+# KEYS: active pointer[, lease]. ARGV: expected ('' for none), new[, lease token].
+_CAS = """
+if KEYS[2] ~= nil and redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+local current = redis.call('GET', KEYS[1])
+if current == false then current = '' end
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: active pointer, table, texts. ARGV: version, then (id, vector, text) triples.
+_PUT_ITEMS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+end
+return 1
+"""
+
+
+class RedisItems:
+    client: redis.Redis
+    key: Callable[..., str]
+    _cas: Any
+    _put_items: Any
+
+    def active_version(self, task: str) -> str | None:
+        value = self.client.get(self.key("active", task))
+        return value.decode() if value is not None else None
+
+    def compare_and_set_active(self, task: str, expected: str | None, new: str, lease: Lease | None = None) -> bool:
+        """Sets the pointer if it still names `expected`; with a lease, only while the caller still holds it.
+
+        Raises LeaseLost when the lease has expired or passed to another holder.
+        """
+        keys, args = [self.key("active", task)], [expected or "", new]
+        if lease is not None:
+            keys.append(lease.key)
+            args.append(lease.token)
+        result = int(self._cas(keys=keys, args=args))
+        if result < 0:
+            raise LeaseLost(f"lease {lease.key} is no longer held by this process")
+        return bool(result)
+
+    def publish_activation(self, task: str, version: str) -> None:
+        self.client.publish(self.key("events"), f"{task} {version}")
+
+    def listen_activations(self, on_activation: Callable[[str, str], None], stop: threading.Event) -> None:
+        """Calls on_activation(task, version) for each activation published, until `stop` is set.
+
+        Returns on a connection error too (the caller re-subscribes after a pause; polling covers the gap).
+        """
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.key("events"))
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message and message.get("type") == "message":
+                    task, _, version = message["data"].decode().partition(" ")
+                    on_activation(task, version)
+        finally:
+            pubsub.close()
+
+    def has_table(self, version: str) -> bool:
+        return bool(self.client.exists(self.key("table", version)))
+
+    def load_table(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> bool:
+        """Bulk-loads a version's table unless it exists; returns whether this call loaded it."""
+        if self.has_table(version):
+            return False
+        rows = vector_rows(vectors, dim)
+        same_length(ids, rows)
+        ids = list(ids)
+        staging = self.key("staging", version, secrets.token_hex(8))
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for n, start in enumerate(range(0, len(ids), LOAD_CHUNK), start=1):
+                chunk = slice(start, start + LOAD_CHUNK)
+                pipe.hset(staging, mapping=dict(zip(ids[chunk], rows[chunk], strict=True)))
+                if n % _CHUNKS_PER_ROUND_TRIP == 0:
+                    pipe.execute()
+            pipe.execute()
+            if not len(ids):
+                return False  # Redis has no empty hashes; an empty table needs no key
+            return bool(self.client.renamenx(staging, self.key("table", version)))
+        finally:
+            self.client.delete(staging)
+
+    def table_ids(self, version: str) -> set[str]:
+        return {field.decode() for field in self.client.hkeys(self.key("table", version))}
+
+    def drop_table(self, version: str) -> None:
+        self.client.unlink(self.key("table", version))
+
+    def count_items(self, version: str) -> int:
+        return int(self.client.hlen(self.key("table", version)))
+
+    def get_vectors(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
+        if not ids:
+            return []
+        return self.client.hmget(self.key("table", version), list(ids))
+
+    def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None:
+        rows = vector_rows(vectors, dim)
+        same_length(ids, rows)
+        if len(ids):
+            self.client.hset(self.key("table", version), mapping=dict(zip(ids, rows, strict=True)))
+
+    def texts(self, task: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.key("texts", task)).items()}
+
+    def get_item(self, task: str, version: str, item_id: str) -> tuple[str | None, bytes | None]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self.key("texts", task), item_id)
+        pipe.hget(self.key("table", version), item_id)
+        text, vector = pipe.execute()
+        return (text.decode() if text is not None else None), vector
+
+    def put_items(
+        self, task: str, version: str, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray, dim: int
+    ) -> None:
+        rows = vector_rows(vectors, dim)
+        same_length(ids, rows, texts)
+        args: list = [version]
+        for item_id, row, text in zip(ids, rows, texts, strict=True):
+            args += [item_id, row, text]
+        keys = [self.key("active", task), self.key("table", version), self.key("texts", task)]
+        if not self._put_items(keys=keys, args=args):
+            raise StaleVersion(f"{version} is no longer the active {task} version")
+
+
+class SqliteItems:
+    _lock: threading.RLock
+    _db: sqlite3.Connection
+    _query: Callable[..., list[tuple]]
+    _transaction: Callable[..., Any]
+
+    def active_version(self, task: str) -> str | None:
+        rows = self._query("SELECT version FROM active WHERE task = ?", (task,))
+        return rows[0][0] if rows else None
+
+    def compare_and_set_active(self, task: str, expected: str | None, new: str, lease=None) -> bool:
+        def cas(cursor: sqlite3.Cursor) -> bool:
+            if lease is not None and not _holds(cursor, lease.key, lease.token):
+                raise LeaseLost(f"lease {lease.key} is no longer held by this process")
+            row = cursor.execute("SELECT version FROM active WHERE task = ?", (task,)).fetchone()
+            if (row[0] if row else None) != expected:
+                return False
+            cursor.execute("INSERT OR REPLACE INTO active (task, version) VALUES (?, ?)", (task, new))
+            return True
+
+        return self._transaction(cas)
+
+    def publish_activation(self, task: str, version: str) -> None:
+        """No pub/sub here: other workers see the new pointer at their next poll."""
+
+    def listen_activations(self, on_activation: Callable[[str, str], None], stop: threading.Event) -> None:
+        stop.wait()
+
+    def has_table(self, version: str) -> bool:
+        return bool(self._query("SELECT 1 FROM tables WHERE version = ?", (version,)))
+
+    def load_table(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> bool:
+        rows = vector_rows(vectors, dim)
+        same_length(ids, rows)
+
+        def load(cursor: sqlite3.Cursor) -> bool:
+            if cursor.execute("SELECT 1 FROM tables WHERE version = ?", (version,)).fetchone():
+                return False
+            cursor.executemany(
+                "INSERT OR REPLACE INTO vectors (version, item_id, vector) VALUES (?, ?, ?)",
+                ((version, item_id, row) for item_id, row in zip(ids, rows, strict=True)),
+            )
+            cursor.execute("INSERT INTO tables (version, loaded_at) VALUES (?, ?)", (version, time.time()))
+            return True
+
+        return self._transaction(load)
+
+    def table_ids(self, version: str) -> set[str]:
+        return {row[0] for row in self._query("SELECT item_id FROM vectors WHERE version = ?", (version,))}
+
+    def drop_table(self, version: str) -> None:
+        def drop(cursor: sqlite3.Cursor) -> None:
+            cursor.execute("DELETE FROM vectors WHERE version = ?", (version,))
+            cursor.execute("DELETE FROM tables WHERE version = ?", (version,))
+
+        self._transaction(drop)
+
+    def count_items(self, version: str) -> int:
+        return self._query("SELECT COUNT(*) FROM vectors WHERE version = ?", (version,))[0][0]
+
+    def get_vectors(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(ids))
+        with self._lock:
+            for start in range(0, len(unique), _MAX_PARAMS):
+                chunk = unique[start : start + _MAX_PARAMS]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT item_id, vector FROM vectors WHERE version = ? AND item_id IN ({marks})"
+                found.update(self._db.execute(sql, (version, *chunk)).fetchall())
+        return [found.get(item_id) for item_id in ids]
+
+    def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None:
+        rows = vector_rows(vectors, dim)
+        same_length(ids, rows)
+        self._transaction(
+            lambda cursor: cursor.executemany(
+                "INSERT OR REPLACE INTO vectors (version, item_id, vector) VALUES (?, ?, ?)",
+                ((version, item_id, row) for item_id, row in zip(ids, rows, strict=True)),
+            )
+        )
+
+    def texts(self, task: str) -> dict[str, str]:
+        return dict(self._query("SELECT item_id, text FROM texts WHERE task = ?", (task,)))
+
+    def get_item(self, task: str, version: str, item_id: str) -> tuple[str | None, bytes | None]:
+        with self._lock:
+            text = self._db.execute("SELECT text FROM texts WHERE task = ? AND item_id = ?", (task, item_id)).fetchone()
+            vector = self._db.execute(
+                "SELECT vector FROM vectors WHERE version = ? AND item_id = ?", (version, item_id)
+            ).fetchone()
+        return (text[0] if text else None), (vector[0] if vector else None)
+
+    def put_items(
+        self, task: str, version: str, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray, dim: int
+    ) -> None:
+        rows = vector_rows(vectors, dim)
+        same_length(ids, rows, texts)
+
+        def put(cursor: sqlite3.Cursor) -> None:
+            row = cursor.execute("SELECT version FROM active WHERE task = ?", (task,)).fetchone()
+            if not row or row[0] != version:
+                raise StaleVersion(f"{version} is no longer the active {task} version")
+            cursor.executemany(
+                "INSERT OR REPLACE INTO vectors (version, item_id, vector) VALUES (?, ?, ?)",
+                ((version, item_id, vector) for item_id, vector in zip(ids, rows, strict=True)),
+            )
+            cursor.executemany(
+                "INSERT OR REPLACE INTO texts (task, item_id, text) VALUES (?, ?, ?)",
+                ((task, item_id, text) for item_id, text in zip(ids, texts, strict=True)),
+            )
+
+        self._transaction(put)
+
