@@ -98,7 +98,7 @@ def mind_sample(source: Path, target: Path, impressions: int) -> Path:
 
 def ensure_models(args: argparse.Namespace) -> None:
     from gramrec.service.bootstrap import train_and_export
-    from gramrec.service.bundle import list_versions
+    from gramrec.service.artifact import list_versions
     from gramrec.service.settings import ServiceSettings
     from gramrec.trainer.logs import configure_logging
 

@@ -17,7 +17,7 @@ log = logging.getLogger("gramrec.service")
 
 
 def tasks_without_versions(settings: ServiceSettings) -> list[Task]:
-    from gramrec.service.bundle import list_versions
+    from gramrec.service.artifact import list_versions
 
     have = {manifest["task"] for manifest in list_versions(settings.artifacts_dir)}
     return [task for task in settings.tasks if task not in have]

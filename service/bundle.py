@@ -1,19 +1,6 @@
 """One exported model version, verified and ready to serve: ONNX encoder and CF head, tokenizer, item table.
 
-An artifact version directory is written once by `trainer.export` and never modified afterwards:
-
-    manifest.json      format, version, task, strategy, dim, max_tokens, pooling, metrics, data fingerprint,
-                       source checkpoint, and {sha256, bytes} of every other file in the directory
-    encoder.onnx       input_ids [B, S] int64, attention_mask [B, S] int64 -> embedding [B, D] float32
-                       (absent for strategy "nocontent": the manifest says "encoder": null)
-    head.onnx          kt: history [B, T, D] float32, history_correct [B, T] int64, history_mask [B, T] bool,
-                           targets [B, K, D] float32 -> logits [B, K] float32
-                       nr: history [B, L, D] float32, history_mask [B, L] bool, candidates [B, C, D] float32
-                           -> scores [B, C] float32
-                       Masks are True for real steps, which come first in each row.
-    tokenizer/         the Hugging Face fast tokenizer (tokenizer.json and friends; absent for "nocontent")
-    items.safetensors  embeddings [N, D] float32, every training item's embedding
-    items.json         {"ids": [...], "texts": [...]}, in the row order of `embeddings`
+The directory layout, the manifest and its checks live in service/artifact.py, shared with trainer/export.py.
 
 This module needs only numpy, onnxruntime, tokenizers and safetensors (no torch), so a serving image stays small.
 """
@@ -21,51 +8,40 @@ This module needs only numpy, onnxruntime, tokenizers and safetensors (no torch)
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
-import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from gramrec.service.settings import VERSION_PATTERN
+from gramrec.service.artifact import (
+    ENCODER_FILE,
+    HEAD_FILE,
+    ITEMS_EMBEDDINGS_FILE,
+    ITEMS_INDEX_FILE,
+    MANIFEST,
+    TOKENIZER_DIR,
+    ArtifactError,
+    read_manifest,
+    resolve_version_dir,
+    verified_files,
+)
 from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
 
 log = logging.getLogger("gramrec.bundle")
 
-FORMAT = "gramrec-artifact/1"
-MANIFEST = "manifest.json"
-ENCODER_FILE = "encoder.onnx"
-HEAD_FILE = "head.onnx"
-TOKENIZER_DIR = "tokenizer"
-ITEMS_EMBEDDINGS_FILE = "items.safetensors"
-ITEMS_INDEX_FILE = "items.json"
 THREADS_ENV = "GRAMREC_ORT_THREADS"
 GOLDEN_TOLERANCE = 1e-3  # ONNX Runtime vs PyTorch at export is checked to 1e-4; a loaded bundle must stay close
 ENCODE_BATCH = 64  # texts per encoder run; texts are sorted by length first so each batch pads little
 
-_VERSION = re.compile(VERSION_PATTERN)
 
 
-class ArtifactError(Exception):
-    """An artifact version is missing, malformed, tampered with, or cannot serve the request asked of it."""
-
-    def __init__(self, where: str | Path, problem: str) -> None:
-        self.where = str(where)
-        self.problem = problem
-        super().__init__(f"{self.where}: {problem}")
 
 
-def is_valid_version(version: str) -> bool:
-    """`<task>-<name>` with a short safe name: never a path separator, never '..', never absolute."""
-    return isinstance(version, str) and bool(_VERSION.fullmatch(version)) and ".." not in version
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def default_providers() -> list[str]:
@@ -86,71 +62,12 @@ def default_threads() -> int:
     return int(value) if value else 1
 
 
-def _resolve_version_dir(artifacts_root: Path, version: str) -> Path:
-    """The version's directory, resolved; refuses anything that is not a directory directly inside the root."""
-    if not is_valid_version(version):
-        raise ArtifactError(version, f"invalid version name (must match {VERSION_PATTERN} without '..')")
-    root = Path(artifacts_root).resolve()
-    directory = (root / version).resolve()  # follows symlinks, so a link pointing outside is caught below
-    if directory.parent != root or directory.name != version:  # a symlink out of the root, or to another version
-        raise ArtifactError(root / version, f"resolves to {directory}, not a version directory of {root}")
-    if not directory.is_dir():
-        raise ArtifactError(directory, "no such artifact version")
-    return directory
 
 
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if path.is_symlink() or not path.is_file():
-        raise ArtifactError(path, "missing (or not a regular file)")
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(path, f"invalid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ArtifactError(path, f"format {found!r}, expected {FORMAT!r}")
-    if manifest.get("version") != directory.name:
-        raise ArtifactError(path, f"names version {manifest.get('version')!r}, but lies in {directory.name!r}")
-    for key, kind in (("task", str), ("strategy", str), ("dim", int), ("max_tokens", int), ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ArtifactError(path, f"field {key!r} missing or not a {kind.__name__}")
-    if manifest["task"] not in ("kt", "nr"):
-        raise ArtifactError(path, f"unknown task {manifest['task']!r}")
-    return manifest
 
 
-def _listed_path(directory: Path, name: str) -> Path:
-    """A file named in the manifest, refusing names that could reach outside the version directory."""
-    relative = PurePosixPath(name)
-    if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\\" in name:
-        raise ArtifactError(directory / MANIFEST, f"lists an unsafe file name {name!r}")
-    path = directory.joinpath(*relative.parts)
-    if path.is_symlink() or not path.resolve().is_relative_to(directory):
-        raise ArtifactError(path, "is a symlink or lies outside the version directory")
-    return path
 
 
-def _verified_files(directory: Path, manifest: dict) -> dict[str, bytes]:
-    """Reads every listed file once and checks its size and sha256; returns the bytes that were checked.
-
-    Serving then loads exactly these bytes, so a file swapped after the check can never be served. Files on
-    disk that the manifest does not list are refused too: a version directory is immutable.
-    """
-    contents: dict[str, bytes] = {}
-    for name, entry in manifest["files"].items():
-        path = _listed_path(directory, name)
-        if not path.is_file():
-            raise ArtifactError(path, "listed in manifest.json but missing")
-        data = path.read_bytes()
-        if not isinstance(entry, dict) or len(data) != entry.get("bytes") or sha256_bytes(data) != entry.get("sha256"):
-            raise ArtifactError(path, "checksum mismatch with manifest.json (corrupted or tampered with)")
-        contents[name] = data
-    on_disk = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()} - {MANIFEST}
-    unlisted = sorted(on_disk - contents.keys())
-    if unlisted:
-        raise ArtifactError(directory, f"files not listed in manifest.json: {unlisted[:5]}")
-    return contents
 
 
 def _required(contents: dict[str, bytes], directory: Path, name: str) -> bytes:
@@ -281,9 +198,9 @@ class ModelBundle:
         the root, a malformed manifest, or any file whose size or sha256 differs from the manifest; all of
         that is checked before any ONNX Runtime session is created.
         """
-        directory = _resolve_version_dir(artifacts_root, version)
-        manifest = _read_manifest(directory)
-        contents = _verified_files(directory, manifest)
+        directory = resolve_version_dir(artifacts_root, version)
+        manifest = read_manifest(directory)
+        contents = verified_files(directory, manifest)
         item_ids, item_vectors = _item_table(contents, directory, manifest["dim"])
         has_encoder = manifest.get("encoder") is not None
         tokenizer = _tokenizer(contents, directory, manifest) if has_encoder else None
@@ -417,21 +334,3 @@ def _compare(path: Path, part: str, got: np.ndarray, expected: np.ndarray, toler
         raise ArtifactError(path, f"golden check: {part} output differs from the exported reference by {error:.3g}")
 
 
-def list_versions(artifacts_root: Path) -> list[dict]:
-    """Manifests of the well-formed version directories under the root, newest first.
-
-    Only the manifests are read here (cheap); `ModelBundle.load` verifies every file's checksum.
-    Temporary export directories (".<version>...") and anything else invalid are skipped.
-    """
-    root = Path(artifacts_root)
-    if not root.is_dir():
-        return []
-    manifests = []
-    for child in root.iterdir():
-        if not is_valid_version(child.name):
-            continue
-        try:
-            manifests.append(_read_manifest(_resolve_version_dir(root, child.name)))
-        except ArtifactError as exc:
-            log.warning("skipping invalid artifact version", extra={"path": exc.where, "problem": exc.problem})
-    return sorted(manifests, key=lambda m: (str(m.get("created", "")), m["version"]), reverse=True)

@@ -74,7 +74,7 @@ def _default_loader(providers: Sequence[str] | None, threads: int | None) -> Cal
 
 
 def _default_lister(root: Path) -> list[dict]:
-    from gramrec.service.bundle import list_versions
+    from gramrec.service.artifact import list_versions
 
     return list_versions(root)
 

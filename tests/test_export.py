@@ -17,7 +17,8 @@ from gramrec.models.content_encoder import (
 )
 from gramrec.models.heads import build_head
 from gramrec.service import bundle as bundle_module
-from gramrec.service.bundle import ArtifactError, ModelBundle, list_versions
+from gramrec.service.artifact import ArtifactError, list_versions
+from gramrec.service.bundle import ModelBundle
 from gramrec.trainer.checkpoint import (
     CheckpointMeta,
     load_trained_model,

@@ -20,7 +20,8 @@ import pytest
 from fastapi.testclient import TestClient
 from gramrec.service import auth as service_auth
 from gramrec.service.app import create_app
-from gramrec.service.bundle import ArtifactError, ModelBundle, list_versions
+from gramrec.service.artifact import ArtifactError, list_versions
+from gramrec.service.bundle import ModelBundle
 from gramrec.service.settings import ServiceSettings
 
 from tests.redis_server import RedisServer

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from gramrec.service.bundle import ModelBundle, list_versions
+from gramrec.service.artifact import list_versions
+from gramrec.service.bundle import ModelBundle
 from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import Job
 from gramrec.service.store import LeaseLost, open_store

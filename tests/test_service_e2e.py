@@ -15,7 +15,8 @@ import pytest
 import torch
 from gramrec.models.content_encoder import ContentEncoder, load_tokenizer
 from gramrec.models.heads import build_head
-from gramrec.service.bundle import ModelBundle, list_versions
+from gramrec.service.artifact import list_versions
+from gramrec.service.bundle import ModelBundle
 from gramrec.service.settings import ServiceSettings
 from gramrec.trainer.checkpoint import CheckpointMeta, save_checkpoint
 from gramrec.trainer.items import ItemCatalog

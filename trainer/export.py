@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
-from gramrec.service.bundle import (
+from gramrec.service.artifact import (
     ENCODER_FILE,
-    FORMAT,
     HEAD_FILE,
     ITEMS_EMBEDDINGS_FILE,
     ITEMS_INDEX_FILE,
-    MANIFEST,
     TOKENIZER_DIR,
     is_valid_version,
+    write_manifest,
 )
 from gramrec.service.settings import VERSION_PATTERN
 from gramrec.trainer.checkpoint import TrainedModel, load_trained_model
@@ -125,8 +124,7 @@ def export_checkpoint(
         manifest = _manifest(model, checkpoint, version, now, has_encoder, parity, metrics, data_fingerprint)
         manifest["golden"] = _golden(model, embeddings, has_encoder)
         _make_world_readable(tmp)
-        manifest["files"] = _file_checksums(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+        write_manifest(tmp, manifest)
         if target.exists():  # created meanwhile by a concurrent export
             raise ExportError(f"{target}: version already exists; artifact versions are immutable")
         os.rename(tmp, target)  # atomic on one filesystem
@@ -306,16 +304,6 @@ def _make_world_readable(directory: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def _file_checksums(directory: Path) -> dict[str, dict]:
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix()
-        if name != MANIFEST:
-            data = path.read_bytes()
-            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    return files
-
-
 def _manifest(
     model: TrainedModel,
     checkpoint: Path,
@@ -328,7 +316,6 @@ def _manifest(
 ) -> dict:
     tokenizer = model.tokenizer
     return {
-        "format": FORMAT,
         "version": version,
         "created": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # microseconds: versions of one second still order
         "task": model.task,

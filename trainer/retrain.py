@@ -203,7 +203,7 @@ def retire_old_versions(store: Store, artifacts: Path, task: str, keep: int, gra
     """Keeps the newest `keep` versions of the task and the active one. Others are marked retired, and deleted
     (item table, artifact folder, checkpoint) once retired for `grace_s`, so requests still using them finish and
     a recent rollback target stays available. Returns the versions deleted. Run only under the retrain lease."""
-    from gramrec.service.bundle import list_versions
+    from gramrec.service.artifact import list_versions
 
     marks_path = artifacts / RETIRED_FILE
     marks: dict[str, float] = json.loads(marks_path.read_text()) if marks_path.is_file() else {}

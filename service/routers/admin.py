@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from gramrec.service.auth import require_admin
-from gramrec.service.bundle import ArtifactError
+from gramrec.service.artifact import ArtifactError
 from gramrec.service.deps import get_registry, get_store
 from gramrec.service.registry import ActivationConflict, ModelRegistry, VersionNotFound
 from gramrec.service.schemas import (
