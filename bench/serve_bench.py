@@ -97,9 +97,9 @@ def mind_sample(source: Path, target: Path, impressions: int) -> Path:
 
 
 def ensure_models(args: argparse.Namespace) -> None:
-    from gramrec.service.bootstrap import train_and_export
     from gramrec.service.artifact import list_versions
     from gramrec.service.settings import ServiceSettings
+    from gramrec.trainer.bootstrap import train_and_export
     from gramrec.trainer.logs import configure_logging
 
     configure_logging()  # quiet Hugging Face load reports

@@ -10,20 +10,9 @@ from __future__ import annotations
 
 import json
 
+from gramrec.service.errors import BodyTooLarge, too_large_detail
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-
-class BodyTooLarge(Exception):
-    """Raised from `receive` once a streamed body passes the limit (FastAPI wraps it in a 400; errors.py unwraps)."""
-
-    def __init__(self, limit: int):
-        super().__init__(too_large_detail(limit))
-        self.limit = limit
-
-
-def too_large_detail(limit: int) -> str:
-    return f"request body larger than {limit} bytes (limits.max_body_bytes)"
 
 
 class BodyLimitMiddleware:

@@ -1,4 +1,8 @@
-"""Error responses: every failure is JSON with a `detail`, and no internal error leaks its message or trace."""
+"""Error responses, all mapped here: every failure is JSON with a `detail`; no internal error leaks its message.
+
+Domain errors (service/errors.py and the errors of the store, the artifact format and activation) get their
+status here, not in the routes.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import logging
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from fastapi import FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from gramrec.service.body_limit import BodyTooLarge
+from gramrec.service.activation import ActivationConflict, VersionNotFound
+from gramrec.service.artifact import ArtifactError
+from gramrec.service.errors import BodyTooLarge, UnknownItems
 from gramrec.service.store import STORE_ERRORS
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,15 +48,6 @@ class LogThrottle:
 
 
 _store_errors_log = LogThrottle()
-
-
-class UnknownItems(LookupError):
-    """Items absent from the active table, with no text in the request to encode them from."""
-
-    def __init__(self, item_ids: list[str], reason: str = "not in the active item table and no text was given"):
-        super().__init__(reason)
-        self.item_ids = item_ids
-        self.reason = reason
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -94,6 +92,22 @@ async def _unknown_items(request: Request, exc: UnknownItems) -> JSONResponse:
     )
 
 
+async def _version_not_found(request: Request, exc: VersionNotFound) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_404_NOT_FOUND, content={"detail": str(exc)})
+
+
+async def _artifact_error(request: Request, exc: ArtifactError) -> JSONResponse:
+    """A version that does not load (bad checksum, malformed files): the active one keeps serving."""
+    version = request.path_params.get("version") or Path(exc.where).name
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": f"version {version} does not load: {exc.problem}"}
+    )
+
+
+async def _activation_conflict(request: Request, exc: ActivationConflict) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(exc)})
+
+
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     kind = type(exc).__name__
     request.app.state.metrics.store_errors.labels(kind).inc()
@@ -117,6 +131,9 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UnknownItems, _unknown_items)
+    app.add_exception_handler(VersionNotFound, _version_not_found)
+    app.add_exception_handler(ArtifactError, _artifact_error)
+    app.add_exception_handler(ActivationConflict, _activation_conflict)
     for error in STORE_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(Exception, _internal)

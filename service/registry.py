@@ -18,41 +18,23 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
+from gramrec.service.activation import (
+    _CURRENT,
+    ActivationConflict,
+    Bundle,
+    VersionNotFound,
+    activate,
+    bundle_loader,
+    find_manifest,
+    prepare,
+)
+from gramrec.service.artifact import list_versions as artifact_list_versions
 from gramrec.service.store import STORE_ERRORS, Lease, StaleVersion, Store
 
+__all__ = ["ActivationConflict", "ActiveModel", "Bundle", "ModelRegistry", "VersionNotFound"]
+
 log = logging.getLogger("gramrec.service")
-
-BACKFILL_BATCH = 64
-
-
-class Bundle(Protocol):
-    """The part of service.bundle.ModelBundle the API uses."""
-
-    version: str
-    task: str
-    strategy: str
-    dim: int
-    max_tokens: int
-    manifest: dict
-    has_encoder: bool
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray: ...
-    def predict_kt(self, history: np.ndarray, history_correct: np.ndarray, targets: np.ndarray) -> np.ndarray: ...
-    def score_news(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...
-    def item_embeddings(self) -> tuple[list[str], np.ndarray]: ...
-    def warm_up(self) -> None: ...
-    def self_check(self) -> None: ...
-
-
-class VersionNotFound(LookupError):
-    pass
-
-
-class ActivationConflict(RuntimeError):
-    """Another process changed the task's active version while this one was activating."""
 
 
 @dataclass(frozen=True)
@@ -60,23 +42,6 @@ class ActiveModel:
     task: str
     version: str
     bundle: Bundle
-
-
-def _default_loader(providers: Sequence[str] | None, threads: int | None) -> Callable[[Path, str], Bundle]:
-    def load(root: Path, version: str) -> Bundle:
-        from gramrec.service.bundle import ModelBundle
-
-        return ModelBundle.load(
-            root, version, providers=list(providers) if providers else None, intra_op_threads=threads
-        )
-
-    return load
-
-
-def _default_lister(root: Path) -> list[dict]:
-    from gramrec.service.artifact import list_versions
-
-    return list_versions(root)
 
 
 class ModelRegistry:
@@ -93,8 +58,8 @@ class ModelRegistry:
         self.store = store
         self.artifacts_dir = Path(artifacts_dir)
         self.tasks = list(tasks)
-        self._load_bundle = load_bundle or _default_loader(providers, ort_threads)
-        self._list_versions = list_versions or _default_lister
+        self._load_bundle = load_bundle or bundle_loader(list(providers) if providers else None, ort_threads)
+        self._list_versions = list_versions or artifact_list_versions
         self._active: dict[str, ActiveModel] = {}
         self._lock = threading.RLock()  # one activation at a time in this process
         self._broken: dict[str, str] = {}  # version -> why it failed to load; not retried
@@ -120,10 +85,7 @@ class ModelRegistry:
         return self._list_versions(self.artifacts_dir)
 
     def manifest(self, version: str) -> dict:
-        for manifest in self.versions():
-            if manifest.get("version") == version:
-                return manifest
-        raise VersionNotFound(f"model version {version!r} not found in {self.artifacts_dir}")
+        return find_manifest(self.versions(), version, self.artifacts_dir)
 
     # -- activation ---------------------------------------------------------------------------------------------------
     def activate(
@@ -131,28 +93,16 @@ class ModelRegistry:
         version: str,
         lease: Lease | None = None,
         known_texts: Mapping[str, str] | None = None,
-        expected_active: str | None | object = ...,
+        expected_active: str | None | object = _CURRENT,
     ) -> ActiveModel:
-        """Makes `version` the active model of its task, here and in the store (rollback, roll-forward, retrain).
-
-        lease: the retrain lock; the pointer moves only while it is held (else LeaseLost).
-        known_texts: item id -> text the version's table was encoded from; items whose text changed since are
-        re-encoded, before and after the pointer moves, so nothing added or updated during a retrain is lost.
-        expected_active: the version the pointer must still name (a retrain's base); default: whatever it names now.
-        """
+        """Makes `version` the active model of its task, here and in the store (service.activation.activate)."""
         with self._lock:
-            self.manifest(version)
-            bundle = self._load_bundle(self.artifacts_dir, version)
-            bundle.self_check()
-            task = bundle.task
-            self._prepare(bundle, known_texts)
-            expected = self.store.active_version(task) if expected_active is ... else expected_active
-            if expected != version and not self.store.compare_and_set_active(task, expected, version, lease):
-                raise ActivationConflict(f"the active {task} version changed during activation; try again")
-            self._backfill(bundle, known_texts)  # items added or updated between _prepare and the pointer switch
-            model = self._swap(bundle)
-        self.store.publish_activation(task, version)
-        return model
+            bundle = activate(
+                self.store, self.artifacts_dir, version, load_bundle=self._load_bundle,
+                list_versions=self._list_versions, lease=lease, known_texts=known_texts,
+                expected_active=expected_active, on_switch=self._swap,
+            )
+            return self._active[bundle.task]
 
     def sync(self, task: str) -> ActiveModel | None:
         """Follows the store's pointer for `task`; with no pointer yet, activates the newest exported version."""
@@ -164,7 +114,7 @@ class ModelRegistry:
             if current is not None and current.version == version:
                 if not self.store.has_table(version):  # flushed or evicted under us: load it again
                     log.warning("item table missing from the store; reloading", extra={"version": version})
-                    self._prepare(current.bundle)
+                    prepare(self.store, current.bundle)
                 return current
             if version in self._broken:
                 return current
@@ -175,7 +125,7 @@ class ModelRegistry:
                 self._broken[version] = str(exc)
                 return self._failed(task, version, exc, current)
             try:
-                self._prepare(bundle)
+                prepare(self.store, bundle)
             except Exception as exc:  # the store is away: retried at the next poll or message
                 return self._failed(task, version, exc, current)
             return self._swap(bundle)
@@ -276,34 +226,6 @@ class ModelRegistry:
             log.exception("model sync failed", extra={"task": task})
 
     # -- internals ----------------------------------------------------------------------------------------------------
-    def _prepare(self, bundle: Bundle, known_texts: Mapping[str, str] | None = None) -> None:
-        """Loads the bundle's item table into the store if missing, adds API-added items, warms the model."""
-        if not self.store.has_table(bundle.version):
-            ids, vectors = bundle.item_embeddings()
-            if self.store.load_table(bundle.version, ids, vectors, bundle.dim):
-                log.info("item table loaded", extra={"version": bundle.version, "items": len(ids)})
-        self._backfill(bundle, known_texts)
-        bundle.warm_up()
-
-    def _backfill(self, bundle: Bundle, known_texts: Mapping[str, str] | None = None) -> None:
-        """Encodes items added through the API (texts hash) that this version's table lacks, and, given the texts
-        the table was built from, items whose text has changed since."""
-        if not bundle.has_encoder:
-            return
-        texts = self.store.texts(bundle.task)
-        if not texts:
-            return
-        missing = set(texts) - self.store.table_ids(bundle.version)
-        if known_texts is not None:
-            missing |= {item_id for item_id, text in texts.items() if known_texts.get(item_id, text) != text}
-        missing = sorted(missing)
-        for start in range(0, len(missing), BACKFILL_BATCH):
-            ids = missing[start : start + BACKFILL_BATCH]
-            vectors = bundle.encode_texts([texts[i] for i in ids])
-            self.store.add_vectors(bundle.version, ids, vectors, bundle.dim)
-        if missing:
-            log.info("items re-encoded", extra={"version": bundle.version, "items": len(missing)})
-
     def _swap(self, bundle: Bundle) -> ActiveModel:
         model = ActiveModel(task=bundle.task, version=bundle.version, bundle=bundle)
         self._active[bundle.task] = model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -11,7 +11,6 @@ from pydantic import (
     Field,
     SecretStr,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -34,67 +33,6 @@ class Limits(BaseModel):
     max_text_chars: int = Field(10_000, ge=1, description="characters of one item text")
     max_events: int = Field(1000, ge=1, description="events or impressions in one POST /interactions")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size; larger bodies get 413")
-
-
-class RetrainSettings(BaseModel):
-    """The continual-retraining loop run by `gramrec trainer` (GRAMREC_RETRAIN__*)."""
-
-    interval_s: float | None = Field(
-        86_400.0, gt=0, description="scheduled retrain every this many seconds, on instants aligned across replicas"
-    )
-    cron: str | None = Field(None, description="crontab schedule in UTC ('0 3 * * *'); when set, replaces interval_s")
-    misfire_grace_s: float = Field(300.0, gt=0, description="a tick missed by less than this still runs, once")
-    tasks: Annotated[list[Task], NoDecode] = Field(
-        default_factory=lambda: list(TASKS), description="tasks retrained on schedule"
-    )
-    epochs: int = Field(1, ge=1, le=100, description="GRAM-1E epochs per retrain")
-    time_budget_s: float | None = Field(None, gt=0, description="stop a retrain's training after this many seconds")
-    device: str = Field("auto", description="training device ('auto': CUDA if available)")
-    gate_fraction: float = Field(
-        0.1, gt=0, lt=0.5, description="most recent share of users (kt) or impressions (nr) held out for the gate"
-    )
-    gate_tolerance: float = Field(
-        0.005, ge=-1, le=1,
-        description="promote if new metric >= active metric - tolerance on the held-out slice (negative: demand a gain)",
-    )
-    keep_versions: int = Field(3, ge=1, description="versions per task kept for rollback (the active one always)")
-    retire_grace_s: float = Field(600.0, ge=0, description="older versions' tables and files deleted after this")
-    lease_ttl_s: float = Field(30.0, ge=2, description="the retrain lock expires this long after its holder dies")
-    poll_s: float = Field(1.0, gt=0, description="how often an idle trainer looks at the queue")
-    inject_fault: Literal["train", "export", "activate"] | None = Field(
-        None, description="fault drills and tests only: make every retrain crash at this phase"
-    )
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _comma_separated(cls, value):
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        return list(dict.fromkeys(value))
-
-    @model_validator(mode="after")
-    def _has_a_schedule(self) -> RetrainSettings:
-        if self.interval_s is None and self.cron is None:
-            raise ValueError("set retrain.interval_s or retrain.cron")
-        return self
-
-    @field_validator("cron", "interval_s", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value):
-        """Compose writes an unset variable as an empty string."""
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("cron")
-    @classmethod
-    def _cron_parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            from apscheduler.triggers.cron import CronTrigger
-
-            try:
-                CronTrigger.from_crontab(value)
-            except ValueError as exc:
-                raise ValueError(f"cron {value!r}: {exc}") from None
-        return value
 
 
 class ServiceSettings(BaseSettings):
@@ -121,7 +59,6 @@ class ServiceSettings(BaseSettings):
     embedded_store_path: Path = Path("artifacts/item-table.sqlite3")
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset: admin API disabled")
     limits: Limits = Limits()
-    retrain: RetrainSettings = RetrainSettings()
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -147,6 +84,11 @@ class ServiceSettings(BaseSettings):
     bootstrap_epochs: int = Field(1, ge=1)
     bootstrap_max_steps_per_epoch: int | None = Field(None, ge=1, description="cut bootstrap epochs short")
     bootstrap_device: str = "auto"
+    bootstrap_train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more training settings of first-start models, as JSON (e.g. {\"hidden_dim\": 64}); "
+        "first-start and retrain training never reads other variables",
+    )
     bootstrap_strategy: Literal["auto", "gram", "nofinetune"] = Field(
         "auto",
         description="auto: GRAM-1E for kt; NoFinetune for nr, whose 51k news would take GRAM many CPU minutes",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -55,24 +56,18 @@ def write_mind_data(folder: Path, news: int = 20, impressions: int = 60, seed: i
 
 @pytest.fixture
 def tiny_training_env(monkeypatch, tiny_encoder_dir):
-    """Training in these tests (bootstrap and retrains) uses the tiny random encoder and a small head."""
-    monkeypatch.setenv("GRAMREC_ENCODER_DIR", str(tiny_encoder_dir))
-    monkeypatch.setenv("GRAMREC_HIDDEN_DIM", "16")
-    monkeypatch.setenv("GRAMREC_MAX_TOKENS", "16")
-    monkeypatch.setenv("GRAMREC_PROGRESS", "false")
-    return {
-        "GRAMREC_ENCODER_DIR": str(tiny_encoder_dir),
-        "GRAMREC_HIDDEN_DIM": "16",
-        "GRAMREC_MAX_TOKENS": "16",
-        "GRAMREC_PROGRESS": "false",
-    }
+    """Training in these tests (first starts, and retrains without a base checkpoint) uses the tiny random encoder
+    and a small head: given as the first start's explicit training settings (retrains keep the base's)."""
+    train = json.dumps({"encoder_dir": str(tiny_encoder_dir), "hidden_dim": 16, "max_tokens": 16, "progress": False})
+    monkeypatch.setenv("GRAMREC_BOOTSTRAP_TRAIN", train)
+    return {"GRAMREC_BOOTSTRAP_TRAIN": train}
 
 
 def deploy_first_version(settings: ServiceSettings, task: str = "kt") -> str:
     """Trains and exports the first model on the base data and activates it, as `gramrec serve` does."""
-    from gramrec.service.bootstrap import train_and_export
     from gramrec.service.registry import ModelRegistry
     from gramrec.service.store import open_store
+    from gramrec.trainer.bootstrap import train_and_export
 
     version = train_and_export(settings, task).name
     store = open_store(settings)

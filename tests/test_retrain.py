@@ -19,9 +19,9 @@ from gramrec.service.bundle import ModelBundle
 from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import Job
 from gramrec.service.store import LeaseLost, open_store
-from gramrec.trainer.snapshot import build_snapshot
+from gramrec.trainer.retrain.snapshot import build_snapshot
+from gramrec.trainer.retrain.worker import TrainerWorker, latest_fire_time, make_trigger
 from gramrec.trainer.split_file import read_split
-from gramrec.trainer.worker import TrainerWorker, latest_fire_time, make_trigger
 
 from tests.retrain_fixtures import (  # noqa: F401
     deploy_first_version,
@@ -267,7 +267,7 @@ def test_interval_ticks_are_aligned_and_late_runs_find_their_tick(settings_for):
 
 
 def test_bad_cron_is_refused():
-    from gramrec.service.settings import RetrainSettings
+    from gramrec.trainer.retrain.settings import RetrainSettings
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="cron"):
@@ -278,7 +278,7 @@ def test_bad_cron_is_refused():
 def test_items_added_or_updated_during_a_retrain_are_in_the_new_version(deployed, monkeypatch):
     """An item added through the API mid-job, and an API item whose text changed mid-job, are encoded by the
     new version's encoder before the flip is visible to anyone reading the new table."""
-    from gramrec.trainer.retrain import RetrainJob
+    from gramrec.trainer.retrain.job import RetrainJob
 
     settings, store, first = deployed
     store.put_items("kt", first, ["edited"], ["The original wording of a question"], np.ones((1, 32)), 32)
@@ -410,3 +410,51 @@ def test_old_finished_job_records_are_pruned(settings_for, backend):  # noqa: F8
     store.prune_jobs(keep=2)
     assert [job["id"] for job in store.list_jobs()] == ["j4", "j3", "waiting"]
     store.close()
+
+
+def test_a_news_retrain_keeps_the_base_models_abstracts(settings_for, tmp_path, tiny_training_env):  # noqa: F811
+    """A base model trained on title + abstract is retrained on title + abstract (the snapshot's texts and the
+    new checkpoint's settings), not on titles alone."""
+    import json
+
+    from gramrec.trainer.checkpoint import read_config
+
+    base = write_mind_data(tmp_path / "mind", impressions=80)
+    train = json.loads(tiny_training_env["GRAMREC_BOOTSTRAP_TRAIN"]) | {"use_abstract": True}
+    settings = settings_for("redis", tasks=["nr"], bootstrap_nr_data=base, bootstrap_train=train,
+                            retrain={"tasks": ["nr"]})
+    deploy_first_version(settings, "nr")
+    store = open_store(settings)
+    store.enqueue_job(Job.queued("nr", "admin", {}))
+    finished = TrainerWorker(settings, store).work_once()
+    store.close()
+    assert finished["status"] == "succeeded", finished["error"]
+    texts = json.loads((settings.artifacts_dir / finished["version"] / "items.json").read_text())["texts"]
+    assert texts and all(text.endswith("An abstract") for text in texts)
+    checkpoint = settings.artifacts_dir / "checkpoints" / finished["version"]
+    assert read_config(checkpoint)["settings"]["use_abstract"] is True
+
+
+def test_the_gate_uses_the_tasks_primary_metric(deployed, monkeypatch):
+    from gramrec.trainer.kt_task import KnowledgeTracingTask
+
+    monkeypatch.setattr(KnowledgeTracingTask, "primary_metric", "acc")
+    settings, store, _ = deployed
+    job = run_one(settings, store)
+    assert job["metrics"]["metric"] == "acc" and job["status"] in ("succeeded", "rejected"), job["error"]
+
+
+def test_a_retrain_reads_no_training_variable_from_the_environment(deployed, monkeypatch):
+    """GRAMREC_MAX_STEPS_PER_EPOCH is `gramrec train`'s; a retrain builds its settings from explicit values."""
+    from gramrec.trainer import train as train_module
+
+    seen = []
+    real = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda settings: seen.append(settings) or real(settings))
+    monkeypatch.setenv("GRAMREC_MAX_STEPS_PER_EPOCH", "1")
+    monkeypatch.setenv("GRAMREC_LR_CF", "0.5")
+    settings, store, _ = deployed
+    job = run_one(settings, store)
+    assert job["status"] in ("succeeded", "rejected"), job["error"]
+    (used,) = seen
+    assert used.max_steps_per_epoch is None and used.lr_cf != 0.5

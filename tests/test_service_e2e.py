@@ -110,7 +110,7 @@ def test_news_and_admin_on_a_real_server(server):
 
 
 def test_bootstrap_skips_tasks_without_data(tmp_path, caplog):
-    from gramrec.service.bootstrap import bootstrap
+    from gramrec.trainer.bootstrap import bootstrap
 
     settings = ServiceSettings(
         artifacts_dir=tmp_path / "artifacts", bootstrap_kt_data=tmp_path / "no-kt", bootstrap_nr_data=tmp_path / "no-nr"
@@ -124,11 +124,11 @@ def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir,
     """First start on real CodeWorkout data (tiny encoder, 2 steps), then the app serves the new version."""
     from fastapi.testclient import TestClient
     from gramrec.service.app import create_app
-    from gramrec.service.bootstrap import bootstrap
+    from gramrec.trainer.bootstrap import bootstrap
 
-    monkeypatch.setenv("GRAMREC_ENCODER_DIR", str(tiny_encoder_dir))  # read by TrainSettings in the child
-    monkeypatch.setenv("GRAMREC_PROGRESS", "false")
+    monkeypatch.setenv("GRAMREC_HIDDEN_DIM", "8")  # a `gramrec train` variable: a first start must not read it
     settings = ServiceSettings(
+        bootstrap_train={"encoder_dir": str(tiny_encoder_dir), "hidden_dim": 16, "progress": False},
         artifacts_dir=tmp_path / "artifacts",
         embedded_store_path=tmp_path / "store.sqlite3",
         redis_url=None,
@@ -141,6 +141,9 @@ def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir,
     assert bootstrap(settings) == []
     (manifest,) = list_versions(settings.artifacts_dir)
     assert manifest["task"] == "kt" and manifest["strategy"] == "gram"
+    from gramrec.trainer.checkpoint import read_config
+
+    assert read_config(Path(manifest["source_checkpoint"]))["settings"]["hidden_dim"] == 16
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").json()["models"] == {"kt": manifest["version"]}
         item = json.loads((settings.artifacts_dir / manifest["version"] / "items.json").read_text())["ids"][0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from gramrec.service.settings import ServiceSettings
+from gramrec.trainer.retrain.settings import WorkerSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 DIM = 8
@@ -106,10 +106,12 @@ def drop_prefix(client: redis.Redis, prefix: str) -> None:
 
 @pytest.fixture
 def settings_for(tmp_path, request):
-    """Settings for the parametrized backend: a unique Redis prefix, or a fresh sqlite file."""
+    """Settings for the parametrized backend: a unique Redis prefix, or a fresh sqlite file.
+
+    WorkerSettings (ServiceSettings plus the retrain loop's), so one object serves both the app and a trainer."""
     made: list[tuple[redis.Redis, str]] = []
 
-    def make(backend: str, **overrides) -> ServiceSettings:
+    def make(backend: str, **overrides) -> WorkerSettings:
         if backend == "redis":
             client = redis_client()
             prefix = f"gramrec-test-{uuid.uuid4().hex[:12]}:"
@@ -122,7 +124,7 @@ def settings_for(tmp_path, request):
             } | overrides
         base = {"artifacts_dir": tmp_path / "artifacts", "model_poll_interval_s": 0, "bootstrap": False,
                 "follow_activations": False}
-        return ServiceSettings(**(base | overrides))
+        return WorkerSettings(**(base | overrides))
 
     yield make
     for client, prefix in made:

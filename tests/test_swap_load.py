@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from gramrec.service.bootstrap import train_and_export
 from gramrec.service.store import open_store
+from gramrec.trainer.bootstrap import train_and_export
 
 from tests.load import Load
 from tests.retrain_fixtures import tiny_training_env  # noqa: F401

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from gramrec.models.content_encoder import ContentEncoder
+from gramrec.service.errors import GramrecError
 from gramrec.trainer.items import ItemCatalog
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -108,7 +109,7 @@ def save_checkpoint(
         os.replace(tmp, path)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GramrecError, ValueError):
     pass
 
 

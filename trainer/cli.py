@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from gramrec.service.errors import GramrecError
 from gramrec.trainer.logs import configure_logging
 from pydantic import BaseModel, ValidationError
 
@@ -61,8 +62,8 @@ def _serve(args: argparse.Namespace) -> None:
     import logging
 
     import uvicorn
-    from gramrec.service.bootstrap import bootstrap
     from gramrec.service.settings import ServiceSettings
+    from gramrec.trainer.bootstrap import bootstrap
 
     settings = settings_from_args(ServiceSettings, args)
     if settings.bootstrap:
@@ -79,10 +80,10 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _trainer(args: argparse.Namespace) -> None:
-    from gramrec.service.settings import ServiceSettings
-    from gramrec.trainer.worker import run_trainer
+    from gramrec.trainer.retrain.settings import WorkerSettings
+    from gramrec.trainer.retrain.worker import run_trainer
 
-    run_trainer(settings_from_args(ServiceSettings, args))
+    run_trainer(settings_from_args(WorkerSettings, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("INFO" if args.verbose else None)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # data and checkpoint errors name file and problem
+    except (GramrecError, ValueError, FileNotFoundError) as exc:  # domain errors name the file and the problem
         print(f"gramrec: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,11 +1,13 @@
-"""Errors raised while reading user-supplied data files."""
+"""Errors raised while reading user-supplied data files (domain errors: see gramrec.service.errors)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from gramrec.service.errors import GramrecError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(GramrecError, ValueError):
     """A data file is malformed; the message points at the file and line so users can fix it."""
 
     def __init__(self, path: str | Path, line: int | None, problem: str) -> None:

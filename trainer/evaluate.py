@@ -10,7 +10,7 @@ from gramrec.trainer.checkpoint import (
     read_config,
     read_items,
 )
-from gramrec.trainer.settings import TrainSettings
+from gramrec.trainer.explicit_settings import explicit_train_settings
 from gramrec.trainer.train import build_run, evaluate, restore
 
 
@@ -22,7 +22,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", devic
     """
     config = read_config(checkpoint)
     saved = config["settings"] | {"data": str(data), "device": device, "resume": None, "progress": False}
-    settings = TrainSettings(**saved)
+    settings = explicit_train_settings(**saved)  # the checkpoint's settings, not the environment's
     run = build_run(settings, encoder_dir=Path(checkpoint) / "encoder")
     same_items = read_items(checkpoint).ids == run.task.items.ids
     if same_items:

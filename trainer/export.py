@@ -38,6 +38,7 @@ from gramrec.service.artifact import (
     is_valid_version,
     write_manifest,
 )
+from gramrec.service.errors import GramrecError
 from gramrec.service.settings import VERSION_PATTERN
 from gramrec.trainer.checkpoint import TrainedModel, load_trained_model
 from safetensors.numpy import save_file
@@ -50,7 +51,7 @@ PARITY_TOLERANCE = 1e-4  # max |onnx - torch| / max(1, max |torch|), checked at 
 ENCODE_BATCH = 256  # items per encoder forward while building the item table
 
 
-class ExportError(ValueError):
+class ExportError(GramrecError, ValueError):
     """The export cannot proceed: bad version name, version already exists, or the ONNX graph is wrong."""
 
 

@@ -10,9 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from gramrec.service.auth import require_admin
-from gramrec.service.artifact import ArtifactError
 from gramrec.service.deps import get_registry, get_store
-from gramrec.service.registry import ActivationConflict, ModelRegistry, VersionNotFound
+from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import (
     ActivateResponse,
     Job,
@@ -85,14 +84,5 @@ def list_models(
 def activate(
     version: Annotated[str, Path(pattern=VERSION_PATTERN)], registry: Annotated[ModelRegistry, Depends(get_registry)]
 ) -> ActivateResponse:
-    try:
-        model = registry.activate(version)
-    except VersionNotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
-    except ArtifactError as exc:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"version {version} does not load: {exc.problem}"
-        ) from None
-    except ActivationConflict as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    model = registry.activate(version)  # VersionNotFound 404, ArtifactError 422, ActivationConflict 409: http_errors.py
     return ActivateResponse(task=model.task, model_version=model.version)

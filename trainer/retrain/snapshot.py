@@ -56,8 +56,10 @@ def build_snapshot(
     task: str, base_data: Path, store: Store, folder: Path, gate_fraction: float, use_abstract: bool = False
 ) -> Snapshot:
     folder.mkdir(parents=True, exist_ok=True)
-    build = _kt_snapshot if task == "kt" else _nr_snapshot
-    snapshot = build(Path(base_data), store, folder, gate_fraction, use_abstract)
+    if task == "kt":
+        snapshot = _kt_snapshot(Path(base_data), store, folder, gate_fraction)
+    else:
+        snapshot = _nr_snapshot(Path(base_data), store, folder, gate_fraction, use_abstract)
     log.info("snapshot", extra={"task": task, "folder": str(folder)} | snapshot.summary())
     return snapshot
 
@@ -86,7 +88,7 @@ def recent_split(units_by_recency: list[str], gate_fraction: float) -> tuple[lis
 
 
 # -- knowledge tracing ---------------------------------------------------------------------------------------------
-def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: float, _use_abstract: bool) -> Snapshot:
+def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: float) -> Snapshot:
     base = load_kt_data(base_data)
     texts = merged_catalog(base.items, store.texts("kt"))
     snapshot = Snapshot(folder, "kt", texts)

@@ -1,6 +1,9 @@
 """First start: a task with no exported version gets a small model trained and exported before serving.
 
-Training runs in a child process (spawned), so the server process never holds torch or the training data.
+`gramrec serve` runs it before the app starts (the CLI wires the trainer into the first start; the service itself
+never imports the trainer). Training runs in a child process (spawned), so the server process never holds torch
+or the training data. Its TrainSettings come from ServiceSettings' bootstrap_* fields only, never from the
+environment. The new version is activated by the app's first sync (service.activation), like any other.
 A task whose data cannot be found is skipped with a warning; the server then answers 503 for it.
 """
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from gramrec.service.settings import ServiceSettings, Task
 
-log = logging.getLogger("gramrec.service")
+log = logging.getLogger("gramrec.bootstrap")
 
 
 def tasks_without_versions(settings: ServiceSettings) -> list[Task]:
@@ -25,13 +28,14 @@ def tasks_without_versions(settings: ServiceSettings) -> list[Task]:
 
 def train_and_export(settings: ServiceSettings, task: Task) -> Path:
     """Trains a small model (GRAM-1E, or NoFinetune, see settings) on the task's data; returns the version dir."""
+    from gramrec.trainer.explicit_settings import explicit_train_settings
     from gramrec.trainer.export import export_checkpoint
-    from gramrec.trainer.settings import TrainSettings
     from gramrec.trainer.train import train
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = Path(settings.artifacts_dir) / "checkpoints" / f"bootstrap-{task}-{stamp}"
-    train_settings = TrainSettings(
+    train_settings = explicit_train_settings(
+        **settings.bootstrap_train,
         task=task,
         data=settings.bootstrap_data(task),
         strategy=settings.bootstrap_strategy_for(task),

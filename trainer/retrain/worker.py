@@ -21,9 +21,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from gramrec.service.schemas import Job
-from gramrec.service.settings import ServiceSettings
 from gramrec.service.store import Lease, Store, open_store
-from gramrec.trainer.retrain import RetrainJob, now_iso
+from gramrec.trainer.retrain.job import RetrainJob, now_iso
+from gramrec.trainer.retrain.settings import WorkerSettings
 
 log = logging.getLogger("gramrec.trainer")
 
@@ -31,7 +31,7 @@ LEASE_NAME = "retrain"
 _ALIGNED_START = datetime(2020, 1, 1, tzinfo=UTC)  # interval ticks fall on the same instants in every replica
 
 
-def make_trigger(settings: ServiceSettings):
+def make_trigger(settings: WorkerSettings):
     retrain = settings.retrain
     if retrain.cron:
         return CronTrigger.from_crontab(retrain.cron, timezone=UTC)
@@ -48,7 +48,7 @@ def latest_fire_time(trigger, now: datetime, lookback: timedelta) -> datetime | 
 
 
 class TrainerWorker:
-    def __init__(self, settings: ServiceSettings, store: Store | None = None):
+    def __init__(self, settings: WorkerSettings, store: Store | None = None):
         self.settings = settings
         self.store = store or open_store(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -153,7 +153,7 @@ class TrainerWorker:
         return done
 
 
-def run_trainer(settings: ServiceSettings) -> None:
+def run_trainer(settings: WorkerSettings) -> None:
     """Runs until SIGINT/SIGTERM, which let the job in progress finish first (SIGKILL: its lease expires)."""
     import signal
 

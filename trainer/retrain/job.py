@@ -1,6 +1,6 @@
 """One retrain job: snapshot -> warm-started GRAM-1E -> gate -> export -> activate -> retire old versions.
 
-Runs inside `gramrec trainer` while it holds the retrain lease (trainer/worker.py). Every phase is timed into the
+Runs inside `gramrec trainer` while it holds the retrain lease (trainer/retrain/worker.py). Every phase is timed into the
 job record. The gate scores the new model and the active one on the same held-out slice of the most recent
 users (kt) or impressions (nr); the new one is promoted only if it is no worse than the active one minus
 `gate_tolerance`. Activation is a compare-and-set on the task's pointer that also checks the lease, so a job that
@@ -18,9 +18,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gramrec.service.registry import ActivationConflict, ModelRegistry
-from gramrec.service.settings import ServiceSettings
+from gramrec.service.activation import ActivationConflict, activate, bundle_loader
+from gramrec.service.artifact import list_versions
+from gramrec.service.errors import GramrecError
 from gramrec.service.store import Lease, LeaseLost, Store
+from gramrec.trainer.retrain.settings import WorkerSettings
 
 log = logging.getLogger("gramrec.retrain")
 
@@ -29,12 +31,27 @@ JOBS_DIR = "jobs"  # artifacts/jobs/<job id>/: a running job's snapshot and trai
 RETIRED_FILE = "retired.json"  # version -> when it left the last `keep_versions`; deleted after the grace period
 
 
-class InjectedFault(RuntimeError):
+class InjectedFault(GramrecError, RuntimeError):
     """Raised at a phase named by GRAMREC_RETRAIN__INJECT_FAULT (fault drills and tests)."""
 
 
-class GateError(RuntimeError):
+class GateError(GramrecError, RuntimeError):
     """The gate cannot judge (e.g. the held-out slice has a single class)."""
+
+
+# The settings of the active version that its retrain keeps (the encoder pass, the head's shape, the optimiser,
+# the item text); data, strategy, epochs, budget, device and output are the job's own.
+KEPT_SETTINGS = {"encoder_dir", "max_tokens", "pooling", "use_abstract", "attention", "encoder_batch_size",
+                 "encoder_batch_tokens", "regress_batch_size", "freeze_bottom_layers", "hidden_dim", "batch_size",
+                 "max_seq_len", "history_len", "negatives", "optimizer", "lr_cf", "lr_encoder", "warmup_steps", "seed"}
+
+
+def primary_metric(task: str) -> str:
+    """The metric the task's own model selection uses, and so its gate."""
+    from gramrec.trainer.kt_task import KnowledgeTracingTask
+    from gramrec.trainer.nr_task import NewsTask
+
+    return {"kt": KnowledgeTracingTask, "nr": NewsTask}[task].primary_metric
 
 
 def now_iso() -> str:
@@ -45,7 +62,7 @@ class RetrainJob:
     """Runs one job record to its end state; `run()` returns the finished record (status set)."""
 
     def __init__(
-        self, job: dict, settings: ServiceSettings, store: Store, lease: Lease, lease_lost: threading.Event
+        self, job: dict, settings: WorkerSettings, store: Store, lease: Lease, lease_lost: threading.Event
     ):
         self.job = job
         self.settings = settings
@@ -73,17 +90,18 @@ class RetrainJob:
         return self.job
 
     def _run(self, task: str) -> None:
-        from gramrec.trainer.snapshot import build_snapshot
+        from gramrec.trainer.retrain.snapshot import build_snapshot
 
         base_checkpoint = self._checkpoint_of(self.job["base_version"])
+        base_settings = self._base_settings(task, base_checkpoint)
         snapshot = self._phase(
             "snapshot",
             lambda: build_snapshot(task, self.settings.bootstrap_data(task), self.store, self.workdir / "data",
-                                   self.retrain.gate_fraction),
+                                   self.retrain.gate_fraction, use_abstract=base_settings.get("use_abstract", False)),
         )
         self.job["data"] = snapshot.summary()
-        report = self._phase("train", lambda: self._train(task, snapshot.folder, base_checkpoint))
-        metric = report["primary_metric"]
+        report = self._phase("train", lambda: self._train(base_settings, snapshot.folder, base_checkpoint))
+        metric = primary_metric(task)
         new = report["metrics"].get(metric)
         active = self._phase("gate", lambda: self._active_metric(base_checkpoint, snapshot.folder, metric))
         promote = self._gate(metric, new, active)
@@ -109,18 +127,20 @@ class RetrainJob:
         return result
 
     # -- phases ------------------------------------------------------------------------------------------------------
-    def _train(self, task: str, data: Path, base_checkpoint: Path | None) -> dict:
+    def _base_settings(self, task: str, base_checkpoint: Path | None) -> dict:
+        """The training settings a retrain keeps: the active version's (else those of a first start)."""
         from gramrec.trainer.checkpoint import read_config
-        from gramrec.trainer.settings import TrainSettings
-        from gramrec.trainer.train import train
 
-        saved = read_config(base_checkpoint)["settings"] if base_checkpoint else {"task": task}
-        keep = {"task", "encoder_dir", "max_tokens", "pooling", "attention", "encoder_batch_size",
-                "encoder_batch_tokens", "regress_batch_size", "freeze_bottom_layers", "hidden_dim", "batch_size",
-                "max_seq_len", "history_len", "negatives", "optimizer", "lr_cf", "lr_encoder", "warmup_steps", "seed"}
+        saved = read_config(base_checkpoint)["settings"] if base_checkpoint else self.settings.bootstrap_train
+        return {k: v for k, v in saved.items() if k in KEPT_SETTINGS} | {"task": task}
+
+    def _train(self, base_settings: dict, data: Path, base_checkpoint: Path | None) -> dict:
+        from gramrec.trainer import train as train_module
+        from gramrec.trainer.explicit_settings import explicit_train_settings
+
         params = self.job.get("params", {})
-        settings = TrainSettings(
-            **{k: v for k, v in saved.items() if k in keep},
+        settings = explicit_train_settings(
+            **base_settings,
             data=data,
             strategy="gram",
             period="1e",
@@ -132,9 +152,7 @@ class RetrainJob:
             device=self.retrain.device,
             progress=False,
         )
-        report = train(settings)
-        report["primary_metric"] = "auc"
-        return report
+        return train_module.train(settings)
 
     def _active_metric(self, base_checkpoint: Path | None, data: Path, metric: str) -> float | None:
         """The active model's metric on the same held-out slice; None when there is no active model."""
@@ -171,10 +189,9 @@ class RetrainJob:
             raise
 
     def _activate(self, version: str, trained_texts: dict[str, str]) -> None:
-        registry = ModelRegistry(self.store, self.artifacts, [self.job["task"]])
         try:
-            registry.activate(version, lease=self.lease, known_texts=trained_texts,
-                              expected_active=self.job["base_version"])
+            activate(self.store, self.artifacts, version, load_bundle=bundle_loader(), list_versions=list_versions,
+                     lease=self.lease, known_texts=trained_texts, expected_active=self.job["base_version"])
         except ActivationConflict as exc:
             raise ActivationConflict(f"{exc} (the active version is no longer {self.job['base_version']})") from None
 
@@ -203,8 +220,6 @@ def retire_old_versions(store: Store, artifacts: Path, task: str, keep: int, gra
     """Keeps the newest `keep` versions of the task and the active one. Others are marked retired, and deleted
     (item table, artifact folder, checkpoint) once retired for `grace_s`, so requests still using them finish and
     a recent rollback target stays available. Returns the versions deleted. Run only under the retrain lease."""
-    from gramrec.service.artifact import list_versions
-
     marks_path = artifacts / RETIRED_FILE
     marks: dict[str, float] = json.loads(marks_path.read_text()) if marks_path.is_file() else {}
     active = store.active_version(task)
