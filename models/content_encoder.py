@@ -7,13 +7,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from gramrec.models.additive_attention import AdditiveAttention
+from gramrec.models.configs import EncoderConfig
+from gramrec.models.packed_attention import PackedBatch, packed_attention
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-from gramrec.models.additive_attention import AdditiveAttention
-from gramrec.models.packed_attention import PackedBatch, packed_attention
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 Pooling = Literal["mean", "attention"]
 Attention = Literal["auto", "packed", "padded"]
@@ -113,6 +118,7 @@ class ContentEncoder(nn.Module):
         self.frozen_layers = 0  # embeddings + this many bottom layers frozen (see freeze_bottom)
         self.bottom_cache: BottomCache | None = None
         self.dim = backbone.config.hidden_size
+        self.attention_dim = attention_dim
         self.attention_pool = AdditiveAttention(self.dim, attention_dim) if pooling == "attention" else None
         # Item passes through the encoder, the quantity GRAM saves; read by the trainer's report and tests.
         self.items_forward = 0
@@ -128,6 +134,11 @@ class ContentEncoder(nn.Module):
             dtype=torch.float32,
         )
         return cls(backbone, pooling=pooling, attention_dim=attention_dim, attention=attention)
+
+    @property
+    def config(self) -> EncoderConfig:
+        """The pooling's config (saved with every checkpoint; the backbone has its own Hugging Face config)."""
+        return EncoderConfig(pooling=self.pooling, dim=self.dim, attention_dim=self.attention_dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, L] -> [B, D]"""

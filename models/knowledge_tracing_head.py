@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from gramrec.models.configs import KnowledgeTracingHeadConfig
 from torch import nn
 
 
@@ -16,6 +17,7 @@ class KnowledgeTracingHead(nn.Module):
 
     def __init__(self, item_dim: int, hidden_dim: int = 128, num_layers: int = 2, dropout: float = 0.1):
         super().__init__()
+        self.config = KnowledgeTracingHeadConfig(item_dim, hidden_dim, num_layers, dropout)
         self.hidden_dim = hidden_dim
         self.item_projection = nn.Linear(item_dim, hidden_dim)
         self.response_embedding = nn.Embedding(2, hidden_dim)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from gramrec.models.additive_attention import AdditiveAttention
+from gramrec.models.configs import NewsHeadConfig
+from torch import nn
 
 
 class NewsSelfAttention(nn.Module):
@@ -40,6 +40,7 @@ class NewsHead(nn.Module):
 
     def __init__(self, item_dim: int, num_heads: int = 12, attention_dim: int = 200, dropout: float = 0.2):
         super().__init__()
+        self.config = NewsHeadConfig(item_dim, num_heads, attention_dim, dropout)
         self.dropout = nn.Dropout(dropout)
         self.self_attention = NewsSelfAttention(item_dim, num_heads, dropout)
         self.pool = AdditiveAttention(item_dim, attention_dim)

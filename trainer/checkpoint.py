@@ -1,7 +1,8 @@
 """Checkpoints as safetensors + JSON (never pickle): self-contained and resumable.
 
 Layout of a checkpoint directory:
-    config.json            settings, encoder facts, progress (epoch, step, best metric)
+    config.json            settings, the model's config ("model": encoder pooling, head kind and widths, see
+                           models/configs.py; the model is rebuilt from it), progress (epoch, step, best metric)
     encoder/               the fine-tuned backbone and its tokenizer, a plain Hugging Face model directory
     model.safetensors      pooling, CF head and strategy state (item table, id embeddings, ...)
     optimizer.safetensors  optimizer moments (resumable checkpoints only); their hyper-parameters in config.json
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from gramrec.models.configs import EncoderConfig, HeadConfig, head_config_from_dict
 from gramrec.models.content_encoder import ContentEncoder
 from gramrec.service.errors import GramrecError
 from gramrec.trainer.items import ItemCatalog
@@ -82,6 +84,7 @@ def save_checkpoint(
         "format": FORMAT,
         "settings": meta.settings,
         "encoder": {"pooling": encoder.pooling, "dim": encoder.dim},
+        "model": model_config(encoder, head),
         "epoch": meta.epoch,
         "global_step": meta.global_step,
         "best_metric": meta.best_metric,
@@ -113,6 +116,28 @@ class CheckpointError(GramrecError, ValueError):
     pass
 
 
+def model_config(encoder: ContentEncoder, head: nn.Module) -> dict:
+    """{"encoder": EncoderConfig, "head": its head config}, as JSON; a head without a config cannot be saved."""
+    head_config = getattr(head, "config", None)
+    if head_config is None:
+        raise ValueError(f"{type(head).__name__} has no config (models/configs.py); it cannot be checkpointed")
+    return {"encoder": encoder.config.to_dict(), "head": head_config.to_dict()}
+
+
+def saved_model_config(path: Path, config: dict) -> tuple[EncoderConfig, HeadConfig]:
+    """The checkpoint's model config; a checkpoint written before model configs were saved is refused."""
+    saved = config.get("model")
+    if not isinstance(saved, dict) or "encoder" not in saved or "head" not in saved:
+        raise CheckpointError(
+            f"{path}: this checkpoint has no model config (it was written by an older gramrec, which did not save "
+            "the encoder pooling and head widths); its weights cannot be loaded safely. Train it again."
+        )
+    try:
+        return EncoderConfig.from_dict(saved["encoder"]), head_config_from_dict(saved["head"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model config in config.json: {exc}") from None
+
+
 def read_config(path: Path) -> dict:
     path = Path(path)
     config_file = path / "config.json"
@@ -133,7 +158,18 @@ def read_items(path: Path) -> ItemCatalog:
 
 
 def load_weights(path: Path, encoder: ContentEncoder, head: nn.Module) -> dict[str, torch.Tensor]:
-    """Loads pooling and head weights in place; returns the strategy tensors (and loop state under 'loop.')."""
+    """Loads pooling and head weights in place; returns the strategy tensors (and loop state under 'loop.').
+
+    The models given must be the ones the checkpoint's model config describes (else CheckpointError): a head
+    with another number of attention heads has the same weight shapes, and would load silently otherwise.
+    """
+    saved_encoder, saved_head = saved_model_config(Path(path), read_config(path))
+    built_head = getattr(head, "config", None)
+    if saved_encoder != encoder.config or saved_head != built_head:
+        raise CheckpointError(
+            f"{path}: the checkpoint's model ({saved_encoder}, {saved_head}) differs from the one built to load it "
+            f"into ({encoder.config}, {built_head})"
+        )
     tensors = load_file(str(Path(path) / "model.safetensors"))
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
@@ -179,13 +215,15 @@ class TrainedModel:
 def load_trained_model(path: Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Loads encoder, head and items of a checkpoint, in eval mode."""
     from gramrec.models.content_encoder import load_tokenizer
-    from gramrec.models.heads import build_head
+    from gramrec.models.heads import head_from_config
 
     path = Path(path)
     config = read_config(path)
-    settings = config["settings"]
-    encoder = ContentEncoder.from_pretrained(path / "encoder", pooling=config["encoder"]["pooling"])
-    head = build_head(settings["task"], encoder.dim, settings["hidden_dim"])
+    encoder_config, head_config = saved_model_config(path, config)
+    encoder = ContentEncoder.from_pretrained(
+        path / "encoder", pooling=encoder_config.pooling, attention_dim=encoder_config.attention_dim
+    )
+    head = head_from_config(head_config)
     strategy_tensors = load_weights(path, encoder, head)
     return TrainedModel(
         config=config,

@@ -324,6 +324,7 @@ def _manifest(
         "dim": int(model.encoder.dim),
         "max_tokens": model.max_tokens,
         "pooling": model.encoder.pooling if has_encoder else None,
+        "model": model.config["model"],  # the encoder's and the head's config (models/configs.py)
         "encoder": ENCODER_FILE if has_encoder else None,
         "head": HEAD_FILE,
         "tokenizer": (
