@@ -7,9 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from gramrec.models.additive_attention import AdditiveAttention
-from gramrec.models.configs import EncoderConfig
-from gramrec.models.packed_attention import PackedBatch, packed_attention
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
@@ -19,6 +16,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from gramrec.models.additive_attention import AdditiveAttention
+from gramrec.models.configs import EncoderConfig
+from gramrec.models.packed_attention import PackedBatch, packed_attention
 
 Pooling = Literal["mean", "attention"]
 Attention = Literal["auto", "packed", "padded"]
@@ -101,7 +102,11 @@ class ContentEncoder(nn.Module):
     """
 
     def __init__(
-        self, backbone: PreTrainedModel, pooling: Pooling = "mean", attention_dim: int = 200, attention: Attention = "auto"
+        self,
+        backbone: PreTrainedModel,
+        pooling: Pooling = "mean",
+        attention_dim: int = 200,
+        attention: Attention = "auto",
     ):
         super().__init__()
         if pooling not in ("mean", "attention"):
@@ -130,7 +135,10 @@ class ContentEncoder(nn.Module):
     ) -> ContentEncoder:
         # float32 master weights even when the directory stores fp16/bf16 (autocast handles low precision).
         backbone = AutoModel.from_pretrained(
-            str(model_dir), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False,
+            str(model_dir),
+            local_files_only=True,
+            attn_implementation="sdpa",
+            add_pooling_layer=False,
             dtype=torch.float32,
         )
         return cls(backbone, pooling=pooling, attention_dim=attention_dim, attention=attention)
@@ -216,9 +224,11 @@ class ContentEncoder(nn.Module):
     # -- frozen bottom layers (IISAN-style caching) -----------------------------------------------------
     def _layers(self) -> nn.ModuleList:
         try:
-            return self.backbone.encoder.layer
+            return self.backbone.encoder.layer  # type: ignore[return-value, union-attr]
         except AttributeError as error:
-            raise ValueError("freezing bottom layers needs a BERT-style backbone (.embeddings, .encoder.layer)") from error
+            raise ValueError(
+                "freezing bottom layers needs a BERT-style backbone (.embeddings, .encoder.layer)"
+            ) from error
 
     def freeze_bottom(self, num_layers: int) -> None:
         """Freezes the token embeddings and the bottom `num_layers` transformer layers (no gradients, always in
@@ -236,7 +246,7 @@ class ContentEncoder(nn.Module):
     def train(self, mode: bool = True) -> ContentEncoder:
         super().train(mode)
         if self.frozen_layers:
-            self.backbone.embeddings.eval()
+            self.backbone.embeddings.eval()  # type: ignore[union-attr]
             for layer in self._layers()[: self.frozen_layers]:
                 layer.eval()
         return self
@@ -259,7 +269,7 @@ class ContentEncoder(nn.Module):
             chunk = order[start:end]
             batch = tokens.packed(chunk).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                hidden = self.backbone.embeddings(input_ids=batch.input_ids, position_ids=batch.position_ids)
+                hidden = self.backbone.embeddings(input_ids=batch.input_ids, position_ids=batch.position_ids)  # type: ignore[operator]
                 hidden = self._run_layers(hidden, batch, self._layers()[: self.frozen_layers])  # [T, D]
             hidden_all[token_rows(offsets, tokens.lengths, chunk).to(device)] = hidden.to(dtype)
         self.bottom_cache = BottomCache(tokens=tokens, hidden=hidden_all, offsets=offsets, low_precision=on_cuda)
@@ -267,6 +277,8 @@ class ContentEncoder(nn.Module):
     def forward_cached(self, idx: torch.Tensor) -> torch.Tensor:
         """Items `idx` ([B], CPU) from the bottom cache through the top layers -> [B, D]."""
         cache = self.bottom_cache
+        if cache is None:
+            raise RuntimeError("forward_cached needs the bottom-layer cache (freeze_bottom first)")
         device = cache.hidden.device
         batch = cache.tokens.packed(idx).to(device)
         rows = token_rows(cache.offsets, cache.tokens.lengths, idx)

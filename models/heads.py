@@ -1,5 +1,7 @@
 """Builds the CF head of a task, so training, evaluation and export construct it the same way."""
 
+from torch import nn
+
 from gramrec.models.configs import (
     HeadConfig,
     KnowledgeTracingHeadConfig,
@@ -8,7 +10,6 @@ from gramrec.models.configs import (
 )
 from gramrec.models.knowledge_tracing_head import KnowledgeTracingHead
 from gramrec.models.news_head import NewsHead
-from torch import nn
 
 
 def build_head(task: str, item_dim: int, hidden_dim: int = 128) -> nn.Module:

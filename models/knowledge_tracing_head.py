@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from gramrec.models.configs import KnowledgeTracingHeadConfig
 from torch import nn
+
+from gramrec.models.configs import KnowledgeTracingHeadConfig
 
 
 class KnowledgeTracingHead(nn.Module):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from gramrec.models.additive_attention import AdditiveAttention
 from gramrec.models.configs import NewsHeadConfig
-from torch import nn
 
 
 class NewsSelfAttention(nn.Module):
@@ -50,9 +51,7 @@ class NewsHead(nn.Module):
         attended = self.self_attention(self.dropout(history), history_mask)  # [B, L, D]
         return self.pool(self.dropout(attended), history_mask)
 
-    def forward(
-        self, history: torch.Tensor, history_mask: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, history: torch.Tensor, history_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """history: [B, L, D], history_mask: [B, L], candidates: [B, C, D] -> click scores [B, C]"""
         user = self.user_vector(history, history_mask)  # [B, D]
         return torch.einsum("bd,bcd->bc", user, candidates)

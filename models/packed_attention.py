@@ -61,15 +61,21 @@ class PackedBatch:
             stacked, cu = stacked.pin_memory(), cu.pin_memory()
         stacked = stacked.to(device, non_blocking=True)
         return PackedBatch(
-            input_ids=stacked[0:1], position_ids=stacked[1:2], token_batch=stacked[2],
-            cu_seq_lens=cu.to(device, non_blocking=True), lengths=self.lengths, max_length=self.max_length,
+            input_ids=stacked[0:1],
+            position_ids=stacked[1:2],
+            token_batch=stacked[2],
+            cu_seq_lens=cu.to(device, non_blocking=True),
+            lengths=self.lengths,
+            max_length=self.max_length,
         )
 
     def attention_kwargs(self) -> dict:
         """The keyword arguments every attention layer receives (transformers' padding-free names)."""
         return {
-            "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
-            "max_length_q": self.max_length, "max_length_k": self.max_length,
+            "cu_seq_lens_q": self.cu_seq_lens,
+            "cu_seq_lens_k": self.cu_seq_lens,
+            "max_length_q": self.max_length,
+            "max_length_k": self.max_length,
         }
 
     def to_padded(self, packed: torch.Tensor) -> torch.Tensor:
@@ -143,8 +149,17 @@ def packed_attention_forward(
         out = _VARLEN_ATTN(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **extra)
     elif kernel == "flash":
         out = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, dropout, False,
-            return_debug_mask=False, scale=scaling,
+            q,
+            k,
+            v,
+            cu_seq_lens_q,
+            cu_seq_lens_q,
+            max_length_q,
+            max_length_q,
+            dropout,
+            False,
+            return_debug_mask=False,
+            scale=scaling,
         )[0]
     else:
         out = _padded_attention(q, k, v, cu_seq_lens_q, max_length_q, dropout, scaling)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 from gramrec.service.errors import GramrecError
 from gramrec.service.store import Lease, Store
 

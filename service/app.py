@@ -15,6 +15,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+
 from gramrec.service.body_limit import BodyLimitMiddleware
 from gramrec.service.http_errors import add_error_handlers
 from gramrec.service.metrics import Metrics, MetricsMiddleware
@@ -22,7 +24,6 @@ from gramrec.service.registry import Bundle, ModelRegistry
 from gramrec.service.routers import admin, health, interactions, items, predict
 from gramrec.service.settings import ServiceSettings
 from gramrec.service.store import open_store
-from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger("gramrec.service")
 

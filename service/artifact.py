@@ -135,7 +135,6 @@ def list_versions(artifacts_root: Path) -> list[dict]:
     return sorted(manifests, key=lambda m: (str(m.get("created", "")), m["version"]), reverse=True)
 
 
-
 def file_checksums(directory: Path) -> dict[str, dict]:
     """{name: {sha256, bytes}} of every file under the directory but the manifest (what `verified_files` checks)."""
     files = {}

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
 from gramrec.service.deps import get_settings
 from gramrec.service.settings import ServiceSettings
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 
-from gramrec.service.errors import BodyTooLarge, too_large_detail
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gramrec.service.errors import BodyTooLarge, too_large_detail
 
 
 class BodyLimitMiddleware:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from safetensors.numpy import load as load_safetensors
+from tokenizers import Tokenizer
+
 from gramrec.service.artifact import (
     ENCODER_FILE,
     HEAD_FILE,
@@ -27,21 +30,12 @@ from gramrec.service.artifact import (
     resolve_version_dir,
     verified_files,
 )
-from safetensors.numpy import load as load_safetensors
-from tokenizers import Tokenizer
 
 log = logging.getLogger("gramrec.bundle")
 
 THREADS_ENV = "GRAMREC_ORT_THREADS"
 GOLDEN_TOLERANCE = 1e-3  # ONNX Runtime vs PyTorch at export is checked to 1e-4; a loaded bundle must stay close
 ENCODE_BATCH = 64  # texts per encoder run; texts are sorted by length first so each batch pads little
-
-
-
-
-
-
-
 
 
 def default_providers() -> list[str]:
@@ -60,14 +54,6 @@ def default_threads() -> int:
     """
     value = os.environ.get(THREADS_ENV, "").strip()
     return int(value) if value else 1
-
-
-
-
-
-
-
-
 
 
 def _required(contents: dict[str, bytes], directory: Path, name: str) -> bytes:
@@ -94,7 +80,9 @@ def _tokenizer(contents: dict[str, bytes], directory: Path, manifest: dict) -> T
     name = f"{TOKENIZER_DIR}/tokenizer.json"
     try:
         return _configured_tokenizer(
-            _required(contents, directory, name), manifest["max_tokens"], int(info["pad_token_id"]),
+            _required(contents, directory, name),
+            manifest["max_tokens"],
+            int(info["pad_token_id"]),
             str(info["pad_token"]),
         )
     except ArtifactError:
@@ -240,7 +228,7 @@ class ModelBundle:
         input_ids = np.array([e.ids[:width] for e in encodings], dtype=np.int64)  # [n, S]
         attention_mask = np.array([e.attention_mask[:width] for e in encodings], dtype=np.int64)  # [n, S]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return self._encoder.run(["embedding"], feed)[0]
+        return self._encoder.run(["embedding"], feed)[0]  # type: ignore[union-attr]
 
     def predict_kt(self, history: np.ndarray, history_correct: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """P(correct) for answering each target next, after the answered history.
@@ -256,7 +244,7 @@ class ModelBundle:
         if targets.shape[0] == 0:
             return np.zeros(0, np.float32)
         if history.shape[0] == 0:
-            steps, correct, mask = self._no_history, self._no_history_correct, self._no_history_mask
+            steps, correct, mask = self._no_history, self._no_history_correct, self._no_history_mask  # type: ignore[assignment]
         else:
             steps, correct, mask = history[None], correct[None], np.ones((1, history.shape[0]), np.bool_)
         feed = {"history": steps, "history_correct": correct, "history_mask": mask, "targets": targets[None]}
@@ -307,7 +295,9 @@ class ModelBundle:
             history = self._item_vectors[[index[i] for i in golden["history"]]]
             targets = self._item_vectors[[index[i] for i in golden["targets"]]]
         except KeyError as exc:
-            raise ArtifactError(self.path, f"golden request names item {exc.args[0]!r}, absent from the table") from None
+            raise ArtifactError(
+                self.path, f"golden request names item {exc.args[0]!r}, absent from the table"
+            ) from None
         if self.task == "kt":
             got = self.predict_kt(history, np.asarray(golden["history_correct"]), targets)
         else:
@@ -328,9 +318,9 @@ class ModelBundle:
 def _compare(path: Path, part: str, got: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
     got = np.asarray(got, np.float32)
     if got.shape != expected.shape:
-        raise ArtifactError(path, f"golden check: {part} gives shape {list(got.shape)}, expected {list(expected.shape)}")
+        raise ArtifactError(
+            path, f"golden check: {part} gives shape {list(got.shape)}, expected {list(expected.shape)}"
+        )
     error = float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))) if got.size else 0.0
     if not error <= tolerance:  # NaN fails too
         raise ArtifactError(path, f"golden check: {part} output differs from the exported reference by {error:.3g}")
-
-

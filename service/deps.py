@@ -7,6 +7,7 @@ threadpool hop per dependency on the hot path.
 from __future__ import annotations
 
 from fastapi import HTTPException, Request, status
+
 from gramrec.service.registry import ActiveModel, ModelRegistry
 from gramrec.service.settings import ServiceSettings
 from gramrec.service.store import Store

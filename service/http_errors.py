@@ -16,11 +16,12 @@ from fastapi import FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from gramrec.service.activation import ActivationConflict, VersionNotFound
 from gramrec.service.artifact import ArtifactError
 from gramrec.service.errors import BodyTooLarge, UnknownItems
 from gramrec.service.store import STORE_ERRORS
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("gramrec.service")
 
@@ -100,7 +101,8 @@ async def _artifact_error(request: Request, exc: ArtifactError) -> JSONResponse:
     """A version that does not load (bad checksum, malformed files): the active one keeps serving."""
     version = request.path_params.get("version") or Path(exc.where).name
     return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": f"version {version} does not load: {exc.problem}"}
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={"detail": f"version {version} does not load: {exc.problem}"},
     )
 
 
@@ -128,12 +130,12 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(UnknownItems, _unknown_items)
-    app.add_exception_handler(VersionNotFound, _version_not_found)
-    app.add_exception_handler(ArtifactError, _artifact_error)
-    app.add_exception_handler(ActivationConflict, _activation_conflict)
+    app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(UnknownItems, _unknown_items)  # type: ignore[arg-type]
+    app.add_exception_handler(VersionNotFound, _version_not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(ArtifactError, _artifact_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ActivationConflict, _activation_conflict)  # type: ignore[arg-type]
     for error in STORE_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(Exception, _internal)

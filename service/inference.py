@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from gramrec.service.errors import UnknownItems
 from gramrec.service.registry import ActiveModel
 from gramrec.service.schemas import ItemText

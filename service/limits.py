@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Body, Depends
 from fastapi.exceptions import RequestValidationError
+
 from gramrec.service.deps import get_settings
 from gramrec.service.schemas import (
     AddItemsRequest,

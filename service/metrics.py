@@ -33,11 +33,13 @@ class ModelCollector(Collector):
             swaps, failures, errors = self.swaps()
             yield CounterMetricFamily("gramrec_model_swaps", "model bundles swapped in by this process", value=swaps)
             yield CounterMetricFamily(
-                "gramrec_model_load_failures", "versions that failed to load or to pass their golden check",
+                "gramrec_model_load_failures",
+                "versions that failed to load or to pass their golden check",
                 value=failures,
             )
             failing = GaugeMetricFamily(
-                "gramrec_model_load_error", "1 while a task's newest version cannot be loaded (an older one serves)",
+                "gramrec_model_load_error",
+                "1 while a task's newest version cannot be loaded (an older one serves)",
                 labels=["task", "version"],
             )
             for task, error in errors.items():

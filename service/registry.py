@@ -98,9 +98,15 @@ class ModelRegistry:
         """Makes `version` the active model of its task, here and in the store (service.activation.activate)."""
         with self._lock:
             bundle = activate(
-                self.store, self.artifacts_dir, version, load_bundle=self._load_bundle,
-                list_versions=self._list_versions, lease=lease, known_texts=known_texts,
-                expected_active=expected_active, on_switch=self._swap,
+                self.store,
+                self.artifacts_dir,
+                version,
+                load_bundle=self._load_bundle,
+                list_versions=self._list_versions,
+                lease=lease,
+                known_texts=known_texts,
+                expected_active=expected_active,
+                on_switch=self._swap,
             )
             return self._active[bundle.task]
 
@@ -133,8 +139,10 @@ class ModelRegistry:
     def _failed(self, task: str, version: str, exc: Exception, current: ActiveModel | None) -> ActiveModel | None:
         self._load_errors[task] = {"version": version, "error": str(exc)}
         self.load_failures += 1
-        log.error("cannot load the active version; the previous one keeps serving",
-                  extra={"task": task, "version": version, "error": str(exc)})
+        log.error(
+            "cannot load the active version; the previous one keeps serving",
+            extra={"task": task, "version": version, "error": str(exc)},
+        )
         return current
 
     def _adopt_newest(self, task: str) -> ActiveModel | None:

@@ -9,7 +9,6 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from gramrec.service.settings import ITEM_ID_PATTERN, Task
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -20,6 +19,8 @@ from pydantic import (
     StringConstraints,
     WithJsonSchema,
 )
+
+from gramrec.service.settings import ITEM_ID_PATTERN, Task
 
 ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
 UserId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
@@ -189,8 +190,14 @@ class Job(BaseModel):
     @classmethod
     def queued(cls, task: str, trigger: str, params: dict) -> dict:
         """A new queued job record, as the API and the trainer's scheduler both queue them."""
-        job = cls(id=uuid.uuid4().hex, status="queued", task=task, trigger=trigger,
-                  created_at=datetime.now(UTC).isoformat(), params=params)
+        job = cls(
+            id=uuid.uuid4().hex,
+            status="queued",
+            task=task,
+            trigger=trigger,
+            created_at=datetime.now(UTC).isoformat(),
+            params=params,
+        )
         return job.model_dump()
 
 

@@ -86,7 +86,7 @@ class ServiceSettings(BaseSettings):
     bootstrap_device: str = "auto"
     bootstrap_train: dict[str, Any] = Field(
         default_factory=dict,
-        description="more training settings of first-start models, as JSON (e.g. {\"hidden_dim\": 64}); "
+        description='more training settings of first-start models, as JSON (e.g. {"hidden_dim": 64}); '
         "first-start and retrain training never reads other variables",
     )
     bootstrap_strategy: Literal["auto", "gram", "nofinetune"] = Field(

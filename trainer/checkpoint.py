@@ -16,14 +16,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from gramrec.models.configs import EncoderConfig, HeadConfig, head_config_from_dict
 from gramrec.models.content_encoder import ContentEncoder
 from gramrec.service.errors import GramrecError
 from gramrec.trainer.items import ItemCatalog
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 FORMAT = "gramrec-checkpoint/1"
 
@@ -93,7 +95,8 @@ def save_checkpoint(
         "num_items": len(items),
     }
     if optimizers:
-        opt_tensors, opt_json = {}, {}
+        opt_tensors: dict[str, torch.Tensor] = {}
+        opt_json: dict[str, dict] = {}
         for name, (optimizer, scheduler) in optimizers.items():
             flat, groups = _flat_optimizer_state(name, optimizer)
             opt_tensors |= flat
@@ -194,7 +197,7 @@ class TrainedModel:
 
     config: dict
     encoder: ContentEncoder
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     head: nn.Module
     items: ItemCatalog
     strategy_tensors: dict[str, torch.Tensor]

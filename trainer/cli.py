@@ -6,14 +6,18 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
 
 from gramrec.service.errors import GramrecError
 from gramrec.trainer.logs import configure_logging
-from pydantic import BaseModel, ValidationError
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str] = frozenset()) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, model: type[BaseModel], skip: Collection[str] = frozenset()
+) -> None:
     """One --kebab-case flag per settings field; pydantic does all parsing and validation."""
     for name, info in model.model_fields.items():
         if name in skip:
@@ -62,6 +66,7 @@ def _serve(args: argparse.Namespace) -> None:
     import logging
 
     import uvicorn
+
     from gramrec.service.settings import ServiceSettings
     from gramrec.trainer.bootstrap import bootstrap
 
@@ -70,8 +75,15 @@ def _serve(args: argparse.Namespace) -> None:
         bootstrap(settings)
     level = "info" if args.verbose else "warning"
     if settings.workers > 1:  # each worker process builds its app (and settings, from the environment)
-        uvicorn.run("gramrec.service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=level, access_log=False)
+        uvicorn.run(
+            "gramrec.service.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=level,
+            access_log=False,
+        )
         return
     from gramrec.service.app import create_app
 
@@ -115,8 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="default 127.0.0.1")
     serve.add_argument("--port", default=None, help="default 8000")
     serve.add_argument("--workers", default=None, help="uvicorn worker processes (default 1)")
-    serve.add_argument("--bootstrap", action=argparse.BooleanOptionalAction, default=None,
-                       help="train and export a small model for tasks that have none (default on)")
+    serve.add_argument(
+        "--bootstrap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train and export a small model for tasks that have none (default on)",
+    )
     serve.set_defaults(func=_serve)
 
     trainer = commands.add_parser(

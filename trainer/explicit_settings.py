@@ -17,7 +17,9 @@ class _ExplicitTrainSettings(TrainSettings):
     """TrainSettings whose only source is the values given: no environment variables, no dotenv, no secrets."""
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         return (init_settings,)
 
 

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
+from torch import nn
+
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.service.artifact import (
     ENCODER_FILE,
@@ -41,8 +44,6 @@ from gramrec.service.artifact import (
 from gramrec.service.errors import GramrecError
 from gramrec.service.settings import VERSION_PATTERN
 from gramrec.trainer.checkpoint import TrainedModel, load_trained_model
-from safetensors.numpy import save_file
-from torch import nn
 
 log = logging.getLogger("gramrec.export")
 
@@ -193,7 +194,7 @@ class KnowledgeTracingServing(nn.Module):
         self, history: torch.Tensor, history_correct: torch.Tensor, history_mask: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """history [B, T, D], history_correct [B, T] int64, history_mask [B, T] bool, targets [B, K, D] -> [B, K]"""
-        return self.head.predict_next(history, history_correct, history_mask, targets)
+        return self.head.predict_next(history, history_correct, history_mask, targets)  # type: ignore[operator]
 
 
 def _export_encoder(encoder: ContentEncoder, path: Path) -> float:
@@ -226,8 +227,13 @@ def _export_head(model: TrainedModel, path: Path) -> float:
     if model.task == "kt":
         module = KnowledgeTracingServing(model.head).eval()
         names = ["history", "history_correct", "history_mask", "targets"]
-        axes = {"history": {0: "B", 1: "T"}, "history_correct": {0: "B", 1: "T"}, "history_mask": {0: "B", 1: "T"},
-                "targets": {0: "B", 1: "K"}, "logits": {0: "B", 1: "K"}}
+        axes = {
+            "history": {0: "B", 1: "T"},
+            "history_correct": {0: "B", 1: "T"},
+            "history_mask": {0: "B", 1: "T"},
+            "targets": {0: "B", 1: "K"},
+            "logits": {0: "B", 1: "K"},
+        }
 
         def sample(batch: int, length: int, k: int) -> tuple[torch.Tensor, ...]:
             steps, mask = history(batch, length)
@@ -236,10 +242,14 @@ def _export_head(model: TrainedModel, path: Path) -> float:
 
         output = "logits"
     else:
-        module = model.head
+        module = model.head  # type: ignore[assignment]  # NewsHead's forward is the serving signature
         names = ["history", "history_mask", "candidates"]
-        axes = {"history": {0: "B", 1: "L"}, "history_mask": {0: "B", 1: "L"}, "candidates": {0: "B", 1: "C"},
-                "scores": {0: "B", 1: "C"}}
+        axes = {
+            "history": {0: "B", 1: "L"},
+            "history_mask": {0: "B", 1: "L"},
+            "candidates": {0: "B", 1: "C"},
+            "scores": {0: "B", 1: "C"},
+        }
 
         def sample(batch: int, length: int, k: int) -> tuple[torch.Tensor, ...]:
             return *history(batch, length), torch.randn(batch, k, dim, generator=g)
@@ -279,8 +289,15 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
         )
 
 
@@ -329,7 +346,8 @@ def _manifest(
         "head": HEAD_FILE,
         "tokenizer": (
             {"dir": TOKENIZER_DIR, "pad_token": tokenizer.pad_token, "pad_token_id": int(tokenizer.pad_token_id)}
-            if has_encoder else None
+            if has_encoder
+            else None
         ),
         "items": {"count": len(model.items), "embeddings": ITEMS_EMBEDDINGS_FILE, "index": ITEMS_INDEX_FILE},
         "metrics": metrics if metrics is not None else model.config.get("val_metrics", {}),

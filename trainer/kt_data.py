@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
+
 from gramrec.trainer.errors import DataFormatError
 from gramrec.trainer.items import ItemCatalog
 

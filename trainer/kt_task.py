@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from gramrec.models.heads import build_head
 from gramrec.trainer.batches import PackedField, pack_fields
 from gramrec.trainer.distributed import SINGLE, World, shard_rows
@@ -19,7 +21,6 @@ from gramrec.trainer.kt_data import (
 from gramrec.trainer.metrics import kt_metrics
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.split_file import read_split
-from torch import nn
 
 
 @dataclass
@@ -41,7 +42,9 @@ def windows(sequences: list[KTSequence], max_len: int) -> list[KTSequence]:
     out = []
     for seq in sequences:
         for start in range(0, len(seq.items), max_len):
-            out.append(KTSequence(seq.user_id, seq.items[start : start + max_len], seq.correct[start : start + max_len]))
+            out.append(
+                KTSequence(seq.user_id, seq.items[start : start + max_len], seq.correct[start : start + max_len])
+            )
     return out
 
 
@@ -108,7 +111,11 @@ class KnowledgeTracingTask:
 
     def eval_items(self, split: str) -> torch.Tensor:
         seqs = self.eval_sequences(split)
-        return torch.from_numpy(np.unique(np.concatenate([s.items for s in seqs]))) if seqs else torch.zeros(0, dtype=torch.long)
+        return (
+            torch.from_numpy(np.unique(np.concatenate([s.items for s in seqs])))
+            if seqs
+            else torch.zeros(0, dtype=torch.long)
+        )
 
     @torch.no_grad()
     def evaluate(self, head: nn.Module, table: torch.Tensor, split: str) -> dict:

@@ -12,6 +12,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
+
 from gramrec.trainer.errors import DataFormatError
 from gramrec.trainer.items import ItemCatalog
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from gramrec.models.heads import build_head
 from gramrec.trainer.batches import PackedField, pack_fields
 from gramrec.trainer.distributed import SINGLE, World, shard_rows
@@ -19,7 +21,6 @@ from gramrec.trainer.mind_data import (
 )
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.split_file import read_split
-from torch import nn
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ClickSample:
 
 def click_samples(impressions: list[Impression], history_len: int) -> list[ClickSample]:
     """One sample per click that has at least one non-clicked candidate beside it."""
-    samples = []
+    samples: list[ClickSample] = []
     for imp in impressions:
         negatives = imp.candidates[imp.labels == 0]
         if len(negatives) == 0:
@@ -69,7 +70,9 @@ class NewsTask:
         dataset = load_mind(settings.data, use_abstract=settings.use_abstract)
         self.items = dataset.items
         explicit = read_split(settings.data)
-        self.splits = split_mind(dataset) if explicit is None else split_mind_by_ids(dataset, explicit.val, explicit.test)
+        self.splits = (
+            split_mind(dataset) if explicit is None else split_mind_by_ids(dataset, explicit.val, explicit.test)
+        )
         self.samples = click_samples(self.splits.train, settings.history_len)
 
     def build_head(self, item_dim: int) -> nn.Module:
@@ -118,7 +121,9 @@ class NewsTask:
         if not imps:
             return torch.zeros(0, dtype=torch.long)
         hl = self.settings.history_len
-        return torch.from_numpy(np.unique(np.concatenate([np.concatenate([i.history[-hl:], i.candidates]) for i in imps])))
+        return torch.from_numpy(
+            np.unique(np.concatenate([np.concatenate([i.history[-hl:], i.candidates]) for i in imps]))
+        )
 
     @torch.no_grad()
     def evaluate(self, head: nn.Module, table: torch.Tensor, split: str) -> dict:

@@ -14,10 +14,11 @@ become leaf tensors, so autograd sums the gradients of repeated items into one r
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
 from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
 from gramrec.trainer.settings import TrainSettings
-from torch import nn
 
 
 def make_optimizer(kind: str, params, lr: float, warmup_steps: int, device: torch.device):

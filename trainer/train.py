@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm import tqdm
+
 from gramrec.models.content_encoder import (
     ContentEncoder,
     ItemTokens,
@@ -38,8 +41,6 @@ from gramrec.trainer.kt_task import KnowledgeTracingTask
 from gramrec.trainer.nr_task import NewsTask
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.strategies import Strategy, make_strategy
-from torch import nn
-from tqdm import tqdm
 
 log = logging.getLogger("gramrec.train")
 

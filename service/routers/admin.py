@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+
 from gramrec.service.auth import require_admin
 from gramrec.service.deps import get_registry, get_store
 from gramrec.service.registry import ModelRegistry

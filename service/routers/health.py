@@ -6,12 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from gramrec.service.deps import get_registry, get_settings, get_store
 from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import Ready
 from gramrec.service.settings import ServiceSettings
 from gramrec.service.store import STORE_ERRORS, Store
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 router = APIRouter(tags=["health"])
 
@@ -38,12 +39,12 @@ def readyz(
     errors = registry.load_errors()
     if missing or store_state != "ok":
         detail = {"status": "not ready", "missing_tasks": missing, "store": store_state, "load_errors": errors}
-        return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": detail})
+        return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": detail})  # type: ignore[return-value]
     return Ready(models=models, load_errors=errors)
 
 
 def _store_state(store: Store, models: dict[str, str]) -> str:
-    """"ok", "unreachable", or "missing item tables" (the store restarted empty or evicted them; the model poll
+    """ "ok", "unreachable", or "missing item tables" (the store restarted empty or evicted them; the model poll
     reloads them): a table that is gone means every prediction of its task fails, so the process is not ready."""
     if not store.ping():
         return "unreachable"

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, status
+
 from gramrec.service.deps import get_store
 from gramrec.service.limits import checked_interactions
 from gramrec.service.schemas import Interactions, InteractionsResponse, KTInteractions

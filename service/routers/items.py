@@ -5,9 +5,10 @@ The texts are kept too (texts hash), so activating another version, or a retrain
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+
 from gramrec.service.deps import get_registry, get_store, require_model
 from gramrec.service.limits import checked_items
 from gramrec.service.registry import ActiveModel, ModelRegistry
@@ -78,7 +79,7 @@ def find_item(
     task: Annotated[Task | None, Query(description="look only in this task's table")] = None,
 ) -> ItemResponse:
     """An item by id alone: item ids of the two tasks live in separate tables, so this looks in each (or `task`)."""
-    tasks = [task] if task else list(registry.active())
+    tasks: list[Task] = [task] if task else [cast(Task, t) for t in registry.active()]
     for candidate in tasks:
         item = _lookup(candidate, item_id, registry, store)
         if item is not None:

@@ -6,10 +6,11 @@ releasing the GIL) never block the event loop.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends
+
 from gramrec.service.deps import get_registry, get_store, require_model
 from gramrec.service.inference import item_vectors
 from gramrec.service.limits import checked_predict
@@ -27,7 +28,7 @@ from gramrec.service.store import Store
 
 router = APIRouter(tags=["predict"])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "invalid request, over a limit, or unknown items (listed in detail.unknown_items)"},
     503: {"description": "no model loaded for the task, or the item store is unavailable"},
 }

@@ -54,4 +54,3 @@ def open_store(settings: ServiceSettings) -> Store:
     from gramrec.service.store.sqlite_store import EmbeddedStore
 
     return EmbeddedStore(settings.embedded_store_path)
-

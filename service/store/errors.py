@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import redis
+
 from gramrec.service.errors import GramrecError
 
 
@@ -21,4 +22,3 @@ class StaleVersion(GramrecError, RuntimeError):
 
 class LeaseLost(GramrecError, RuntimeError):
     """The caller's lease expired or another process holds it now."""
-

@@ -26,7 +26,7 @@ class RedisInteractions:
     def log_interactions(self, task: str, records: Sequence[dict[str, str]]) -> list[str]:
         pipe = self.client.pipeline(transaction=True)
         for record in records:
-            pipe.xadd(self.key("interactions", task), record)
+            pipe.xadd(self.key("interactions", task), record)  # type: ignore[arg-type]
         return [stream_id.decode() for stream_id in pipe.execute()]
 
     def read_interactions(
@@ -35,7 +35,7 @@ class RedisInteractions:
         """Up to `count` logged entries, oldest first, after stream id `after` (exclusive) if given."""
         start = f"({after}" if after else "-"
         entries = self.client.xrange(self.key("interactions", task), min=start, count=count)
-        return [(i.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for i, fields in entries]
+        return [(i.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for i, fields in entries]  # type: ignore[union-attr]
 
 
 class SqliteInteractions:
@@ -66,4 +66,3 @@ class SqliteInteractions:
             (task, int(after or 0), count),
         )
         return [(str(i), json.loads(fields)) for i, fields in rows]
-

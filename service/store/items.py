@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import redis
+
 from gramrec.service.store.errors import LeaseLost, StaleVersion, StoreError
 from gramrec.service.store.leases import Lease, _holds
 
@@ -44,9 +45,9 @@ def decode_rows(rows: Sequence[bytes | None], dim: int) -> tuple[np.ndarray, lis
     width = 4 * dim
     if missing:
         rows = [b"\0" * width if row is None else row for row in rows]
-    if any(len(row) != width for row in rows):
+    if any(len(row) != width for row in rows):  # type: ignore[arg-type]
         raise StoreError(f"item table holds vectors of the wrong size (expected {dim} float32)")
-    matrix = np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), dim)
+    matrix = np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), dim)  # type: ignore[arg-type]
     return matrix, missing
 
 
@@ -98,7 +99,7 @@ class RedisItems:
 
     def active_version(self, task: str) -> str | None:
         value = self.client.get(self.key("active", task))
-        return value.decode() if value is not None else None
+        return value.decode() if value is not None else None  # type: ignore[union-attr]
 
     def compare_and_set_active(self, task: str, expected: str | None, new: str, lease: Lease | None = None) -> bool:
         """Sets the pointer if it still names `expected`; with a lease, only while the caller still holds it.
@@ -111,7 +112,7 @@ class RedisItems:
             args.append(lease.token)
         result = int(self._cas(keys=keys, args=args))
         if result < 0:
-            raise LeaseLost(f"lease {lease.key} is no longer held by this process")
+            raise LeaseLost(f"lease {lease.key} is no longer held by this process")  # type: ignore[union-attr]
         return bool(result)
 
     def publish_activation(self, task: str, version: str) -> None:
@@ -159,7 +160,7 @@ class RedisItems:
             self.client.delete(staging)
 
     def table_ids(self, version: str) -> set[str]:
-        return {field.decode() for field in self.client.hkeys(self.key("table", version))}
+        return {field.decode() for field in self.client.hkeys(self.key("table", version))}  # type: ignore[union-attr]
 
     def drop_table(self, version: str) -> None:
         self.client.unlink(self.key("table", version))
@@ -170,7 +171,7 @@ class RedisItems:
     def get_vectors(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
         if not ids:
             return []
-        return self.client.hmget(self.key("table", version), list(ids))
+        return self.client.hmget(self.key("table", version), list(ids))  # type: ignore[return-value]
 
     def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None:
         rows = vector_rows(vectors, dim)
@@ -179,7 +180,7 @@ class RedisItems:
             self.client.hset(self.key("table", version), mapping=dict(zip(ids, rows, strict=True)))
 
     def texts(self, task: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.key("texts", task)).items()}
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.key("texts", task)).items()}  # type: ignore[union-attr]
 
     def get_item(self, task: str, version: str, item_id: str) -> tuple[str | None, bytes | None]:
         pipe = self.client.pipeline(transaction=False)
@@ -313,4 +314,3 @@ class SqliteItems:
             )
 
         self._transaction(put)
-

@@ -100,7 +100,7 @@ class RedisJobs:
 
     def current_job(self) -> str | None:
         value = self.client.get(self.key("retrain-current"))
-        return value.decode() if value is not None else None
+        return value.decode() if value is not None else None  # type: ignore[union-attr]
 
     def finish_current_job(self, job_id: str) -> None:
         """Clears the current-job marker if it still names job_id (a trainer that lost its lease must not clear
@@ -125,7 +125,9 @@ class SqliteJobs:
                 return json.loads(waiting[0])
             cursor.execute("INSERT INTO jobs (id, record) VALUES (?, ?)", (job["id"], json.dumps(job)))
             cursor.execute("INSERT INTO retrain_queue (job_id) VALUES (?)", (job["id"],))
-            cursor.execute("INSERT OR REPLACE INTO retrain_pending (task, job_id) VALUES (?, ?)", (job["task"], job["id"]))
+            cursor.execute(
+                "INSERT OR REPLACE INTO retrain_pending (task, job_id) VALUES (?, ?)", (job["task"], job["id"])
+            )
             return job
 
         return self._transaction(enqueue)
@@ -156,7 +158,8 @@ class SqliteJobs:
             job = json.loads(record[0])
             cursor.execute("DELETE FROM retrain_pending WHERE task = ? AND job_id = ?", (job["task"], job["id"]))
             cursor.execute(
-                "INSERT OR REPLACE INTO flags (name, value, expires_at) VALUES ('retrain-current', ?, NULL)", (job["id"],)
+                "INSERT OR REPLACE INTO flags (name, value, expires_at) VALUES ('retrain-current', ?, NULL)",
+                (job["id"],),
             )
             return job
 
@@ -168,4 +171,3 @@ class SqliteJobs:
 
     def finish_current_job(self, job_id: str) -> None:
         self._query("DELETE FROM flags WHERE name = 'retrain-current' AND value = ?", (job_id,))
-

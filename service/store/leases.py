@@ -128,4 +128,3 @@ class EmbeddedLease:
         self._store._transaction(
             lambda cursor: cursor.execute("DELETE FROM leases WHERE name = ? AND token = ?", (self.key, self.token))
         )
-

@@ -30,12 +30,13 @@ from __future__ import annotations
 import logging
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
 from gramrec.service.store.interactions import RedisInteractions
 from gramrec.service.store.items import _CAS, _PUT_ITEMS, RedisItems
 from gramrec.service.store.jobs import _ENQUEUE, _FINISH_CURRENT, _NEXT_JOB, RedisJobs
 from gramrec.service.store.leases import RedisLeases
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 log = logging.getLogger("gramrec.service")
 
@@ -112,5 +113,4 @@ def warn_unless_durable(store: RedisStore) -> dict[str, str] | None:
             "Redis may lose acknowledged interactions in a crash: run it with --appendonly yes --appendfsync always",
             extra={"appendonly": config.get("appendonly"), "appendfsync": config.get("appendfsync")},
         )
-    return config
-
+    return config  # type: ignore[return-value]

@@ -79,4 +79,3 @@ class EmbeddedStore(SqliteItems, SqliteInteractions, SqliteJobs, SqliteLeases):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-

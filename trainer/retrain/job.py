@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from gramrec.service.activation import ActivationConflict, activate, bundle_loader
 from gramrec.service.artifact import list_versions
 from gramrec.service.errors import GramrecError
+from gramrec.service.settings import Task
 from gramrec.service.store import Lease, LeaseLost, Store
 from gramrec.trainer.retrain.settings import WorkerSettings
 
@@ -41,9 +43,27 @@ class GateError(GramrecError, RuntimeError):
 
 # The settings of the active version that its retrain keeps (the encoder pass, the head's shape, the optimiser,
 # the item text); data, strategy, epochs, budget, device and output are the job's own.
-KEPT_SETTINGS = {"encoder_dir", "max_tokens", "pooling", "use_abstract", "attention", "encoder_batch_size",
-                 "encoder_batch_tokens", "regress_batch_size", "freeze_bottom_layers", "hidden_dim", "batch_size",
-                 "max_seq_len", "history_len", "negatives", "optimizer", "lr_cf", "lr_encoder", "warmup_steps", "seed"}
+KEPT_SETTINGS = {
+    "encoder_dir",
+    "max_tokens",
+    "pooling",
+    "use_abstract",
+    "attention",
+    "encoder_batch_size",
+    "encoder_batch_tokens",
+    "regress_batch_size",
+    "freeze_bottom_layers",
+    "hidden_dim",
+    "batch_size",
+    "max_seq_len",
+    "history_len",
+    "negatives",
+    "optimizer",
+    "lr_cf",
+    "lr_encoder",
+    "warmup_steps",
+    "seed",
+}
 
 
 def primary_metric(task: str) -> str:
@@ -51,7 +71,8 @@ def primary_metric(task: str) -> str:
     from gramrec.trainer.kt_task import KnowledgeTracingTask
     from gramrec.trainer.nr_task import NewsTask
 
-    return {"kt": KnowledgeTracingTask, "nr": NewsTask}[task].primary_metric
+    tasks: dict[str, type[KnowledgeTracingTask] | type[NewsTask]] = {"kt": KnowledgeTracingTask, "nr": NewsTask}
+    return tasks[task].primary_metric
 
 
 def now_iso() -> str:
@@ -61,9 +82,7 @@ def now_iso() -> str:
 class RetrainJob:
     """Runs one job record to its end state; `run()` returns the finished record (status set)."""
 
-    def __init__(
-        self, job: dict, settings: WorkerSettings, store: Store, lease: Lease, lease_lost: threading.Event
-    ):
+    def __init__(self, job: dict, settings: WorkerSettings, store: Store, lease: Lease, lease_lost: threading.Event):
         self.job = job
         self.settings = settings
         self.retrain = settings.retrain
@@ -96,8 +115,14 @@ class RetrainJob:
         base_settings = self._base_settings(task, base_checkpoint)
         snapshot = self._phase(
             "snapshot",
-            lambda: build_snapshot(task, self.settings.bootstrap_data(task), self.store, self.workdir / "data",
-                                   self.retrain.gate_fraction, use_abstract=base_settings.get("use_abstract", False)),
+            lambda: build_snapshot(
+                task,
+                self.settings.bootstrap_data(cast(Task, task)),
+                self.store,
+                self.workdir / "data",
+                self.retrain.gate_fraction,
+                use_abstract=base_settings.get("use_abstract", False),
+            ),
         )
         self.job["data"] = snapshot.summary()
         report = self._phase("train", lambda: self._train(base_settings, snapshot.folder, base_checkpoint))
@@ -111,8 +136,12 @@ class RetrainJob:
         version_dir = self._phase("export", lambda: self._export(task, report))
         self.job["version"] = version_dir.name
         self._phase("activate", lambda: self._activate(version_dir.name, snapshot.texts))
-        self._phase("retire", lambda: retire_old_versions(self.store, self.artifacts, task,
-                                                         self.retrain.keep_versions, self.retrain.retire_grace_s))
+        self._phase(
+            "retire",
+            lambda: retire_old_versions(
+                self.store, self.artifacts, task, self.retrain.keep_versions, self.retrain.retire_grace_s
+            ),
+        )
         self.job["status"] = "succeeded"
 
     def _phase(self, name: str, work: Callable):
@@ -182,16 +211,30 @@ class RetrainJob:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(best), checkpoint)  # kept: the next retrain warm-starts from it
         try:
-            return export_checkpoint(checkpoint, self.artifacts, version, metrics=report["metrics"],
-                                     device=self.retrain.device, progress=False)
+            return export_checkpoint(
+                checkpoint,
+                self.artifacts,
+                version,
+                metrics=report["metrics"],
+                device=self.retrain.device,
+                progress=False,
+            )
         except BaseException:
             shutil.rmtree(checkpoint, ignore_errors=True)
             raise
 
     def _activate(self, version: str, trained_texts: dict[str, str]) -> None:
         try:
-            activate(self.store, self.artifacts, version, load_bundle=bundle_loader(), list_versions=list_versions,
-                     lease=self.lease, known_texts=trained_texts, expected_active=self.job["base_version"])
+            activate(
+                self.store,
+                self.artifacts,
+                version,
+                load_bundle=bundle_loader(),
+                list_versions=list_versions,
+                lease=self.lease,
+                known_texts=trained_texts,
+                expected_active=self.job["base_version"],
+            )
         except ActivationConflict as exc:
             raise ActivationConflict(f"{exc} (the active version is no longer {self.job['base_version']})") from None
 
@@ -210,8 +253,9 @@ class RetrainJob:
             path = path.resolve()
             if path.is_relative_to(root) and (path / "model.safetensors").is_file():
                 return path
-        log.warning("no checkpoint for the active version; training from the pre-trained encoder",
-                    extra={"version": version})
+        log.warning(
+            "no checkpoint for the active version; training from the pre-trained encoder", extra={"version": version}
+        )
         return None
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from gramrec.service.settings import TASKS, ServiceSettings, Task
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
+
+from gramrec.service.settings import TASKS, ServiceSettings, Task
 
 
 class RetrainSettings(BaseModel):
@@ -32,7 +33,9 @@ class RetrainSettings(BaseModel):
         0.1, gt=0, lt=0.5, description="most recent share of users (kt) or impressions (nr) held out for the gate"
     )
     gate_tolerance: float = Field(
-        0.005, ge=-1, le=1,
+        0.005,
+        ge=-1,
+        le=1,
         description="promote if new metric >= active metric - tolerance on the held-out slice (negative: demand a gain)",
     )
     keep_versions: int = Field(3, ge=1, description="versions per task kept for rollback (the active one always)")

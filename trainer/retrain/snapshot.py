@@ -171,4 +171,3 @@ def _logged_impression(entry_id: str, fields: dict[str, str], texts: dict[str, s
 def _one_line(text: str) -> str:
     """Tabs and line breaks would break TSV rows; inside a text they mean the same as a space."""
     return " ".join(text.split())
-

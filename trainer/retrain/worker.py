@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+
 from gramrec.service.schemas import Job
 from gramrec.service.store import Lease, Store, open_store
 from gramrec.trainer.retrain.job import RetrainJob, now_iso
@@ -61,7 +62,12 @@ class TrainerWorker:
         self.scheduler = BackgroundScheduler(timezone=UTC)
         for task in self.settings.retrain.tasks:
             self.scheduler.add_job(
-                self.tick, self.trigger, args=[task], id=f"retrain-{task}", max_instances=1, coalesce=True,
+                self.tick,
+                self.trigger,
+                args=[task],
+                id=f"retrain-{task}",
+                max_instances=1,
+                coalesce=True,
                 misfire_grace_time=int(self.settings.retrain.misfire_grace_s),
             )
         self.scheduler.start()
@@ -113,8 +119,10 @@ class TrainerWorker:
             self.store.update_job(finished)
             self.store.finish_current_job(finished["id"])
             self.store.prune_jobs()
-            log.warning("retrain finished", extra={k: finished.get(k) for k in ("id", "task", "status", "version",
-                                                                             "error", "metrics", "timings")})
+            log.warning(
+                "retrain finished",
+                extra={k: finished.get(k) for k in ("id", "task", "status", "version", "error", "metrics", "timings")},
+            )
             return finished
         finally:
             renewer.set()
@@ -127,8 +135,11 @@ class TrainerWorker:
             return
         job = self.store.get_job(job_id)
         if job is not None and job.get("status") in ("queued", "running"):
-            job |= {"status": "failed", "finished_at": now_iso(),
-                    "error": "the trainer running this job stopped (its retrain lease expired)"}
+            job |= {
+                "status": "failed",
+                "finished_at": now_iso(),
+                "error": "the trainer running this job stopped (its retrain lease expired)",
+            }
             self.store.update_job(job)
             log.warning("orphaned retrain marked failed", extra={"job": job_id, "worker": job.get("worker")})
         self.store.finish_current_job(job_id)
