@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,6 @@ from gramrec.service.artifact import (
 
 log = logging.getLogger("gramrec.bundle")
 
-THREADS_ENV = "GRAMREC_ORT_THREADS"
 GOLDEN_TOLERANCE = 1e-3  # ONNX Runtime vs PyTorch at export is checked to 1e-4; a loaded bundle must stay close
 ENCODE_BATCH = 64  # texts per encoder run; texts are sorted by length first so each batch pads little
 
@@ -45,15 +43,12 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def default_threads() -> int:
-    """Intra-op threads per session: $GRAMREC_ORT_THREADS, else 1.
-
-    Measured on 2 cores: a second thread helps an idle box (MiniLM encode 5.0 -> 3.5 ms, KT T=100 3.5 -> 3.1 ms)
-    but its spinning costs 2.5x once the cores are busy (concurrent requests), while one thread stays within
-    20% of idle. Requests run concurrently in the service, so 1 is the robust default.
-    """
-    value = os.environ.get(THREADS_ENV, "").strip()
-    return int(value) if value else 1
+# Intra-op threads per ONNX Runtime session unless the caller gives a number (the service passes
+# ServiceSettings.ort_threads, i.e. GRAMREC_ORT_THREADS). Measured on 2 cores: a second thread helps an idle box
+# (MiniLM encode 5.0 -> 3.5 ms, KT T=100 3.5 -> 3.1 ms) but its spinning costs 2.5x once the cores are busy
+# (concurrent requests), while one thread stays within 20% of idle. Requests run concurrently in the service, so
+# 1 is the robust default.
+DEFAULT_THREADS = 1
 
 
 def _required(contents: dict[str, bytes], directory: Path, name: str) -> bytes:
@@ -194,7 +189,7 @@ class ModelBundle:
         tokenizer = _tokenizer(contents, directory, manifest) if has_encoder else None
 
         providers = providers or default_providers()
-        threads = intra_op_threads or default_threads()
+        threads = intra_op_threads or DEFAULT_THREADS
         encoder_model = _required(contents, directory, ENCODER_FILE) if has_encoder else None
         head_model = _required(contents, directory, HEAD_FILE)
         try:

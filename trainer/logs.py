@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -25,8 +27,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class LogSettings(BaseSettings):
+    """Logging of every gramrec process (GRAMREC_LOG_LEVEL); -v on the command line means INFO."""
+
+    model_config = SettingsConfigDict(env_prefix="GRAMREC_", extra="ignore")
+
+    log_level: str = Field("WARNING", description="DEBUG, INFO, WARNING or ERROR; logs are JSON lines on stderr")
+
+
 def configure_logging(level: str | int | None = None) -> None:
-    level = level or os.environ.get("GRAMREC_LOG_LEVEL", "WARNING")
+    level = level or LogSettings().log_level
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("gramrec")

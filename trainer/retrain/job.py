@@ -229,7 +229,7 @@ class RetrainJob:
                 self.store,
                 self.artifacts,
                 version,
-                load_bundle=bundle_loader(),
+                load_bundle=bundle_loader(threads=self.settings.ort_threads),
                 list_versions=list_versions,
                 lease=self.lease,
                 known_texts=trained_texts,
