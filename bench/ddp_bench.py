@@ -32,6 +32,7 @@ TASKS = {"nr": "mind_small_subset", "kt": "codeworkout_s19"}
 
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
+
     from gramrec.trainer.distributed import init_from_env
     from gramrec.trainer.settings import TrainSettings
     from gramrec.trainer.train import build_run, resolve_device, train_step

@@ -25,12 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gramrec.models.packed_attention as pa
 import numpy as np
 import torch
-from gramrec.models.content_encoder import ContentEncoder
 
+import gramrec.models.packed_attention as pa
 from bench.workloads import synthetic_tokens
+from gramrec.models.content_encoder import ContentEncoder
 
 LENGTHS = {"mind-title": 11.5, "mind-real-title": 16.0, "toeic": 147.0, "poj": 271.0}
 

@@ -55,12 +55,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+
+from bench.workloads import SPECS, build_synthetic
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.strategies import GramMultiStep, make_strategy
 from gramrec.trainer.train import Run, train_step
-
-from bench.workloads import SPECS, build_synthetic
 
 # label -> (TrainSettings.strategy, period); table order
 STRATEGIES: dict[str, tuple[str, str]] = {

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from gramrec.models.content_encoder import ItemTokens
 from gramrec.trainer.kt_data import KTSequence
 from gramrec.trainer.kt_task import KnowledgeTracingTask, windows

@@ -12,7 +12,13 @@ from gramrec.models.configs import NewsHeadConfig, default_head_config
 from gramrec.models.content_encoder import ContentEncoder, load_tokenizer
 from gramrec.models.heads import build_head
 from gramrec.models.news_head import NewsHead
-from gramrec.trainer.checkpoint import CheckpointError, CheckpointMeta, load_trained_model, load_weights, save_checkpoint
+from gramrec.trainer.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    load_trained_model,
+    load_weights,
+    save_checkpoint,
+)
 from gramrec.trainer.export import export_checkpoint
 from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.settings import TrainSettings

@@ -7,13 +7,11 @@ check the service's plumbing, not a model. Real-model tests are in test_service_
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
-from gramrec.trainer.retrain.settings import WorkerSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 DIM = 8
@@ -102,31 +100,3 @@ def drop_prefix(client: redis.Redis, prefix: str) -> None:
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     if keys:
         client.delete(*keys)
-
-
-@pytest.fixture
-def settings_for(tmp_path, request):
-    """Settings for the parametrized backend: a unique Redis prefix, or a fresh sqlite file.
-
-    WorkerSettings (ServiceSettings plus the retrain loop's), so one object serves both the app and a trainer."""
-    made: list[tuple[redis.Redis, str]] = []
-
-    def make(backend: str, **overrides) -> WorkerSettings:
-        if backend == "redis":
-            client = redis_client()
-            prefix = f"gramrec-test-{uuid.uuid4().hex[:12]}:"
-            made.append((client, prefix))
-            overrides = {"redis_url": REDIS_URL, "redis_key_prefix": prefix} | overrides
-        else:
-            overrides = {
-                "redis_url": None,
-                "embedded_store_path": tmp_path / f"store-{uuid.uuid4().hex[:6]}.sqlite3",
-            } | overrides
-        base = {"artifacts_dir": tmp_path / "artifacts", "model_poll_interval_s": 0, "bootstrap": False,
-                "follow_activations": False}
-        return WorkerSettings(**(base | overrides))
-
-    yield make
-    for client, prefix in made:
-        drop_prefix(client, prefix)
-        client.close()

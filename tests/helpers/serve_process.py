@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.redis_server import free_port
+from tests.helpers.redis_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 90
 
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from gramrec.models.knowledge_tracing_head import KnowledgeTracingHead
 from gramrec.models.news_head import NewsHead
 from gramrec.trainer import kt_task, nr_task
@@ -16,8 +17,7 @@ from gramrec.trainer.kt_data import KTSequence
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
 from gramrec.trainer.train import train_step
-
-from tests.conftest import random_tokens, tiny_encoder
+from tests.helpers.encoders import random_tokens, tiny_encoder
 
 NUM_ITEMS = 12
 

@@ -18,15 +18,15 @@ import numpy as np
 import onnxruntime
 import pytest
 from fastapi.testclient import TestClient
+
 from gramrec.service import auth as service_auth
 from gramrec.service.app import create_app
 from gramrec.service.artifact import ArtifactError, list_versions
 from gramrec.service.bundle import ModelBundle
 from gramrec.service.settings import ServiceSettings
-
-from tests.redis_server import RedisServer
-from tests.serve_process import ROOT, ServeProcess
-from tests.test_service_fakes import FakeArtifacts, FakeBundle
+from tests.helpers.fakes import FakeArtifacts, FakeBundle
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.serve_process import ROOT, ServeProcess
 
 TOKEN = "tok-7f3a9c1e5b2d4068a1b2c3d4e5f60718"  # distinctive, so any occurrence in a log is this token
 KT = "kt-e2e-v1"

@@ -14,14 +14,14 @@ import httpx
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from gramrec.service.app import create_app
-from gramrec.service.settings import Limits, ServiceSettings
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.redis_server import RedisServer, changed_keys, snapshot
-from tests.test_service_fakes import FakeArtifacts, FakeBundle
+from gramrec.service.app import create_app
+from gramrec.service.settings import Limits, ServiceSettings
+from tests.helpers.fakes import FakeArtifacts, FakeBundle
+from tests.helpers.redis_server import RedisServer, changed_keys, snapshot
 
 KT1 = "kt-20260101T000000-aaaaaa"
 NR1 = "nr-20260101T000000-aaaaaa"
@@ -227,7 +227,7 @@ def test_error_detail_is_json_with_a_message(client):
 
 def test_oversized_bodies_on_a_real_server(tmp_path):
     """Through uvicorn: a 20 MB body, declared or chunked, is a prompt JSON 413 and the server stays up."""
-    from tests.serve_process import ServeProcess
+    from tests.helpers.serve_process import ServeProcess
 
     env = {
         "GRAMREC_ARTIFACTS_DIR": str(tmp_path / "artifacts"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from gramrec.models.content_encoder import (
     ContentEncoder,
     default_encoder_dir,

@@ -14,12 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
 from gramrec.service.store import open_store
 from gramrec.trainer.bootstrap import train_and_export
-
-from tests.load import Load
-from tests.retrain_fixtures import tiny_training_env  # noqa: F401
-from tests.test_retrain_e2e import Deployment, wait_for
+from tests.helpers.load import Load
+from tests.trainer.retrain.test_retrain_e2e import Deployment, wait_for
 
 CLIENTS = 8
 STEADY_S = 20
@@ -49,7 +48,7 @@ def p99(load: Load, start: float, end: float) -> float:
 
 
 @pytest.fixture
-def two_versions(tmp_path, tiny_training_env):  # noqa: F811
+def two_versions(tmp_path, tiny_training_env):
     deployment = Deployment(tmp_path, tiny_training_env)
     second = train_and_export(deployment.settings, "kt").name
     yield deployment, deployment.first, second

@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+
 from gramrec.service.app import create_app
 from gramrec.service.settings import Limits
-
-from tests.test_service_fakes import (  # noqa: F401
-    DIM,
-    REDIS_URL,
-    FakeArtifacts,
-    FakeBundle,
-    settings_for,
-    text_vector,
-)
+from tests.helpers.fakes import DIM, REDIS_URL, FakeArtifacts, FakeBundle, text_vector
 
 KT1 = "kt-20260101T000000-aaaaaa"
 KT2 = "kt-20260202T000000-bbbbbb"
@@ -31,7 +24,7 @@ def artifacts() -> FakeArtifacts:
 
 
 @pytest.fixture
-def make_client(settings_for, artifacts):  # noqa: F811
+def make_client(settings_for, artifacts):
     clients = []
 
     def make(backend: str, artifacts: FakeArtifacts = artifacts, **overrides) -> TestClient:

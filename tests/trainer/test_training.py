@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from gramrec.trainer.settings import Period, TrainSettings
 from gramrec.trainer.train import train
-from safetensors.torch import load_file
 
 
 def kt_settings(data: Path, out: Path, **overrides) -> TrainSettings:
@@ -24,7 +25,7 @@ def kt_settings(data: Path, out: Path, **overrides) -> TrainSettings:
 def mind_slice(tmp_path_factory) -> Path:
     """Every 6th impression of the real MIND subset, histories cut to 10 clicks and at most 4 non-clicked
     candidates per impression, with only the news they reference: real data, small enough for a CPU."""
-    from tests.conftest import SHARED_DATA
+    from tests.helpers.encoders import SHARED_DATA
 
     source = SHARED_DATA / "mind_small_subset"
     if not source.is_dir():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+
 from gramrec.service.artifact import list_versions
 from gramrec.service.bundle import ModelBundle
 from gramrec.service.registry import ModelRegistry
@@ -22,14 +23,8 @@ from gramrec.service.store import LeaseLost, open_store
 from gramrec.trainer.retrain.snapshot import build_snapshot
 from gramrec.trainer.retrain.worker import TrainerWorker, latest_fire_time, make_trigger
 from gramrec.trainer.split_file import read_split
-
-from tests.retrain_fixtures import (  # noqa: F401
-    deploy_first_version,
-    tiny_training_env,
-    write_kt_data,
-    write_mind_data,
-)
-from tests.test_service_fakes import REDIS_URL, settings_for  # noqa: F401
+from tests.helpers.fakes import REDIS_URL
+from tests.helpers.retrain_data import deploy_first_version, write_kt_data, write_mind_data
 
 NOW = "2026-11-23T10:00:00+00:00"
 
@@ -44,7 +39,7 @@ def kt_base(tmp_path) -> Path:
 
 
 @pytest.fixture
-def deployed(settings_for, kt_base, tiny_training_env, request):  # noqa: F811
+def deployed(settings_for, kt_base, tiny_training_env, request):
     """(settings, store, first version) of a kt deployment on the parametrized backend, or Redis by default."""
     backend = getattr(request, "param", "redis")
     overrides = request.node.get_closest_marker("retrain")
@@ -65,7 +60,7 @@ def run_one(settings, store, params: dict | None = None) -> dict:
 
 
 # -- snapshot ---------------------------------------------------------------------------------------------------------
-def test_kt_snapshot_merges_base_log_and_api_items(settings_for, kt_base, tmp_path):  # noqa: F811
+def test_kt_snapshot_merges_base_log_and_api_items(settings_for, kt_base, tmp_path):
     store = open_store(settings_for("redis"))
     store.compare_and_set_active("kt", None, "kt-v1")
     store.put_items("kt", "kt-v1", ["fresh"], ["A brand new question about queues"], np.ones((1, 4)), 4)
@@ -93,7 +88,7 @@ def test_kt_snapshot_merges_base_log_and_api_items(settings_for, kt_base, tmp_pa
     store.close()
 
 
-def test_news_snapshot_keeps_known_news_and_holds_out_the_latest(settings_for, tmp_path):  # noqa: F811
+def test_news_snapshot_keeps_known_news_and_holds_out_the_latest(settings_for, tmp_path):
     store = open_store(settings_for("embedded"))
     base = write_mind_data(tmp_path / "mind")
     store.log_interactions("nr", [
@@ -114,7 +109,7 @@ def test_news_snapshot_keeps_known_news_and_holds_out_the_latest(settings_for, t
     store.close()
 
 
-def test_snapshot_refuses_data_too_small_to_hold_out(settings_for, tmp_path):  # noqa: F811
+def test_snapshot_refuses_data_too_small_to_hold_out(settings_for, tmp_path):
     store = open_store(settings_for("embedded"))
     base = write_kt_data(tmp_path / "kt", users=2)
     with pytest.raises(ValueError, match="too little data"):
@@ -154,7 +149,7 @@ def test_gate_rejection_keeps_the_active_model(deployed):
 
 
 @pytest.mark.parametrize("phase", ["train", "export", "activate"])
-def test_a_crashing_retrain_fails_and_the_old_version_serves(settings_for, kt_base, tiny_training_env, phase):  # noqa: F811
+def test_a_crashing_retrain_fails_and_the_old_version_serves(settings_for, kt_base, tiny_training_env, phase):
     settings = settings_for("redis", tasks=["kt"], bootstrap_kt_data=kt_base,
                             retrain={"tasks": ["kt"], "inject_fault": phase})
     first = deploy_first_version(settings)
@@ -207,7 +202,7 @@ def test_a_dead_trainers_job_is_marked_failed_and_the_next_one_runs(deployed):
 
 
 @pytest.mark.parametrize("backend", ["redis", "embedded"])
-def test_a_job_that_lost_its_lease_cannot_activate(settings_for, backend):  # noqa: F811
+def test_a_job_that_lost_its_lease_cannot_activate(settings_for, backend):
     store = open_store(settings_for(backend))
     store.compare_and_set_active("kt", None, "kt-v1")
     mine = store.lease("retrain", ttl_s=1)
@@ -221,7 +216,7 @@ def test_a_job_that_lost_its_lease_cannot_activate(settings_for, backend):  # no
     store.close()
 
 
-def test_lease_renewal_keeps_it(settings_for):  # noqa: F811
+def test_lease_renewal_keeps_it(settings_for):
     store = open_store(settings_for("redis"))
     lease = store.lease("retrain", ttl_s=1)
     assert lease.acquire()
@@ -235,7 +230,7 @@ def test_lease_renewal_keeps_it(settings_for):  # noqa: F811
 
 
 # -- schedule ---------------------------------------------------------------------------------------------------------
-def test_each_tick_queues_one_job_across_replicas(settings_for):  # noqa: F811
+def test_each_tick_queues_one_job_across_replicas(settings_for):
     settings = settings_for("redis", retrain={"tasks": ["kt"], "interval_s": 60})
     workers = [TrainerWorker(settings) for _ in range(4)]
     barrier = threading.Barrier(len(workers))
@@ -257,7 +252,7 @@ def test_each_tick_queues_one_job_across_replicas(settings_for):  # noqa: F811
         worker.store.close()
 
 
-def test_interval_ticks_are_aligned_and_late_runs_find_their_tick(settings_for):  # noqa: F811
+def test_interval_ticks_are_aligned_and_late_runs_find_their_tick(settings_for):
     trigger = make_trigger(settings_for("embedded", retrain={"interval_s": 600}))
     now = datetime(2026, 11, 23, 10, 7, 30, tzinfo=UTC)
     assert latest_fire_time(trigger, now, timedelta(minutes=30)) == datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
@@ -267,8 +262,9 @@ def test_interval_ticks_are_aligned_and_late_runs_find_their_tick(settings_for):
 
 
 def test_bad_cron_is_refused():
-    from gramrec.trainer.retrain.settings import RetrainSettings
     from pydantic import ValidationError
+
+    from gramrec.trainer.retrain.settings import RetrainSettings
 
     with pytest.raises(ValidationError, match="cron"):
         RetrainSettings(cron="every day at noon")
@@ -374,7 +370,7 @@ def test_redis_layout_of_jobs(deployed):
     client.close()
 
 
-def test_news_retrain_end_to_end(settings_for, tmp_path, tiny_training_env):  # noqa: F811
+def test_news_retrain_end_to_end(settings_for, tmp_path, tiny_training_env):
     base = write_mind_data(tmp_path / "mind", impressions=80)
     settings = settings_for("redis", tasks=["nr"], bootstrap_nr_data=base, retrain={"tasks": ["nr"]})
     first = deploy_first_version(settings, "nr")
@@ -390,7 +386,7 @@ def test_news_retrain_end_to_end(settings_for, tmp_path, tiny_training_env):  # 
 
 
 @pytest.mark.parametrize("backend", ["redis", "embedded"])
-def test_a_trainer_clears_only_its_own_current_job_marker(settings_for, backend):  # noqa: F811
+def test_a_trainer_clears_only_its_own_current_job_marker(settings_for, backend):
     store = open_store(settings_for(backend))
     job = store.enqueue_job(Job.queued("kt", "admin", {}))
     assert store.next_job()["id"] == job["id"] and store.current_job() == job["id"]
@@ -402,7 +398,7 @@ def test_a_trainer_clears_only_its_own_current_job_marker(settings_for, backend)
 
 
 @pytest.mark.parametrize("backend", ["redis", "embedded"])
-def test_old_finished_job_records_are_pruned(settings_for, backend):  # noqa: F811
+def test_old_finished_job_records_are_pruned(settings_for, backend):
     store = open_store(settings_for(backend))
     for n in range(5):
         store.update_job({"id": f"j{n}", "task": "kt", "status": "succeeded", "created_at": f"2026-11-23T10:0{n}"})
@@ -412,7 +408,7 @@ def test_old_finished_job_records_are_pruned(settings_for, backend):  # noqa: F8
     store.close()
 
 
-def test_a_news_retrain_keeps_the_base_models_abstracts(settings_for, tmp_path, tiny_training_env):  # noqa: F811
+def test_a_news_retrain_keeps_the_base_models_abstracts(settings_for, tmp_path, tiny_training_env):
     """A base model trained on title + abstract is retrained on title + abstract (the snapshot's texts and the
     new checkpoint's settings), not on titles alone."""
     import json

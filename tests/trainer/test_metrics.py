@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from gramrec.trainer.metrics import auc, kt_metrics, mrr, ndcg_at_k, news_metrics
 from sklearn.metrics import roc_auc_score
+
+from gramrec.trainer.metrics import auc, kt_metrics, mrr, ndcg_at_k, news_metrics
 
 
 @pytest.mark.parametrize("seed", range(200))

@@ -12,41 +12,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
-from gramrec.models.content_encoder import ContentEncoder, load_tokenizer
-from gramrec.models.heads import build_head
+
 from gramrec.service.artifact import list_versions
 from gramrec.service.bundle import ModelBundle
 from gramrec.service.settings import ServiceSettings
-from gramrec.trainer.checkpoint import CheckpointMeta, save_checkpoint
-from gramrec.trainer.items import ItemCatalog
-from gramrec.trainer.settings import TrainSettings
-
-from tests.serve_process import ServeProcess
-from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
+from tests.helpers.fakes import REDIS_URL, drop_prefix, redis_client
+from tests.helpers.serve_process import ServeProcess
 
 TOKEN = "e2e-token"
-ITEM_TEXTS = {
-    "kt": [f"Write a Java method that solves exercise {i} about loops and arrays." for i in range(12)],
-    "nr": [f"Headline {i}: markets, sports and weather news of the day" for i in range(12)],
-}
-
-
-def tiny_checkpoint(path: Path, encoder_dir: Path, task: str) -> Path:
-    settings = TrainSettings(task=task, data=Path("data/tiny"), hidden_dim=16, max_tokens=16)
-    torch.manual_seed(0)
-    encoder = ContentEncoder.from_pretrained(encoder_dir, pooling=settings.pooling).float()
-    head = build_head(task, encoder.dim, hidden_dim=16)
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))  # not a trivial (all-0.5) model
-    texts = ITEM_TEXTS[task]
-    items = ItemCatalog(ids=[f"{task}-item-{i}" for i in range(len(texts))], texts=texts)
-    meta = CheckpointMeta(json.loads(settings.model_dump_json()), 0, 1, 0.7, {"auc": 0.7})
-    save_checkpoint(path, meta, encoder, load_tokenizer(encoder_dir), head, items, {})
-    return path
-
-
 @pytest.fixture(scope="module")
 def server(exported_artifacts, tmp_path_factory):
     """`gramrec serve` in a subprocess on a free loopback port; stopped (and its Redis keys dropped) after."""
@@ -123,6 +96,7 @@ def test_bootstrap_skips_tasks_without_data(tmp_path, caplog):
 def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir, shared_data, monkeypatch):
     """First start on real CodeWorkout data (tiny encoder, 2 steps), then the app serves the new version."""
     from fastapi.testclient import TestClient
+
     from gramrec.service.app import create_app
     from gramrec.trainer.bootstrap import bootstrap
 

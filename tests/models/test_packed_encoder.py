@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gramrec.models.content_encoder import PACK_MIN_TOKENS, batch_bounds, token_rows
 from gramrec.models.packed_attention import kernel_for, packed_attention_forward
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep
 from gramrec.trainer.train import train_step
-
-from tests.conftest import random_tokens, tiny_encoder
-from tests.test_gram_equivalence import (
+from tests.helpers.encoders import random_tokens, tiny_encoder
+from tests.trainer.test_gram_equivalence import (
     TASKS,
     make_run,
     max_relative_difference,

@@ -8,12 +8,12 @@ import uuid
 import numpy as np
 import pytest
 import redis
+
 from gramrec.service.store.errors import StaleVersion
 from gramrec.service.store.items import decode_rows, vector_rows
 from gramrec.service.store.redis_store import RedisStore
 from gramrec.service.store.sqlite_store import EmbeddedStore
-
-from tests.test_service_fakes import drop_prefix, redis_client
+from tests.helpers.fakes import drop_prefix, redis_client
 
 D = 4
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from gramrec.trainer.errors import DataFormatError
 from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.kt_data import (
@@ -23,7 +24,7 @@ from gramrec.trainer.kt_data import (
 )
 from gramrec.trainer.mind_data import Impression, MindDataset, load_mind, split_mind
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CODEWORKOUT = SHARED_DATA / "codeworkout_s19"
 MIND = SHARED_DATA / "mind_small_subset"
 

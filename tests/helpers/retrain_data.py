@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
 import random
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import pytest
 from gramrec.service.settings import ServiceSettings
 
 TOPICS = ["loops", "arrays", "strings", "recursion", "sorting", "maps", "classes", "math"]
@@ -52,15 +50,6 @@ def write_mind_data(folder: Path, news: int = 20, impressions: int = 60, seed: i
             tokens = " ".join(f"{nid}-{int(k == 0)}" for k, nid in enumerate(shown))
             f.write(f"{n + 1}\tU{n % 7}\t{moment.strftime('%m/%d/%Y %I:%M:%S %p')}\t{history}\t{tokens}\n")
     return folder
-
-
-@pytest.fixture
-def tiny_training_env(monkeypatch, tiny_encoder_dir):
-    """Training in these tests (first starts, and retrains without a base checkpoint) uses the tiny random encoder
-    and a small head: given as the first start's explicit training settings (retrains keep the base's)."""
-    train = json.dumps({"encoder_dir": str(tiny_encoder_dir), "hidden_dim": 16, "max_tokens": 16, "progress": False})
-    monkeypatch.setenv("GRAMREC_BOOTSTRAP_TRAIN", train)
-    return {"GRAMREC_BOOTSTRAP_TRAIN": train}
 
 
 def deploy_first_version(settings: ServiceSettings, task: str = "kt") -> str:

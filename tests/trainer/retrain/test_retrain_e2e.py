@@ -18,16 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gramrec.service.settings import ServiceSettings
 
-from tests.load import Load
-from tests.retrain_fixtures import (  # noqa: F401
-    deploy_first_version,
-    tiny_training_env,
-    write_kt_data,
-)
-from tests.serve_process import ROOT, ServeProcess
-from tests.test_service_fakes import REDIS_URL, drop_prefix, redis_client
+from gramrec.service.settings import ServiceSettings
+from tests.helpers.fakes import REDIS_URL, drop_prefix, redis_client
+from tests.helpers.load import Load
+from tests.helpers.retrain_data import deploy_first_version, write_kt_data
+from tests.helpers.serve_process import ROOT, ServeProcess
 
 TOKEN = "retrain-e2e-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,16 +11,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
 from gramrec.trainer import kt_task, nr_task
 from gramrec.trainer.distributed import SINGLE, World
 from gramrec.trainer.kt_data import KTSequence
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.strategies import make_strategy
 from gramrec.trainer.train import train_step
-from safetensors.torch import load_file, save_file
-
-from tests.conftest import random_tokens, tiny_encoder
-from tests.test_gram_equivalence import (
+from tests.helpers.encoders import random_tokens, tiny_encoder
+from tests.trainer.test_gram_equivalence import (
     NUM_ITEMS,
     TASKS,
     max_relative_difference,

@@ -10,9 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.retrain_fixtures import tiny_training_env  # noqa: F401
-from tests.test_retrain_e2e import ADMIN, deployment, finished, job, wait_for  # noqa: F401
-from tests.test_service_fakes import redis_client
+from tests.helpers.fakes import redis_client
+from tests.trainer.retrain.test_retrain_e2e import ADMIN, finished, job, wait_for
 
 
 def jobs_in_redis(prefix: str) -> list[dict]:
@@ -23,7 +22,7 @@ def jobs_in_redis(prefix: str) -> list[dict]:
         client.close()
 
 
-def test_trainer_killed_mid_retrain(deployment):  # noqa: F811
+def test_trainer_killed_mid_retrain(deployment):
     """SIGKILL the trainer running a job: its lease expires, the job is marked failed, and the next scheduled
     retrain runs on the surviving trainer."""
     url = deployment.serve().url
@@ -52,7 +51,7 @@ def test_trainer_killed_mid_retrain(deployment):  # noqa: F811
         assert http.get("/readyz").status_code == 200
 
 
-def test_four_api_workers_and_two_trainers_run_one_retrain_per_trigger(deployment):  # noqa: F811
+def test_four_api_workers_and_two_trainers_run_one_retrain_per_trigger(deployment):
     url = deployment.serve(workers=4).url
     for _ in range(2):
         deployment.start("trainer")

@@ -12,11 +12,11 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 import pytest
-from gramrec.service.bundle import ModelBundle
 
-from tests.load import Load
-from tests.redis_server import RedisServer
-from tests.serve_process import ServeProcess
+from gramrec.service.bundle import ModelBundle
+from tests.helpers.load import Load
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.serve_process import ServeProcess
 
 KT = "kt-e2e-v1"
 PREFIX = "gramrec:"
@@ -299,10 +299,10 @@ def test_store_error_logs_are_throttled(monkeypatch):
 def test_an_evicted_item_table_is_a_503_then_reloaded(tmp_path):
     """Only the table key lost (eviction, a stray DEL): 503s and an unready process, never 422s, until the poll."""
     from fastapi.testclient import TestClient
+
     from gramrec.service.app import create_app
     from gramrec.service.settings import ServiceSettings
-
-    from tests.test_service_fakes import FakeArtifacts, FakeBundle
+    from tests.helpers.fakes import FakeArtifacts, FakeBundle
 
     version = "kt-20260101T000000-aaaaaa"
     artifacts = FakeArtifacts(FakeBundle(version, "kt"))
