@@ -46,10 +46,6 @@ class PackedBatch:
     def num_texts(self) -> int:
         return len(self.lengths)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
-
     def to(self, device: torch.device) -> PackedBatch:
         """Moves the index tensors in two copies (one stacked int64 block, one int32), asynchronously from pinned
         memory on CUDA."""

@@ -156,12 +156,23 @@ class InteractionsResponse(BaseModel):
 
 
 # -- /admin ----------------------------------------------------------------------------------------------------------
+def _not_a_bool(value: object) -> object:
+    """JSON true/false is not a number (pydantic's lax mode would read it as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
 class RetrainRequest(RequestModel):
     """A GRAM-1E retrain of the task's active model on the base data plus everything logged since."""
 
     task: Task
-    epochs: int | None = Field(None, ge=1, le=100, description="default: GRAMREC_RETRAIN__EPOCHS")
-    time_budget_s: float | None = Field(None, gt=0, le=86_400, description="stop training after this long")
+    epochs: Annotated[int, Field(ge=1, le=100), BeforeValidator(_not_a_bool)] | None = Field(
+        None, description="default: GRAMREC_RETRAIN__EPOCHS"
+    )
+    time_budget_s: Annotated[float, Field(gt=0, le=86_400), BeforeValidator(_not_a_bool)] | None = Field(
+        None, description="stop training after this long"
+    )
 
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gramrec.models.heads import build_head
-from gramrec.trainer.batches import PackedField, pack_fields
+from gramrec.trainer.batches import PaddedField, pad_fields
 from gramrec.trainer.distributed import SINGLE, World, shard_rows
 from gramrec.trainer.kt_data import (
     KTSequence,
@@ -26,13 +26,13 @@ from gramrec.trainer.split_file import read_split
 @dataclass
 class KTBatch:
     occurrences: torch.Tensor  # [I] item index of every real answer
-    items: PackedField  # [B, T]
+    items: PaddedField  # [B, T]
     correct: torch.Tensor  # [B, T] int64, 0 at padding
 
     def to(self, device: torch.device) -> KTBatch:
         return KTBatch(
             self.occurrences.to(device),
-            PackedField(self.items.positions.to(device), self.items.mask.to(device)),
+            PaddedField(self.items.positions.to(device), self.items.mask.to(device)),
             self.correct.to(device),
         )
 
@@ -49,14 +49,14 @@ def windows(sequences: list[KTSequence], max_len: int) -> list[KTSequence]:
 
 
 def make_batch(rows: list[KTSequence]) -> KTBatch:
-    occurrences, (items,) = pack_fields([[row.items for row in rows]])
+    occurrences, (items,) = pad_fields([[row.items for row in rows]])
     correct = torch.zeros(items.mask.shape, dtype=torch.long)
     for b, row in enumerate(rows):
         correct[b, : len(row.correct)] = torch.from_numpy(row.correct)
     return KTBatch(occurrences, items, correct)
 
 
-def gather(embeddings: torch.Tensor, field: PackedField) -> torch.Tensor:
+def gather(embeddings: torch.Tensor, field: PaddedField) -> torch.Tensor:
     """embeddings: [I + 1, D] (last row zeros) -> [B, W, D]"""
     return embeddings[field.positions]
 

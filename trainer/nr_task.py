@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gramrec.models.heads import build_head
-from gramrec.trainer.batches import PackedField, pack_fields
+from gramrec.trainer.batches import PaddedField, pad_fields
 from gramrec.trainer.distributed import SINGLE, World, shard_rows
 from gramrec.trainer.metrics import news_metrics
 from gramrec.trainer.mind_data import (
@@ -26,12 +26,12 @@ from gramrec.trainer.split_file import read_split
 @dataclass
 class NewsBatch:
     occurrences: torch.Tensor  # [I] item index of every history entry and candidate
-    history: PackedField  # [B, L]
-    candidates: PackedField  # [B, C]; training puts the click at column 0
+    history: PaddedField  # [B, L]
+    candidates: PaddedField  # [B, C]; training puts the click at column 0
 
     def to(self, device: torch.device) -> NewsBatch:
-        def move(field: PackedField) -> PackedField:
-            return PackedField(field.positions.to(device), field.mask.to(device))
+        def move(field: PaddedField) -> PaddedField:
+            return PaddedField(field.positions.to(device), field.mask.to(device))
 
         return NewsBatch(self.occurrences.to(device), move(self.history), move(self.candidates))
 
@@ -56,7 +56,7 @@ def click_samples(impressions: list[Impression], history_len: int) -> list[Click
 
 
 def make_batch(histories: list[np.ndarray], candidates: list[np.ndarray]) -> NewsBatch:
-    occurrences, (history, cands) = pack_fields([histories, candidates])
+    occurrences, (history, cands) = pad_fields([histories, candidates])
     return NewsBatch(occurrences, history, cands)
 
 

@@ -22,9 +22,6 @@ class ExplicitSplit:
     val: frozenset[str]
     test: frozenset[str]
 
-    def part(self, key: str) -> str:
-        return "test" if key in self.test else "val" if key in self.val else "train"
-
 
 def read_split(folder: str | Path) -> ExplicitSplit | None:
     """The folder's split.json, validated; None when the folder has none."""

@@ -258,3 +258,15 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_boolean_is_not_a_number_in_a_retrain_request():
+    """JSON true where the schema says number (pydantic's lax mode would read it as 1)."""
+    from pydantic import ValidationError
+
+    from gramrec.service.schemas import RetrainRequest
+
+    for field in ("epochs", "time_budget_s"):
+        with pytest.raises(ValidationError, match="not a boolean"):
+            RetrainRequest.model_validate_json(f'{{"task": "kt", "{field}": true}}')
+    assert RetrainRequest.model_validate_json('{"task": "kt", "epochs": 2, "time_budget_s": 30}').epochs == 2
