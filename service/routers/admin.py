@@ -1,6 +1,6 @@
 """Admin API (bearer token): queue retrains, follow jobs, list model versions, activate one (roll back or forward).
 
-POST /admin/retrain only records the job and queues it; `gramrec trainer` (trainer/worker.py) runs it. A trigger
+POST /admin/retrain only records the job and queues it; `gramrec trainer` (trainer/retrain/worker.py) runs it. A trigger
 while the task already has a job waiting joins that job (202 with the same id) instead of queuing another.
 """
 

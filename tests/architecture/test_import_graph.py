@@ -109,3 +109,13 @@ def test_no_cycles_between_folders():
     edges = {(folder(a), folder(b)) for a, names in GRAPH.items() for b in names if folder(a) != folder(b)}
     top = {(top_package(a), top_package(b)) for a, b in edges if top_package(a) != top_package(b)}
     assert not {(a, b) for a, b in top if (b, a) in top}
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject.toml names the packages (package-dir maps them); a new subpackage must be added there."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == {f"gramrec.{folder}": folder for folder in FOLDERS}
+    on_disk = {module for module, path in MODULES.items() if path.name == "__init__.py"}
+    assert set(config["packages"]) == on_disk
