@@ -104,7 +104,10 @@ def save_checkpoint(
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         config["optimizers"] = opt_json
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    (tmp / "items.json").write_text(json.dumps({"ids": items.ids, "texts": items.texts}))
+    listing: dict = {"ids": items.ids, "texts": items.texts}
+    if items.metadata is not None:
+        listing["metadata"] = items.metadata
+    (tmp / "items.json").write_text(json.dumps(listing))
     if path.exists():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -157,7 +160,7 @@ def read_config(path: Path) -> dict:
 
 def read_items(path: Path) -> ItemCatalog:
     data = json.loads((Path(path) / "items.json").read_text())
-    return ItemCatalog(ids=data["ids"], texts=data["texts"])
+    return ItemCatalog(ids=data["ids"], texts=data["texts"], metadata=data.get("metadata"))
 
 
 def load_weights(path: Path, encoder: ContentEncoder, head: nn.Module) -> dict[str, torch.Tensor]:

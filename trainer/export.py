@@ -178,7 +178,9 @@ def _item_table(model: TrainedModel, has_encoder: bool, device: torch.device, pr
 def _write_items(directory: Path, model: TrainedModel, embeddings: torch.Tensor) -> None:
     array = embeddings.detach().cpu().float().contiguous().numpy()  # [N, D]
     save_file({"embeddings": array}, str(directory / ITEMS_EMBEDDINGS_FILE))
-    index = {"ids": model.items.ids, "texts": model.items.texts}
+    index: dict = {"ids": model.items.ids, "texts": model.items.texts}
+    if model.items.metadata is not None:
+        index["metadata"] = model.items.metadata  # category/subcategory per item, served by POST /recommend
     (directory / ITEMS_INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False))
 
 

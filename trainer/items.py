@@ -11,11 +11,15 @@ class ItemCatalog:
 
     ids: list[str]
     texts: list[str]
+    # Optional per-item metadata served with the catalog (MIND: category, subcategory); never used in training.
+    metadata: list[dict] | None = field(default=None, repr=False, compare=False)
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.texts):
             raise ValueError(f"{len(self.ids)} item ids but {len(self.texts)} texts")
+        if self.metadata is not None and len(self.metadata) != len(self.ids):
+            raise ValueError(f"{len(self.ids)} item ids but {len(self.metadata)} metadata entries")
         self.index = {item_id: i for i, item_id in enumerate(self.ids)}
         if len(self.index) != len(self.ids):
             raise ValueError(f"duplicate item ids: {_duplicates(self.ids)[:5]}")

@@ -69,6 +69,7 @@ def _tsv_rows(path: Path):
 def _load_news(path: Path, use_abstract: bool) -> ItemCatalog:
     ids: list[str] = []
     texts: list[str] = []
+    metadata: list[dict] = []
     first_line: dict[str, int] = {}
     for number, fields in _tsv_rows(path):
         if len(fields) < _MIN_NEWS_COLUMNS:
@@ -85,9 +86,11 @@ def _load_news(path: Path, use_abstract: bool) -> ItemCatalog:
         first_line[nid] = number
         ids.append(nid)
         texts.append(f"{title} {abstract}" if abstract else title)
+        category, subcategory = fields[1].strip(), fields[2].strip()
+        metadata.append({k: v for k, v in (("category", category), ("subcategory", subcategory)) if v})
     if not ids:
         raise DataFormatError(path, None, "empty file (no news)")
-    return ItemCatalog(ids, texts)
+    return ItemCatalog(ids, texts, metadata=metadata)
 
 
 def _parse_time(text: str) -> datetime | None:

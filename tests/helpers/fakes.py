@@ -60,6 +60,14 @@ class FakeBundle:
     def item_embeddings(self) -> tuple[list[str], np.ndarray]:
         return list(self.ids), np.stack([text_vector(self.texts[i], self.dim) for i in self.ids])
 
+    def item_metadata(self) -> list[dict] | None:
+        """nr items alternate between two categories (and four subcategories); kt items have none."""
+        if self.task != "nr":
+            return None
+        return [
+            {"category": ("sports", "news")[i % 2], "subcategory": f"sub{i % 4}"} for i in range(len(self.ids))
+        ]
+
     def warm_up(self) -> None:
         self.warmed = True
 

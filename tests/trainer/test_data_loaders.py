@@ -291,6 +291,8 @@ def test_mind_facts(mind: MindDataset) -> None:
         assert imp.history.dtype == imp.candidates.dtype == imp.labels.dtype == np.int64
         assert len(imp.candidates) == len(imp.labels)
     assert mind.items.texts[mind.items.index["N19639"]] == "50 Worst Habits For Belly Fat"
+    assert mind.items.metadata is not None and mind.items.metadata[mind.items.index["N19639"]] == {"category": "health"}
+    assert sum(1 for m in mind.items.metadata if "category" in m) == len(mind.items)
 
 
 def test_mind_load_is_fast() -> None:

@@ -56,7 +56,8 @@ def make_checkpoint(path: Path, encoder_dir: Path, task: str, pooling: str, stra
     with torch.no_grad():
         for parameter in head.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
-    items = ItemCatalog(ids=[f"item-{i}" for i in range(len(TEXTS))], texts=TEXTS)
+    metadata = [{"category": f"c{i % 2}"} for i in range(len(TEXTS))] if task == "nr" else None
+    items = ItemCatalog(ids=[f"item-{i}" for i in range(len(TEXTS))], texts=TEXTS, metadata=metadata)
     strategy_tensors = {"id_embedding": torch.randn(len(TEXTS), encoder.dim)} if strategy == "nocontent" else {}
     meta = CheckpointMeta(
         settings=json.loads(settings.model_dump_json()), epoch=0, global_step=1, best_metric=0.7,
@@ -121,6 +122,16 @@ def test_manifest_describes_and_checksums_every_file(exported, name):
         assert len(entry["sha256"]) == 64 and entry["bytes"] > 0
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in [artifact, *artifact.rglob("*")])  # readable by the service
     assert max(manifest["onnx"]["parity"].values()) < TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["kt-mean", "nr-attention"])
+def test_item_metadata_travels_from_the_checkpoint_to_the_bundle(exported, name):
+    _, artifact = exported[name]
+    metadata = load(artifact).item_metadata()
+    if name.startswith("nr"):
+        assert metadata == [{"category": f"c{i % 2}"} for i in range(len(TEXTS))]
+    else:
+        assert metadata is None
 
 
 def test_explicit_metrics_and_fingerprint_are_recorded(exported, tmp_path):

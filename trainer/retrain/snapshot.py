@@ -143,7 +143,10 @@ def _nr_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
         snapshot.logged_interactions += 1
 
     with open(folder / NEWS_FILE, "w", encoding="utf-8") as f:
-        f.writelines(f"{item_id}\t\t\t{_one_line(text)}\n" for item_id, text in texts.items())
+        meta = dict(zip(ids, base.items.metadata or [{}] * len(ids), strict=True))  # the base catalog's categories
+        for item_id, text in texts.items():
+            m = meta.get(item_id, {})
+            f.write(f"{item_id}\t{m.get('category', '')}\t{m.get('subcategory', '')}\t{_one_line(text)}\n")
     order = sorted(range(len(behaviors)), key=lambda i: (behaviors[i][0], i))  # stable: the log after the base
     with open(folder / BEHAVIORS_FILE, "w", encoding="utf-8") as f:
         for i in order:
