@@ -37,6 +37,7 @@ class Bundle(Protocol):
     def predict_kt(self, history: np.ndarray, history_correct: np.ndarray, targets: np.ndarray) -> np.ndarray: ...
     def score_news(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...
     def item_embeddings(self) -> tuple[list[str], np.ndarray]: ...
+    def item_metadata(self) -> list[dict] | None: ...
     def warm_up(self) -> None: ...
     def self_check(self) -> None: ...
 
@@ -110,6 +111,7 @@ def activate(
     lease: Lease | None = None,
     known_texts: Mapping[str, str] | None = None,
     expected_active: str | None | object = _CURRENT,
+    on_prepared: Callable[[Bundle], object] | None = None,
     on_switch: Callable[[Bundle], object] | None = None,
 ) -> Bundle:
     """Makes `version` the active model of its task in the store (rollback, roll-forward, retrain, first start).
@@ -118,6 +120,8 @@ def activate(
     known_texts: item id -> text the version's table was encoded from; items whose text changed since are
     re-encoded, before and after the pointer moves, so nothing added or updated during a retrain is lost.
     expected_active: the version the pointer must still name (a retrain's base); default: whatever it names now.
+    on_prepared: called with the bundle once its table is ready, before the pointer moves (the registry builds
+    its catalog index there, so a failure leaves the pointer where it was).
     on_switch: called with the bundle once the pointer names it, before the activation is published (the
     registry of the calling process swaps there).
     """
@@ -126,6 +130,8 @@ def activate(
     bundle.self_check()
     task = bundle.task
     prepare(store, bundle, known_texts)
+    if on_prepared is not None:
+        on_prepared(bundle)
     expected = store.active_version(task) if expected_active is _CURRENT else expected_active
     if expected != version and not store.compare_and_set_active(task, expected, version, lease):  # type: ignore[arg-type]
         raise ActivationConflict(f"the active {task} version changed during activation; try again")

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gramrec.service.activation import ActivationConflict, VersionNotFound
 from gramrec.service.artifact import ArtifactError
+from gramrec.service.catalog import IndexFull
 from gramrec.service.errors import BodyTooLarge, UnknownItems
 from gramrec.service.store import STORE_ERRORS
 
@@ -106,6 +107,10 @@ async def _artifact_error(request: Request, exc: ArtifactError) -> JSONResponse:
     )
 
 
+async def _index_full(request: Request, exc: IndexFull) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_507_INSUFFICIENT_STORAGE, content={"detail": str(exc)})
+
+
 async def _activation_conflict(request: Request, exc: ActivationConflict) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(exc)})
 
@@ -136,6 +141,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(VersionNotFound, _version_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(ArtifactError, _artifact_error)  # type: ignore[arg-type]
     app.add_exception_handler(ActivationConflict, _activation_conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(IndexFull, _index_full)  # type: ignore[arg-type]
     for error in STORE_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(Exception, _internal)

@@ -14,12 +14,15 @@ from fastapi.exceptions import RequestValidationError
 
 from gramrec.service.deps import get_settings
 from gramrec.service.schemas import (
+    RECOMMEND_EXAMPLES,
     AddItemsRequest,
     Interactions,
     ItemText,
     KTInteractions,
     KTPredictRequest,
+    NRRecommendRequest,
     PredictRequest,
+    RecommendRequest,
 )
 from gramrec.service.settings import ServiceSettings
 
@@ -40,6 +43,10 @@ class _Checks:
             self.errors.append(
                 {"type": "duplicate_ids", "loc": ("body", *loc), "msg": f"duplicate ids: {', '.join(duplicates[:20])}"}
             )
+
+    def conflict(self, loc: tuple, msg: str) -> None:
+        """Fields that are each valid but not together (a JSON schema cannot say so)."""
+        self.errors.append({"type": "conflicting_fields", "loc": ("body", *loc), "msg": msg})
 
     def texts(self, loc: tuple, items: Sequence[ItemText], max_items: int, max_chars: int) -> None:
         self.at_most(loc, items, max_items)
@@ -91,5 +98,26 @@ async def checked_interactions(body: Annotated[Interactions, Body()], settings: 
         checks.at_most(("history",), body.history, limits.max_history)
         checks.at_most(("impressions",), body.impressions, limits.max_events)
         checks.unique(("impressions",), [impression.item_id for impression in body.impressions])
+    checks.raise_any()
+    return body
+
+
+async def checked_recommend(
+    body: Annotated[RecommendRequest, Body(openapi_examples=RECOMMEND_EXAMPLES)],
+    settings: Settings,
+) -> RecommendRequest:
+    """The POST /recommend body with its limits checked."""
+    limits, checks = settings.limits, _Checks()
+    checks.at_most(("history",), body.history, limits.max_history)
+    if isinstance(body, NRRecommendRequest):
+        checks.at_most(("exclude",), body.exclude, limits.max_exclude)
+    else:
+        if body.questions is not None:
+            checks.at_most(("questions",), body.questions, limits.max_exclude)
+        if body.band is not None and body.target is not None:
+            checks.conflict(("band",), "give either target or band, not both")
+        if body.band is not None and body.band.low > body.band.high:
+            checks.conflict(("band",), "band.low must not be above band.high")
+    checks.texts(("items",), body.items, limits.max_items_per_request, limits.max_text_chars)
     checks.raise_any()
     return body

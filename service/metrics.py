@@ -57,6 +57,30 @@ class ModelCollector(Collector):
         yield items
 
 
+class IndexCollector(Collector):
+    """Catalog indexes of this process (POST /recommend): items and resident bytes per task, bounded by
+    GRAMREC_INDEX_MAX_BYTES each."""
+
+    def __init__(self, state: Callable[[], Iterable[tuple[str, str, int, int, bool]]]):
+        self.state = state  # yields (task, version, items, bytes, approximate)
+
+    def collect(self):
+        items = GaugeMetricFamily("gramrec_index_items", "items in the catalog index of a task", labels=["task"])
+        size = GaugeMetricFamily(
+            "gramrec_index_bytes", "memory of the catalog index of a task in this worker", labels=["task"]
+        )
+        approx = GaugeMetricFamily(
+            "gramrec_index_approximate", "1 when the task's catalog index has an HNSW graph", labels=["task"]
+        )
+        for task, _version, n, nbytes, approximate in self.state():
+            items.add_metric([task], n)
+            size.add_metric([task], nbytes)
+            approx.add_metric([task], int(approximate))
+        yield items
+        yield size
+        yield approx
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

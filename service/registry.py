@@ -30,6 +30,7 @@ from gramrec.service.activation import (
     prepare,
 )
 from gramrec.service.artifact import list_versions as artifact_list_versions
+from gramrec.service.catalog import CatalogIndex
 from gramrec.service.store import STORE_ERRORS, Lease, StaleVersion, Store
 
 __all__ = ["ActivationConflict", "ActiveModel", "Bundle", "ModelRegistry", "VersionNotFound"]
@@ -42,6 +43,7 @@ class ActiveModel:
     task: str
     version: str
     bundle: Bundle
+    index: CatalogIndex | None = None  # the version's whole catalog, for POST /recommend
 
 
 class ModelRegistry:
@@ -54,6 +56,8 @@ class ModelRegistry:
         list_versions: Callable[[Path], list[dict]] | None = None,
         providers: Sequence[str] | None = None,
         ort_threads: int | None = None,
+        index_max_bytes: int = 2 << 30,
+        index_ann_threshold: int = 20_000,
     ):
         self.store = store
         self.artifacts_dir = Path(artifacts_dir)
@@ -68,6 +72,10 @@ class ModelRegistry:
         self.swaps = 0  # counter, for /metrics
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.index_max_bytes = index_max_bytes
+        self.index_ann_threshold = index_ann_threshold
+        self._built: dict[str, CatalogIndex] = {}  # version -> index built before its swap
+        self._index_errors = 0  # consecutive failed catch-ups (logged once per outage)
 
     # -- reading (hot path: a dict lookup, no lock) -------------------------------------------------------------------
     def get(self, task: str) -> ActiveModel | None:
@@ -106,6 +114,7 @@ class ModelRegistry:
                 lease=lease,
                 known_texts=known_texts,
                 expected_active=expected_active,
+                on_prepared=self._build_index,
                 on_switch=self._swap,
             )
             return self._active[bundle.task]
@@ -132,7 +141,8 @@ class ModelRegistry:
                 return self._failed(task, version, exc, current)
             try:
                 prepare(self.store, bundle)
-            except Exception as exc:  # the store is away: retried at the next poll or message
+                self._build_index(bundle)
+            except Exception as exc:  # the store is away (or the catalog too large): retried at the next poll
                 return self._failed(task, version, exc, current)
             return self._swap(bundle)
 
@@ -190,6 +200,29 @@ class ModelRegistry:
 
         self._start_thread("gramrec-model-poll", poll)
 
+    def start_index_refresh(self, interval_s: float) -> None:
+        """Adds items written by other processes (the store's change log) to the active indexes every interval_s."""
+
+        def refresh() -> None:
+            while not self._stop.wait(interval_s):
+                self.refresh_indexes()
+
+        self._start_thread("gramrec-index-refresh", refresh)
+
+    def refresh_indexes(self) -> None:
+        for model in list(self._active.values()):
+            if model.index is None:
+                continue
+            try:
+                model.index.catch_up(self.store)
+                self._index_errors = 0
+            except STORE_ERRORS as exc:
+                self._index_errors += 1
+                if self._index_errors == 1:
+                    log.warning("catalog index: item store unreachable", extra={"error": repr(exc)})
+            except Exception:
+                log.exception("catalog index refresh failed", extra={"task": model.task})
+
     def start_following(self, retry_s: float = 1.0) -> None:
         """Swaps as soon as an activation is published; re-subscribes after a broken connection."""
 
@@ -234,8 +267,23 @@ class ModelRegistry:
             log.exception("model sync failed", extra={"task": task})
 
     # -- internals ----------------------------------------------------------------------------------------------------
+    def _build_index(self, bundle: Bundle) -> None:
+        """The version's catalog index, built before the version is swapped in (no request sees a mixed one)."""
+        self._built[bundle.version] = CatalogIndex.build(
+            self.store, bundle, max_bytes=self.index_max_bytes, ann_threshold=self.index_ann_threshold
+        )
+
     def _swap(self, bundle: Bundle) -> ActiveModel:
-        model = ActiveModel(task=bundle.task, version=bundle.version, bundle=bundle)
+        index = self._built.pop(bundle.version, None)
+        self._built.clear()  # indexes of versions that lost their activation: not needed
+        if index is None:
+            self._build_index(bundle)
+            index = self._built.pop(bundle.version)
+        try:
+            index.catch_up(self.store)  # items added (and backfilled) between the build and the switch
+        except STORE_ERRORS:
+            pass  # the refresh thread catches up once the store answers
+        model = ActiveModel(task=bundle.task, version=bundle.version, bundle=bundle, index=index)
         self._active[bundle.task] = model
         self._broken.pop(bundle.version, None)
         self._load_errors.pop(bundle.task, None)

@@ -105,9 +105,33 @@ class NRPredictResponse(BaseModel):
 
 
 # -- /items ----------------------------------------------------------------------------------------------------------
+# Category names: letters, digits, space and a little punctuation (MIND's are lower-case words like "foodanddrink").
+CATEGORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _&.,'-]{0,63}$"
+Category = Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]
+
+
+class NewItem(ItemText):
+    """An item to add or update, with optional metadata for POST /recommend's filters (replaced whole each time)."""
+
+    category: Category | None = None
+    subcategory: Category | None = None
+    published_at: Timestamp | None = Field(None, description="ISO 8601 or Unix seconds; naive times are UTC")
+
+    def metadata(self) -> dict:
+        out: dict = {}
+        if self.category is not None:
+            out["category"] = self.category
+        if self.subcategory is not None:
+            out["subcategory"] = self.subcategory
+        if self.published_at is not None:
+            moment = self.published_at if self.published_at.tzinfo else self.published_at.replace(tzinfo=UTC)
+            out["published_at"] = moment.timestamp()
+        return out
+
+
 class AddItemsRequest(RequestModel):
     task: Task
-    items: list[ItemText] = Field(min_length=1)
+    items: list[NewItem] = Field(min_length=1)
 
 
 class AddItemsResponse(BaseModel):
@@ -120,6 +144,116 @@ class ItemResponse(BaseModel):
     text: str | None = Field(description="null for items that came with the model rather than through the API")
     model_version: str
     dim: int
+
+
+# -- /recommend ------------------------------------------------------------------------------------------------------
+MAX_K = 100
+
+
+def _a_json_number(value: object) -> object:
+    """Numbers only: not a boolean, not a string that looks like one (pydantic's lax mode reads both)."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+Count = Annotated[
+    int, Field(ge=1, le=MAX_K, description=f"how many to recommend, 1 to {MAX_K}"), BeforeValidator(_a_json_number)
+]
+
+
+OpenProbability = Annotated[float, Field(gt=0, lt=1), BeforeValidator(_a_json_number)]
+ClosedProbability = Annotated[float, Field(ge=0, le=1), BeforeValidator(_a_json_number)]
+
+
+class Band(RequestModel):
+    low: ClosedProbability
+    high: ClosedProbability
+
+
+class KTRecommendRequest(RequestModel):
+    """The next `k` questions for a student, by how close P(correct) is to `target`, or inside `[low, high]`."""
+
+    task: Literal["kt"]
+    history: list[Answer] = Field(default_factory=list, description="answers, oldest first; never recommended")
+    k: Count = 10
+    target: OpenProbability | None = Field(None, description="wanted P(correct); default 0.7 unless a band is given")
+    band: Band | None = Field(None, description="only questions with low <= P(correct) <= high; not with target")
+    questions: list[ItemId] | None = Field(None, description="recommend only among these questions")
+    items: list[ItemText] = Field(default_factory=list, description="texts of history items the model may not know")
+
+
+class NRRecommendRequest(RequestModel):
+    """The top `k` news of the whole catalog for a reader who clicked `history`, by /predict's score."""
+
+    task: Literal["nr"]
+    history: list[ItemId] = Field(min_length=1, description="clicked news, oldest first; never recommended")
+    k: Count = 10
+    exclude: list[ItemId] = Field(default_factory=list, description="news never to recommend (already shown)")
+    category: Category | None = None
+    subcategory: Category | None = None
+    published_after: Timestamp | None = Field(
+        None, description="only news published after this (news without published_at are left out)"
+    )
+    items: list[ItemText] = Field(default_factory=list, description="texts of history items the model may not know")
+
+
+RecommendRequest = Annotated[KTRecommendRequest | NRRecommendRequest, Field(discriminator="task")]
+
+RECOMMEND_EXAMPLES: dict[str, dict] = {
+    "nr": {
+        "summary": "news: top 10 sports news for a reader",
+        "value": {"task": "nr", "history": ["N55528", "N19639"], "k": 10, "category": "sports"},
+    },
+    "nr_fresh": {
+        "summary": "news: top 5 published after a date, excluding what was shown",
+        "value": {
+            "task": "nr",
+            "history": ["N55528"],
+            "k": 5,
+            "exclude": ["N61837"],
+            "published_after": "2026-11-01T00:00:00Z",
+        },
+    },
+    "kt": {
+        "summary": "questions: next 10 at P(correct) closest to 0.7",
+        "value": {"task": "kt", "history": [{"item_id": "1", "correct": True}], "k": 10, "target": 0.7},
+    },
+    "kt_band": {
+        "summary": "questions: next 5 with P(correct) in [0.5, 0.8] among a subset",
+        "value": {
+            "task": "kt",
+            "history": [{"item_id": "1", "correct": False}],
+            "k": 5,
+            "band": {"low": 0.5, "high": 0.8},
+            "questions": ["3", "5", "12", "17"],
+        },
+    },
+}
+
+
+class RecommendedQuestion(BaseModel):
+    item_id: str
+    probability: float = Field(description="predicted P(correct) if the student answers it next")
+
+
+class RecommendedNews(BaseModel):
+    item_id: str
+    score: float = Field(description="the click score /predict gives this item")
+    category: str | None = None
+    subcategory: str | None = None
+    published_at: float | None = Field(None, description="Unix seconds")
+
+
+class KTRecommendResponse(BaseModel):
+    model_version: str
+    items: list[RecommendedQuestion] = Field(description="closest to the target (or the band's middle) first")
+
+
+class NRRecommendResponse(BaseModel):
+    model_version: str
+    items: list[RecommendedNews] = Field(description="highest score first")
+    approximate: bool = Field(description="whether the approximate index answered (large catalogs, no filter)")
 
 
 # -- /interactions ---------------------------------------------------------------------------------------------------

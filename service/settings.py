@@ -33,6 +33,7 @@ class Limits(BaseModel):
     max_text_chars: int = Field(10_000, ge=1, description="characters of one item text")
     max_events: int = Field(1000, ge=1, description="events or impressions in one POST /interactions")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size; larger bodies get 413")
+    max_exclude: int = Field(1000, ge=0, description="POST /recommend: `exclude` ids, kt `questions` ids")
 
 
 class ServiceSettings(BaseSettings):
@@ -77,6 +78,15 @@ class ServiceSettings(BaseSettings):
         True, description="swap as soon as another process publishes an activation (Redis pub/sub)"
     )
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per session")
+    index_max_bytes: int = Field(
+        2 << 30, ge=1 << 20, description="memory bound of one catalog index (per task, per worker) for /recommend"
+    )
+    index_ann_threshold: int = Field(
+        20_000, ge=1, description="catalogs of at least this many items get an approximate (HNSW) index"
+    )
+    index_refresh_s: float = Field(
+        0.25, gt=0, le=1, description="how often each process reads items added through other processes"
+    )
 
     bootstrap: bool = Field(True, description="train and export a small model for a task that has none")
     bootstrap_kt_data: Path = Path("../shared/data/codeworkout_s19")

@@ -28,7 +28,14 @@ def _require_encoder(model: ActiveModel) -> None:
         )
 
 
-@router.post("", responses={409: {"description": "the active model cannot encode text"}, 503: {}})
+@router.post(
+    "",
+    responses={
+        409: {"description": "the active model cannot encode text"},
+        507: {"description": "the catalog index would pass GRAMREC_INDEX_MAX_BYTES"},
+        503: {},
+    },
+)
 def add_items(
     body: Annotated[AddItemsRequest, Depends(checked_items)],
     registry: Annotated[ModelRegistry, Depends(get_registry)],
@@ -36,12 +43,17 @@ def add_items(
 ) -> AddItemsResponse:
     ids = [item.item_id for item in body.items]
     texts = [item.text for item in body.items]
+    metadata = [item.metadata() for item in body.items]
     model = require_model(registry, body.task)
     for _attempt in range(2):
         _require_encoder(model)
+        if model.index is not None:  # refused (507) before anything is stored when the index would pass its bound
+            model.index.check_room(model.index.new_ids(ids))
         vectors = model.bundle.encode_texts(texts)
         try:
-            store.put_items(body.task, model.version, ids, texts, vectors, model.bundle.dim)
+            store.put_items(body.task, model.version, ids, texts, vectors, model.bundle.dim, metadata)
+            if model.index is not None:  # this process's /recommend sees them at once; others at their refresh
+                model.index.upsert(ids, vectors, metadata)
             return AddItemsResponse(model_version=model.version, item_ids=ids)
         except StaleVersion as stale:
             # Another process activated a new version between our read and write: encode again with it.

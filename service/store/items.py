@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import threading
@@ -66,8 +67,32 @@ class ItemStore(Protocol):
     def texts(self, task: str) -> dict[str, str]: ...
     def get_item(self, task: str, version: str, item_id: str) -> tuple[str | None, bytes | None]: ...
     def put_items(
-        self, task: str, version: str, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray, dim: int
+        self,
+        task: str,
+        version: str,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        vectors: np.ndarray,
+        dim: int,
+        metadata: Sequence[dict] | None = None,
     ) -> None: ...
+    def item_metadata(self, task: str, ids: Sequence[str] | None = None) -> dict[str, dict]: ...
+    def item_changes(self, task: str, after: int) -> tuple[int, list[str]]: ...
+
+
+def metadata_rows(ids: Sequence[str], metadata: Sequence[dict] | None) -> list[str]:
+    """One JSON object per item (`{}`: none); an item's metadata is replaced whole by each POST /items."""
+    if metadata is None:
+        return ["{}"] * len(ids)
+    same_length(ids, metadata)
+    return [json.dumps(m, separators=(",", ":"), sort_keys=True) for m in metadata]
+
+
+def _decode_metadata(raw: str | bytes | None) -> dict:
+    if raw is None:
+        return {}
+    value = json.loads(raw)
+    return value if isinstance(value, dict) else {}
 
 
 # KEYS: active pointer[, lease]. ARGV: expected ('' for none), new[, lease token].
@@ -80,12 +105,16 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: active pointer, table, texts. ARGV: version, then (id, vector, text) triples.
+# KEYS: active pointer, table, texts, metadata, change log (sorted set), change counter.
+# ARGV: version, then (id, vector, text, metadata JSON) quadruples. Each item's change-log score is a new sequence
+# number, so a process's catalog index reads everything changed after the last number it saw.
 _PUT_ITEMS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 3 do
+for i = 2, #ARGV, 4 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 3])
+  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[i])
 end
 return 1
 """
@@ -190,16 +219,50 @@ class RedisItems:
         return (text.decode() if text is not None else None), vector
 
     def put_items(
-        self, task: str, version: str, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray, dim: int
+        self,
+        task: str,
+        version: str,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        vectors: np.ndarray,
+        dim: int,
+        metadata: Sequence[dict] | None = None,
     ) -> None:
         rows = vector_rows(vectors, dim)
         same_length(ids, rows, texts)
+        metas = metadata_rows(ids, metadata)
         args: list = [version]
-        for item_id, row, text in zip(ids, rows, texts, strict=True):
-            args += [item_id, row, text]
-        keys = [self.key("active", task), self.key("table", version), self.key("texts", task)]
+        for item_id, row, text, meta in zip(ids, rows, texts, metas, strict=True):
+            args += [item_id, row, text, meta]
+        keys = [
+            self.key("active", task),
+            self.key("table", version),
+            self.key("texts", task),
+            self.key("meta", task),
+            self.key("changes", task),
+            self.key("changeseq", task),
+        ]
         if not self._put_items(keys=keys, args=args):
             raise StaleVersion(f"{version} is no longer the active {task} version")
+
+    def item_metadata(self, task: str, ids: Sequence[str] | None = None) -> dict[str, dict]:
+        """Metadata of API-added items (all of the task's, or those of `ids` that have any)."""
+        if ids is None:
+            raw = self.client.hgetall(self.key("meta", task))
+            return {k.decode(): _decode_metadata(v) for k, v in raw.items()}  # type: ignore[union-attr]
+        if not ids:
+            return {}
+        values = self.client.hmget(self.key("meta", task), list(ids))
+        return {i: _decode_metadata(v) for i, v in zip(ids, values, strict=True) if v is not None}
+
+    def item_changes(self, task: str, after: int) -> tuple[int, list[str]]:
+        """(newest sequence number, ids of the task's items added or updated after sequence number `after`)."""
+        pairs: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
+            self.key("changes", task), f"({after}", "+inf", withscores=True
+        )
+        if not pairs:
+            return after, []
+        return int(pairs[-1][1]), [member.decode() for member, _ in pairs]
 
 
 class SqliteItems:
@@ -295,10 +358,18 @@ class SqliteItems:
         return (text[0] if text else None), (vector[0] if vector else None)
 
     def put_items(
-        self, task: str, version: str, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray, dim: int
+        self,
+        task: str,
+        version: str,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        vectors: np.ndarray,
+        dim: int,
+        metadata: Sequence[dict] | None = None,
     ) -> None:
         rows = vector_rows(vectors, dim)
         same_length(ids, rows, texts)
+        metas = metadata_rows(ids, metadata)
 
         def put(cursor: sqlite3.Cursor) -> None:
             row = cursor.execute("SELECT version FROM active WHERE task = ?", (task,)).fetchone()
@@ -312,5 +383,33 @@ class SqliteItems:
                 "INSERT OR REPLACE INTO texts (task, item_id, text) VALUES (?, ?, ?)",
                 ((task, item_id, text) for item_id, text in zip(ids, texts, strict=True)),
             )
+            cursor.executemany(
+                "INSERT OR REPLACE INTO item_meta (task, item_id, meta) VALUES (?, ?, ?)",
+                ((task, item_id, meta) for item_id, meta in zip(ids, metas, strict=True)),
+            )
+            for item_id in ids:  # a new sequence number per change; one row per item
+                cursor.execute("DELETE FROM item_changes WHERE task = ? AND item_id = ?", (task, item_id))
+                cursor.execute("INSERT INTO item_changes (task, item_id) VALUES (?, ?)", (task, item_id))
 
         self._transaction(put)
+
+    def item_metadata(self, task: str, ids: Sequence[str] | None = None) -> dict[str, dict]:
+        if ids is None:
+            rows = self._query("SELECT item_id, meta FROM item_meta WHERE task = ?", (task,))
+            return {item_id: _decode_metadata(meta) for item_id, meta in rows}
+        found: dict[str, dict] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), _MAX_PARAMS):
+            chunk = unique[start : start + _MAX_PARAMS]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT item_id, meta FROM item_meta WHERE task = ? AND item_id IN ({marks})"
+            found.update((i, _decode_metadata(m)) for i, m in self._query(sql, (task, *chunk)))
+        return found
+
+    def item_changes(self, task: str, after: int) -> tuple[int, list[str]]:
+        rows = self._query(
+            "SELECT seq, item_id FROM item_changes WHERE task = ? AND seq > ? ORDER BY seq", (task, after)
+        )
+        if not rows:
+            return after, []
+        return int(rows[-1][0]), [item_id for _, item_id in rows]

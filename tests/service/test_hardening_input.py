@@ -31,8 +31,8 @@ EXAMPLES_PER_OPERATION = 100  # per endpoint and generation mode; the module tak
 LIMITS = Limits(max_history=50, max_targets=20, max_candidates=20, max_items_per_request=8, max_body_bytes=64 * 1024)
 
 # Schema-valid requests that the API may still refuse with 422, and only for these reasons: a JSON schema cannot
-# say "unknown item", "ids unique within a list of objects" or the operator's size limits.
-SEMANTIC_422 = {"unknown items", "duplicate_ids", "too_long"}
+# say "unknown item", "ids unique within a list of objects", the operator's size limits, or fields that conflict.
+SEMANTIC_422 = {"unknown items", "duplicate_ids", "too_long", "conflicting_fields"}
 
 
 def build_app(redis_url: str) -> object:
@@ -212,7 +212,13 @@ def test_accepted_writes_touch_only_their_own_keys(client, keyspace):
     before = keyspace()
     response = client.post("/items", json=items("a.b", "-_-", "..", "."))
     assert response.status_code == 200, response.text
-    assert changed_keys(before, keyspace()) == {b"gramrec:texts:kt", f"gramrec:table:{KT1}".encode()}
+    assert changed_keys(before, keyspace()) == {
+        b"gramrec:texts:kt",
+        f"gramrec:table:{KT1}".encode(),
+        b"gramrec:meta:kt",  # metadata for /recommend's filters
+        b"gramrec:changes:kt",  # the change log other workers' catalog indexes read
+        b"gramrec:changeseq:kt",
+    }
     before = keyspace()
     body = {"task": "nr", "user_id": "u.1", "impressions": [{"item_id": "nr1", "clicked": 1}]}
     assert client.post("/interactions", json=body).status_code == 201

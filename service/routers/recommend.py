@@ -1,0 +1,114 @@
+"""POST /recommend: the top news of the whole catalog (nr), the next questions at the right difficulty (kt).
+
+One ActiveModel per request: its bundle scores and its catalog index (service/catalog.py) lists the items, both of
+the same version, which the response names. A plain `def` endpoint (threadpool), as /predict.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends
+
+from gramrec.service.deps import get_registry, get_store, require_model
+from gramrec.service.inference import item_vectors
+from gramrec.service.limits import checked_recommend
+from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.schemas import (
+    ItemText,
+    KTRecommendRequest,
+    KTRecommendResponse,
+    NRRecommendRequest,
+    NRRecommendResponse,
+    RecommendedNews,
+    RecommendedQuestion,
+    RecommendRequest,
+)
+from gramrec.service.store import Store, StoreError
+
+router = APIRouter(tags=["recommend"])
+
+DEFAULT_TARGET = 0.7
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {"description": "invalid request, over a limit, or unknown history items (listed in detail.unknown_items)"},
+    503: {"description": "no model loaded for the task, or the item store is unavailable"},
+}
+
+
+@router.post("/recommend", responses=_ERRORS)
+def recommend(
+    body: Annotated[RecommendRequest, Depends(checked_recommend)],
+    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    store: Annotated[Store, Depends(get_store)],
+) -> KTRecommendResponse | NRRecommendResponse:
+    model = require_model(registry, body.task)  # this request's bundle and catalog index, to the end
+    if model.index is None:
+        raise StoreError(f"the catalog index of {model.version} is not built yet")
+    if isinstance(body, KTRecommendRequest):
+        return _questions(body, model, store)
+    return _news(body, model, store)
+
+
+def _history_vectors(model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]) -> np.ndarray:
+    """[len(ids), D]: from the version's index, else (added a moment ago elsewhere, or given as text) as /predict."""
+    assert model.index is not None
+    vectors, missing = model.index.vectors(ids)
+    if missing:
+        found, row = item_vectors(model, store, [ids[i] for i in missing], items)  # UnknownItems: a 422
+        vectors[missing] = found[[row[ids[i]] for i in missing]]
+    return vectors
+
+
+def _news(body: NRRecommendRequest, model: ActiveModel, store: Store) -> NRRecommendResponse:
+    index = model.index
+    assert index is not None
+    history = _history_vectors(model, store, body.history, body.items)
+    # /predict's score is user · candidate (NRMS): the head scoring the D unit vectors gives the user vector itself.
+    user = model.bundle.score_news(history, np.eye(model.bundle.dim, dtype=np.float32))
+    published_after = None
+    if body.published_after is not None:
+        moment = body.published_after
+        published_after = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    excluded = list(dict.fromkeys(body.history + body.exclude))
+    rows = index.candidates(
+        exclude=excluded,
+        category=body.category,
+        subcategory=body.subcategory,
+        published_after=published_after,
+    )
+    filtered = body.category is not None or body.subcategory is not None or published_after is not None
+    approximate = index.approximate and not filtered
+    top, scores = index.top_k(user, body.k, rows, excluded if not filtered else ())
+    items = []
+    for row, score in zip(top.tolist(), scores.tolist(), strict=True):
+        items.append(RecommendedNews(item_id=index.ids[row], score=score, **index.metadata(row)))
+    return NRRecommendResponse(model_version=model.version, items=items, approximate=approximate)
+
+
+def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KTRecommendResponse:
+    index = model.index
+    assert index is not None
+    answered = [answer.item_id for answer in body.history]
+    history = _history_vectors(model, store, answered, body.items)
+    correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
+    rows = index.candidates(exclude=list(dict.fromkeys(answered)), only=body.questions)
+    if rows is None:
+        rows = np.arange(len(index))
+    targets = index.matrix_rows(rows)
+    probabilities = np.asarray(model.bundle.predict_kt(history, correct, targets), np.float64)
+    if body.band is not None:
+        inside = (probabilities >= body.band.low) & (probabilities <= body.band.high)
+        rows, probabilities = rows[inside], probabilities[inside]
+        goal = (body.band.low + body.band.high) / 2
+    else:
+        goal = body.target if body.target is not None else DEFAULT_TARGET
+    order = np.lexsort((rows, np.abs(probabilities - goal)))[: body.k]  # closest first; ties by catalog order
+    return KTRecommendResponse(
+        model_version=model.version,
+        items=[
+            RecommendedQuestion(item_id=index.ids[int(rows[i])], probability=float(probabilities[i])) for i in order
+        ],
+    )

@@ -1,0 +1,108 @@
+"""service/catalog.py on its own: exact and approximate top-k, filters, growth, the memory bound, catch-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gramrec.service.catalog import CatalogIndex, IndexFull
+from gramrec.service.store.redis_store import RedisStore
+from tests.helpers.fakes import REDIS_URL, FakeBundle, drop_prefix, redis_client
+
+D = 16
+
+
+def clustered(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(n // 50, 4), D)).astype(np.float32)
+    x = centers[rng.integers(0, len(centers), n)] + 0.8 * rng.standard_normal((n, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make(n: int, ann_threshold: int = 10**9, max_bytes: int = 1 << 30) -> tuple[CatalogIndex, np.ndarray]:
+    index = CatalogIndex("nr-v1", "nr", D, max_bytes=max_bytes, ann_threshold=ann_threshold, capacity=8)
+    vectors = clustered(n)
+    index.upsert([f"i{i}" for i in range(n)], vectors, [{"category": f"c{i % 3}"} for i in range(n)])
+    return index, vectors
+
+
+def test_exact_top_k_is_the_brute_force_order():
+    index, vectors = make(500)  # capacity 8: grows several times on the way
+    query = vectors[:3].mean(0)
+    rows, scores = index.top_k(query, 10, None, ())
+    expected = np.argsort(-(vectors @ query), kind="stable")[:10]
+    assert rows.tolist() == expected.tolist()
+    np.testing.assert_allclose(scores, (vectors @ query)[expected], rtol=1e-6)
+
+
+def test_filters_and_exclusions():
+    index, vectors = make(300)
+    query = vectors[0]
+    rows = index.candidates(exclude=["i0", "i3", "absent"], category="c0")
+    assert set(rows.tolist()) == {i for i in range(300) if i % 3 == 0} - {0, 3}
+    top, _ = index.top_k(query, 5, rows, ())
+    assert all(r % 3 == 0 and r not in (0, 3) for r in top.tolist())
+    assert index.candidates(category="nope").tolist() == []
+    assert index.candidates() is None
+    assert index.metadata(4) == {"category": "c1"}
+
+
+def test_approximate_index_recall_and_exclusions():
+    index, vectors = make(5000, ann_threshold=1)
+    index._build_ann()
+    assert index.approximate
+    rng = np.random.default_rng(1)
+    recalls = []
+    for _ in range(50):
+        query = vectors[rng.integers(0, 5000, 5)].mean(0)
+        exclude = [f"i{i}" for i in rng.integers(0, 5000, 5)]
+        rows, scores = index.top_k(query, 10, index.candidates(exclude=exclude), exclude)
+        assert not set(rows.tolist()) & {int(e[1:]) for e in exclude}
+        assert np.all(np.diff(scores) <= 0)  # best first, exact scores
+        scored = vectors @ query
+        scored[[int(e[1:]) for e in exclude]] = -np.inf
+        truth = set(np.argsort(-scored)[:10].tolist())
+        recalls.append(len(truth & set(rows.tolist())) / 10)
+    assert np.mean(recalls) >= 0.95
+
+
+def test_approximate_index_sees_items_added_after_it_was_built():
+    index, vectors = make(2000, ann_threshold=1)
+    index._build_ann()
+    newcomer = vectors[7] * 0.999 + 0.001
+    index.upsert(["new"], newcomer[None], [{}])
+    rows, _ = index.top_k(newcomer / np.linalg.norm(newcomer), 2, None, ())
+    assert index.rows["new"] in rows.tolist()
+
+
+def test_memory_bound_refuses_growth_and_changes_nothing():
+    index, _ = make(100, max_bytes=100 * (4 * D + 16) + 1)
+    with pytest.raises(IndexFull):
+        index.upsert(["extra"], np.ones((1, D), np.float32), [{}])
+    assert len(index) == 100 and "extra" not in index.rows
+    index.upsert(["i5"], np.ones((1, D), np.float32), [{"category": "z"}])  # an update needs no room
+    assert index.metadata(5) == {"category": "z"}
+
+
+def test_build_and_catch_up_from_redis():
+    client = redis_client()
+    prefix = "gramrec-test-catalog:"
+    drop_prefix(client, prefix)
+    store = RedisStore.from_url(REDIS_URL, prefix)
+    try:
+        bundle = FakeBundle("nr-v1", "nr", n_items=10, dim=D)
+        ids, vectors = bundle.item_embeddings()
+        store.load_table("nr-v1", ids, vectors, D)
+        assert store.compare_and_set_active("nr", None, "nr-v1")
+        store.put_items("nr", "nr-v1", ["a1"], ["text a1"], np.ones((1, D)), D, [{"category": "x"}])
+        index = CatalogIndex.build(store, bundle, max_bytes=1 << 30, ann_threshold=10**9)
+        assert len(index) == 11 and index.metadata(index.rows["a1"]) == {"category": "x"}
+        assert index.metadata(0) == {"category": "sports", "subcategory": "sub0"}
+        assert index.catch_up(store) == 0
+        store.put_items("nr", "nr-v1", ["a2", "a1"], ["t2", "t1"], np.ones((2, D)), D, [{}, {"category": "y"}])
+        assert index.catch_up(store) == 2
+        assert len(index) == 12 and index.metadata(index.rows["a1"]) == {"category": "y"}
+        assert index.catch_up(store) == 0
+    finally:
+        drop_prefix(client, prefix)
+        store.close()
