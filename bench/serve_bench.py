@@ -7,6 +7,7 @@ Without --url it serves the versions in --artifacts, first training and exportin
 per task (GRAM, period 1e, --train-steps steps) if the folder has none. Requests:
   predict kt: 100 answers of history, 5 targets; predict nr: 50 clicks, 20 candidates;
   POST /items: one new item per request, a text of about 32 tokens.
+  recommend kt: 100 answers, next 10 questions (target 0.7); recommend nr: 50 clicks, top 10 of the whole catalog.
 Closed loop at each --concurrency (that many clients back to back, each request timed from send to answer), then
 an open loop at a fixed --rate (requests sent on a schedule; latency counted from the scheduled send time, so
 queueing is included). Every run is bounded by a request count and a time limit. Prints a markdown table and
@@ -56,7 +57,7 @@ def parse_args() -> argparse.Namespace:
         "--scenarios",
         nargs="+",
         default=["predict kt", "predict nr", "POST /items"],
-        choices=["predict kt", "predict nr", "POST /items"],
+        choices=["predict kt", "predict nr", "POST /items", "recommend kt", "recommend nr"],
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
@@ -186,7 +187,20 @@ def payloads(ids: dict[str, list[str]], rng: random.Random):
         text = " ".join(rng.choice(WORDS) for _ in range(28))  # about 32 tokens with [CLS], [SEP] and word pieces
         return {"task": "nr", "items": [{"item_id": f"bench-{uuid.uuid4().hex[:8]}-{next(counter)}", "text": text}]}
 
-    return {"predict kt": ("/predict", kt), "predict nr": ("/predict", nr), "POST /items": ("/items", item)}
+    def recommend_kt() -> dict:
+        history = [{"item_id": rng.choice(ids["kt"]), "correct": rng.random() < 0.6} for _ in range(100)]
+        return {"task": "kt", "history": history, "k": 10, "target": 0.7}
+
+    def recommend_nr() -> dict:
+        return {"task": "nr", "history": rng.sample(ids["nr"], 50), "k": 10}
+
+    return {
+        "predict kt": ("/predict", kt),
+        "predict nr": ("/predict", nr),
+        "POST /items": ("/items", item),
+        "recommend kt": ("/recommend", recommend_kt),
+        "recommend nr": ("/recommend", recommend_nr),
+    }
 
 
 class RawClient:
@@ -380,7 +394,7 @@ async def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dic
                     f"{result['throughput_rps']:7.1f} req/s",
                     file=sys.stderr,
                 )
-        for name in [s for s in args.scenarios if s.startswith("predict")]:
+        for name in [s for s in args.scenarios if s.startswith(("predict", "recommend"))]:
             path, make = scenarios[name]
             result = await open_loop(client, path, make, args.rate, args.open_seconds, cpu)
             results.append({"scenario": name, "mode": f"open loop, {args.rate:g} req/s"} | result)

@@ -73,6 +73,10 @@ def test_approximate_index_sees_items_added_after_it_was_built():
     index.upsert(["new"], newcomer[None], [{}])
     rows, _ = index.top_k(newcomer / np.linalg.norm(newcomer), 2, None, ())
     assert index.rows["new"] in rows.tolist()
+    moved = vectors[1500]  # an update moves an item in the graph too
+    index.upsert(["i3"], moved[None], [{}])
+    rows, _ = index.top_k(moved, 3, None, ())
+    assert {3, 1500} <= set(rows.tolist())
 
 
 def test_memory_bound_refuses_growth_and_changes_nothing():

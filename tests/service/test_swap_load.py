@@ -1,6 +1,6 @@
 """Hot swaps under load on a real `gramrec serve` process (one uvicorn worker, Redis on loopback).
 
-8 clients post /predict back to back for 60 s: a steady phase, then a phase with a swap every 1.5 s (the way a
+8 clients post /predict and /recommend (alternately) back to back for 60 s: a steady phase, then a phase with a swap every 1.5 s (the way a
 trainer swaps: compare-and-set on the pointer plus a published message). Zero failed requests; p99 latency during
 the swap phase at most 1.5x the steady phase's; then 100 swap cycles without load, and the server's resident
 memory grows by less than 50 MB.
@@ -37,7 +37,13 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+RECOMMEND = {"task": "kt", "history": PREDICT["history"], "k": 5, "target": 0.7}
+
+
 def predict(client: httpx.Client, n: int) -> httpx.Response:
+    """Every other request is a /recommend: it too must never fail during a swap."""
+    if n % 2:
+        return client.post("/recommend", json=RECOMMEND)
     return client.post("/predict", json=PREDICT)
 
 
