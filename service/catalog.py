@@ -323,7 +323,7 @@ class CatalogIndex:
         want = min(k + len(excluded), n)
         result = ann.search(query, want)
         keys = np.asarray(result.keys, np.int64)
-        keep = [i for i, key in enumerate(keys.tolist()) if key not in excluded and key < n]
+        keep = [i for i, key in enumerate(keys.tolist()) if 0 <= key < n and key not in excluded]
         if len(keep) < min(k, n - len(excluded)):
             return None  # the graph came back short: scan exactly
         rows = keys[keep][:k]
