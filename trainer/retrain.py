@@ -117,6 +117,7 @@ class RetrainJob:
         saved = read_config(base_checkpoint)["settings"] if base_checkpoint else {"task": task}
         keep = {"task", "encoder_dir", "max_tokens", "pooling", "attention", "encoder_batch_size",
                 "encoder_batch_tokens", "regress_batch_size", "freeze_bottom_layers", "hidden_dim", "batch_size",
+                "table_lr", "regress_lr", "regress_fit", "regress_max_passes", "regress_backtrack", "regress_max_s",
                 "max_seq_len", "history_len", "negatives", "optimizer", "lr_cf", "lr_encoder", "warmup_steps", "seed"}
         params = self.job.get("params", {})
         settings = TrainSettings(
