@@ -54,6 +54,8 @@ class Deployment:
             "GRAMREC_RETRAIN__INTERVAL_S": "86400",
             "GRAMREC_RETRAIN__POLL_S": "0.2",
             "GRAMREC_RETRAIN__LEASE_TTL_S": "4",
+            # Promote every retrain: the gate's slice of this generated data is too small to judge a model by.
+            "GRAMREC_RETRAIN__GATE_TOLERANCE": "1.0",
         }
         self.settings = ServiceSettings(
             redis_url=REDIS_URL, redis_key_prefix=self.prefix, artifacts_dir=self.artifacts, tasks=["kt"],
