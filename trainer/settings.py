@@ -79,7 +79,20 @@ class TrainSettings(BaseSettings):
         0, ge=0, description="freeze the embeddings and this many bottom encoder layers and cache their outputs for "
         "all items once (IISAN-style); re-encodes and regressions then run only the top layers"
     )
-    regress_batch_size: int = Field(1024, ge=1, description="multi-step GRAM: items per encoder Adam step")
+    # Multi-step GRAM (trainer/strategies.py GramMultiStep, trainer/regression.py)
+    table_lr: float | None = Field(
+        None, gt=0, description="multi-step GRAM: SGD step of the item table on the gradient of the loss summed over "
+        "the batch's users (1 is the paper's Eq. 8 with lr 1); default: 16 (kt), 0.25 (nr), measured (BENCHMARKS.md §1)"
+    )
+    regress_lr: float | None = Field(None, gt=0, description="multi-step GRAM: learning rate of the regression's "
+                                     "encoder optimizer (its own, no warm-up); default: 3e-4 (kt), 1e-4 (nr), measured")
+    regress_batch_size: int = Field(256, ge=1, description="multi-step GRAM: items per regression optimizer step")
+    regress_fit: float = Field(0.5, gt=0.0, le=1.0, description="multi-step GRAM: a regression passes over the "
+                               "touched rows until its pseudo-loss has fallen by this fraction")
+    regress_max_passes: int = Field(4, ge=1, description="multi-step GRAM: most passes of one regression")
+    regress_backtrack: bool = Field(True, description="multi-step GRAM: undo a regression pass that raised the "
+                                    "pseudo-loss and retry it at a quarter of the learning rate")
+    regress_max_s: float | None = Field(None, gt=0, description="multi-step GRAM: most seconds of one regression")
 
     # CF head and data
     hidden_dim: int = Field(128, ge=8, description="CF head width (KT: LSTM hidden size)")
@@ -115,6 +128,10 @@ class TrainSettings(BaseSettings):
             self.max_tokens = 128 if self.task == "kt" else 32
         if self.pooling is None:
             self.pooling = "mean" if self.task == "kt" else "attention"
+        if self.table_lr is None:
+            self.table_lr = 16.0 if self.task == "kt" else 0.25
+        if self.regress_lr is None:
+            self.regress_lr = 3e-4 if self.task == "kt" else 1e-4
         return self
 
     @property
