@@ -13,7 +13,7 @@ the report says how far it got.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,8 +87,11 @@ def regress(
     rate than rows far away, and the regression never leaves its fit worse than it found it.
     """
     started = time.perf_counter()
-    end = min(t for t in (plan.deadline, started + plan.max_seconds if plan.max_seconds else None, float("inf"))
-              if t is not None)
+    end = min(
+        t
+        for t in (plan.deadline, started + plan.max_seconds if plan.max_seconds else None, float("inf"))
+        if t is not None
+    )
     untouched_before = encode(untouched) if len(untouched) else None
     params = [p for p in encoder.parameters() if p.requires_grad]
     before_params = _flat(params)
@@ -137,13 +140,27 @@ def regress(
     bar.close()
     for group in optimizer.param_groups:
         group["lr"] = plan.lr
-    report = _report(params, before_params, wanted, best - encoded, targets - best, untouched, untouched_before,
-                     encode, passes, steps, rejected, time.perf_counter() - started, stopped)
+    report = _report(
+        params,
+        before_params,
+        wanted,
+        best - encoded,
+        targets - best,
+        untouched,
+        untouched_before,
+        encode,
+        passes,
+        steps,
+        rejected,
+        time.perf_counter() - started,
+        stopped,
+    )
     return best, report
 
 
-def _shuffled_chunks(items: torch.Tensor, tokens: ItemTokens, batch_items: int, generator: torch.Generator,
-                     world: World):
+def _shuffled_chunks(
+    items: torch.Tensor, tokens: ItemTokens, batch_items: int, generator: torch.Generator, world: World
+):
     """One pass: positions into `items`, shuffled into batches of `batch_items`, each sorted by text length
     (micro-batches of like lengths) and cut to this rank's share (the optimizer step sums the ranks' gradients)."""
     order = torch.randperm(len(items), generator=generator)
@@ -153,8 +170,9 @@ def _shuffled_chunks(items: torch.Tensor, tokens: ItemTokens, batch_items: int, 
         yield rows[world.rank :: world.size]
 
 
-def _accumulate_gradients(encoder: ContentEncoder, tokens: ItemTokens, chunk: torch.Tensor, targets: torch.Tensor,
-                          plan: RegressionPlan) -> None:
+def _accumulate_gradients(
+    encoder: ContentEncoder, tokens: ItemTokens, chunk: torch.Tensor, targets: torch.Tensor, plan: RegressionPlan
+) -> None:
     """Back-propagates the pseudo-loss of `chunk` micro-batch by micro-batch (one graph alive at a time, so peak
     memory follows the encoder's token cap)."""
     device = targets.device
@@ -165,12 +183,25 @@ def _accumulate_gradients(encoder: ContentEncoder, tokens: ItemTokens, chunk: to
         loss.backward()
 
 
-def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params]).clone()
 
 
-def _report(params, before_params, wanted, made, residual, untouched, untouched_before, encode, passes, steps,
-            rejected, seconds, stopped) -> RegressionReport:
+def _report(
+    params,
+    before_params,
+    wanted,
+    made,
+    residual,
+    untouched,
+    untouched_before,
+    encode,
+    passes,
+    steps,
+    rejected,
+    seconds,
+    stopped,
+) -> RegressionReport:
     loss_before = float(0.5 * wanted.pow(2).sum())
     loss_after = float(0.5 * residual.pow(2).sum())
     wanted_sq = float(wanted.pow(2).sum())
@@ -183,7 +214,17 @@ def _report(params, before_params, wanted, made, residual, untouched, untouched_
         untouched_move = float(moved) / max(float(wanted.norm(dim=1).mean()), 1e-30)
     param_change = float((_flat(params) - before_params).norm()) / max(float(before_params.norm()), 1e-30)
     return RegressionReport(
-        rows=len(wanted), passes=passes, steps=steps, rejected=rejected, loss_before=loss_before, loss_after=loss_after,
-        fit=1.0 - loss_after / max(loss_before, 1e-30), toward=toward, cosine=cosine, untouched_move=untouched_move,
-        param_change=param_change, seconds=seconds, stopped=stopped,
+        rows=len(wanted),
+        passes=passes,
+        steps=steps,
+        rejected=rejected,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        fit=1.0 - loss_after / max(loss_before, 1e-30),
+        toward=toward,
+        cosine=cosine,
+        untouched_move=untouched_move,
+        param_change=param_change,
+        seconds=seconds,
+        stopped=stopped,
     )

@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import nn
 
-from gramrec.models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
+from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
 from gramrec.trainer.regression import UNTOUCHED_SAMPLE, RegressionPlan, RegressionReport, regress
 from gramrec.trainer.settings import TrainSettings
@@ -26,9 +26,15 @@ from gramrec.trainer.settings import TrainSettings
 log = logging.getLogger("gramrec.train")
 
 
-def make_optimizer(kind: str, params, lr: float, warmup_steps: int, device: torch.device):
+Optimizers = dict[str, tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]
+
+
+def make_optimizer(
+    kind: str, params, lr: float, warmup_steps: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam (or plain SGD) with linear warm-up to a constant learning rate; fused Adam kernels on CUDA."""
     params = list(params)
+    optimizer: torch.optim.Optimizer
     if kind == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr)
     else:
@@ -69,8 +75,10 @@ class Strategy:
         self._configure_encoder()
         self.encoder.train(self.encoder_train_mode)
         self.head.train()
-        self.optimizers: dict[str, tuple[torch.optim.Optimizer, object]] = {
-            "cf": make_optimizer(settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device)
+        self.optimizers: Optimizers = {
+            "cf": make_optimizer(
+                settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device
+            )
         }
         if self.finetunes_encoder:
             trainable = [p for p in encoder.parameters() if p.requires_grad]  # frozen bottom layers excluded
@@ -174,7 +182,7 @@ class GramSingleStep(EndToEnd):
 
     def finish_step(self) -> None:
         self._encoded.backward(gradient=self._leaf.grad)
-        self._encoded = self._leaf = None
+        del self._encoded, self._leaf  # the step's graph and leaves go now
         super().finish_step()
 
 
@@ -243,7 +251,7 @@ class GramMultiStep(Strategy):
         grads = all_gather_rows(self._leaf.grad, self.world)  # [U_all, D]
         self.table.index_add_(0, items, grads, alpha=-self.table_lr)  # shared rows get the summed gradient
         self.touched[items] = True
-        self._unique = self._leaf = None
+        del self._unique, self._leaf
 
     def finish_step(self) -> None:
         self._sgd_update_table()
@@ -257,7 +265,7 @@ class GramMultiStep(Strategy):
         if self.period.unit == "e" and bool(self.touched.any()):
             self.regress()
 
-    def regress(self) -> RegressionReport:
+    def regress(self) -> RegressionReport | None:
         """Fits the encoder to the rows touched since the last regression, then re-encodes those rows.
 
         The rows were encoded in eval mode, so the regression runs in eval mode too: the residual is then exactly
@@ -269,11 +277,18 @@ class GramMultiStep(Strategy):
         report = None
         if len(touched):
             new, report = regress(
-                self.encoder, self.tokens, touched.cpu(), self.table[touched],
-                self._untouched_sample(), self._plan(), self.optimizers["encoder"][0],
+                self.encoder,
+                self.tokens,
+                touched.cpu(),
+                self.table[touched],
+                self._untouched_sample(),
+                self._plan(),
+                self.optimizers["encoder"][0],
                 lambda: self._step("encoder", schedule=False),  # the regression sets its own learning rate
                 self._inference_encode,
-                self._generator, self.world, progress=self.settings.progress and self.world.is_main,
+                self._generator,
+                self.world,
+                progress=self.settings.progress and self.world.is_main,
             )
             self.reports.append(report)
             log.info("regression", extra={"regression": self.regressions, **report.as_dict()})
@@ -288,9 +303,16 @@ class GramMultiStep(Strategy):
 
     def _plan(self) -> RegressionPlan:
         s = self.settings
-        return RegressionPlan(lr=s.regress_lr, batch_items=s.regress_batch_size, micro_items=s.encoder_batch_size, fit=s.regress_fit,
-                              max_passes=s.regress_max_passes, max_seconds=s.regress_max_s, backtrack=s.regress_backtrack,
-                              deadline=self.deadline)
+        return RegressionPlan(
+            lr=float(s.regress_lr or 0.0),  # filled per task by TrainSettings
+            batch_items=s.regress_batch_size,
+            micro_items=s.encoder_batch_size,
+            fit=s.regress_fit,
+            max_passes=s.regress_max_passes,
+            max_seconds=s.regress_max_s,
+            backtrack=s.regress_backtrack,
+            deadline=self.deadline,
+        )
 
     def _untouched_sample(self) -> torch.Tensor:
         untouched = (~self.touched).nonzero().squeeze(1).cpu()

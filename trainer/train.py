@@ -65,7 +65,7 @@ class Run:
 
     settings: TrainSettings
     device: torch.device
-    task: object
+    task: KnowledgeTracingTask | NewsTask
     tokenizer: object
     encoder: ContentEncoder
     tokens: ItemTokens
@@ -81,6 +81,7 @@ def build_run(settings: TrainSettings, encoder_dir: Path | None = None, world: W
     task = make_task(settings)
     encoder_dir = encoder_dir or settings.encoder_dir or default_encoder_dir()
     tokenizer = load_tokenizer(encoder_dir)
+    assert settings.pooling is not None and settings.max_tokens is not None  # filled per task by TrainSettings
     encoder = ContentEncoder.from_pretrained(encoder_dir, pooling=settings.pooling).to(device)
     tokens = ItemTokens.from_texts(tokenizer, task.items.texts, settings.max_tokens)
     head = task.build_head(encoder.dim).to(device)
@@ -172,11 +173,14 @@ class EncoderDrift:
     def __init__(self, encoder: ContentEncoder | None):
         self.params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
         self.start = [p.detach().clone() for p in self.params]
-        self.norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in self.start))) if self.params else 0.0
+        squares = [(p.double() ** 2).sum() for p in self.start]
+        self.norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
     def relative_change(self) -> float:
-        moved = sum(((p.detach() - p0).double() ** 2).sum() for p, p0 in zip(self.params, self.start))
-        return float(torch.sqrt(torch.as_tensor(moved))) / max(self.norm, 1e-30) if self.params else 0.0
+        if not self.params:
+            return 0.0
+        moved = torch.stack([((p.detach() - p0).double() ** 2).sum() for p, p0 in zip(self.params, self.start)])
+        return float(moved.sum().sqrt()) / max(self.norm, 1e-30)
 
 
 def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None = None) -> dict:
@@ -193,7 +197,7 @@ def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None =
         torch.cuda.reset_peak_memory_stats(run.device)
 
     start_epoch, global_step, best, history, bad_epochs = 0, 0, float("-inf"), [], 0
-    if resume_config:
+    if resume_config and settings.resume:
         restore(run, settings.resume, with_optimizers=True)
         start_epoch, global_step = resume_config["epoch"] + 1, resume_config["global_step"]
         best, history = resume_config["best_metric"] or float("-inf"), resume_config["history"]
@@ -233,10 +237,17 @@ def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None =
         val = evaluate(run, "val")
         val[metric] = agree(val[metric] if val[metric] is not None else float("-inf"), world)
         train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-        history.append({"epoch": epoch, "step": global_step, "train_loss": train_loss, "val": val,
-                        "elapsed_s": time.perf_counter() - started - io_seconds,
-                        "encoder_change": drift.relative_change(),
-                        "regressions": [r.as_dict() for r in run.strategy.reports[reported:]]})
+        history.append(
+            {
+                "epoch": epoch,
+                "step": global_step,
+                "train_loss": train_loss,
+                "val": val,
+                "elapsed_s": time.perf_counter() - started - io_seconds,
+                "encoder_change": drift.relative_change(),
+                "regressions": [r.as_dict() for r in run.strategy.reports[reported:]],
+            }
+        )
         reported = len(run.strategy.reports)
         log.info("epoch", extra={"epoch": epoch, "train_loss": train_loss, "val": val})
         if on_epoch is not None:
