@@ -77,9 +77,9 @@ def regress(
 ) -> tuple[torch.Tensor, RegressionReport]:
     """Fits `encoder` (in eval mode) to `targets` for `items`.
 
-    items [K] (CPU) touched item indices; targets [K, D] their rows; untouched [M] (CPU) a sample of other items; `optimizer_step` sums the ranks' gradients and steps
-    `optimizer`; `encode` is the deterministic (eval, no grad) encoder pass. Returns the items' new encodings
-    [K, D] and the report.
+    items [K] (CPU) touched item indices; targets [K, D] their rows; untouched [M] (CPU) a sample of other items;
+    `optimizer_step` sums the ranks' gradients and steps `optimizer`; `encode` is the deterministic (eval, no grad)
+    encoder pass. Returns the items' new encodings [K, D] and the report.
 
     Each pass is followed by an exact measurement of the pseudo-loss. A pass that did not lower it is undone
     (parameters restored, optimizer state cleared) and retried at a quarter of the learning rate: an adaptive
@@ -92,17 +92,14 @@ def regress(
         for t in (plan.deadline, started + plan.max_seconds if plan.max_seconds else None, float("inf"))
         if t is not None
     )
-    untouched_before = encode(untouched) if len(untouched) else None
     params = [p for p in encoder.parameters() if p.requires_grad]
-    before_params = _flat(params)
-    accepted = [p.detach().clone() for p in params]
     # The starting point is measured with the same `encode(items)` call as every pass's result: same batches, so
     # the same rounding. The rows' own encodings were computed in other batches, and under bf16 autocast that
     # difference alone can exceed a small step's gain, which would reject every pass (seen on an H200).
-    encoded = encode(items)
-    wanted = targets - encoded  # [K, D]
-    loss_before = float(0.5 * wanted.pow(2).sum())
-    best, best_loss = encoded, loss_before
+    start = _Start.measure(params, items, targets, untouched, encode)
+    accepted = [p.detach().clone() for p in params]
+    loss_before = start.loss
+    best, best_loss = start.encoded, loss_before
     lr = plan.lr
     passes, steps, rejected, stopped = 0, 0, 0, "passes"
     bar = tqdm(total=len(items) * plan.max_passes, desc="regression", unit="item", disable=not progress, leave=False)
@@ -140,21 +137,8 @@ def regress(
     bar.close()
     for group in optimizer.param_groups:
         group["lr"] = plan.lr
-    report = _report(
-        params,
-        before_params,
-        wanted,
-        best - encoded,
-        targets - best,
-        untouched,
-        untouched_before,
-        encode,
-        passes,
-        steps,
-        rejected,
-        time.perf_counter() - started,
-        stopped,
-    )
+    seconds = time.perf_counter() - started
+    report = start.report(params, best, targets, encode, passes, steps, rejected, seconds, stopped)
     return best, report
 
 
@@ -187,44 +171,47 @@ def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params]).clone()
 
 
-def _report(
-    params,
-    before_params,
-    wanted,
-    made,
-    residual,
-    untouched,
-    untouched_before,
-    encode,
-    passes,
-    steps,
-    rejected,
-    seconds,
-    stopped,
-) -> RegressionReport:
-    loss_before = float(0.5 * wanted.pow(2).sum())
-    loss_after = float(0.5 * residual.pow(2).sum())
-    wanted_sq = float(wanted.pow(2).sum())
-    made_norm = float(made.norm())
-    toward = float((made * wanted).sum()) / max(wanted_sq, 1e-30)
-    cosine = float((made * wanted).sum()) / max(made_norm * wanted_sq**0.5, 1e-30)
-    untouched_move = 0.0
-    if untouched_before is not None and float(made.abs().max()) > 0:
-        moved = (encode(untouched) - untouched_before).norm(dim=1).mean()
-        untouched_move = float(moved) / max(float(wanted.norm(dim=1).mean()), 1e-30)
-    param_change = float((_flat(params) - before_params).norm()) / max(float(before_params.norm()), 1e-30)
-    return RegressionReport(
-        rows=len(wanted),
-        passes=passes,
-        steps=steps,
-        rejected=rejected,
-        loss_before=loss_before,
-        loss_after=loss_after,
-        fit=1.0 - loss_after / max(loss_before, 1e-30),
-        toward=toward,
-        cosine=cosine,
-        untouched_move=untouched_move,
-        param_change=param_change,
-        seconds=seconds,
-        stopped=stopped,
-    )
+@dataclass
+class _Start:
+    """What the regression measured before its first step, for the report."""
+
+    flat_params: torch.Tensor  # the trained parameters, flattened
+    encoded: torch.Tensor  # [K, D] the touched items' encodings
+    wanted: torch.Tensor  # [K, D] targets - encoded: the move the CF loss asks of each
+    untouched: torch.Tensor  # [M] a sample of other items
+    untouched_encoded: torch.Tensor | None  # [M, D]
+
+    @classmethod
+    def measure(cls, params, items, targets, untouched, encode) -> _Start:
+        encoded = encode(items)
+        return cls(_flat(params), encoded, targets - encoded, untouched, encode(untouched) if len(untouched) else None)
+
+    @property
+    def loss(self) -> float:
+        return float(0.5 * self.wanted.pow(2).sum())
+
+    def report(self, params, best, targets, encode, passes, steps, rejected, seconds, stopped) -> RegressionReport:
+        wanted, made = self.wanted, best - self.encoded
+        loss_after = float(0.5 * (targets - best).pow(2).sum())
+        wanted_sq = float(wanted.pow(2).sum())
+        along = float((made * wanted).sum())
+        untouched_move = 0.0
+        if self.untouched_encoded is not None and float(made.abs().max()) > 0:
+            moved = (encode(self.untouched) - self.untouched_encoded).norm(dim=1).mean()
+            untouched_move = float(moved) / max(float(wanted.norm(dim=1).mean()), 1e-30)
+        change = float((_flat(params) - self.flat_params).norm()) / max(float(self.flat_params.norm()), 1e-30)
+        return RegressionReport(
+            rows=len(wanted),
+            passes=passes,
+            steps=steps,
+            rejected=rejected,
+            loss_before=self.loss,
+            loss_after=loss_after,
+            fit=1.0 - loss_after / max(self.loss, 1e-30),
+            toward=along / max(wanted_sq, 1e-30),
+            cosine=along / max(float(made.norm()) * wanted_sq**0.5, 1e-30),
+            untouched_move=untouched_move,
+            param_change=change,
+            seconds=seconds,
+            stopped=stopped,
+        )
