@@ -253,7 +253,8 @@ def _parse_per_workload(values: list[str] | None, cast) -> dict[str, object]:
 def base_settings(args, task: str, batch_size: int, device: torch.device, **extra) -> TrainSettings:
     return TrainSettings(
         task=task, data=extra.pop("data", Path(".")), strategy="e2e", period="1e", batch_size=batch_size,
-        encoder_batch_size=args.encoder_batch_size, regress_batch_size=args.regress_batch_size,
+        encoder_batch_size=args.encoder_batch_size,
+        **({"regress_batch_size": args.regress_batch_size} if args.regress_batch_size else {}),
         encoder_batch_tokens=args.encoder_batch_tokens, attention=args.attention,
         device=str(device), progress=False, seed=args.seed, **extra,
     )
@@ -919,7 +920,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-epoch-steps", type=int, default=None,
                         help="cut whole epochs (and real-data training epochs) to this many steps; extrapolated")
     parser.add_argument("--encoder-batch-size", type=int, default=4096)
-    parser.add_argument("--regress-batch-size", type=int, default=1024)
+    parser.add_argument("--regress-batch-size", type=int, default=None, help="default: TrainSettings'")
     parser.add_argument("--encoder-batch-tokens", type=int, default=65536,
                         help="cap on tokens per encoder batch (TrainSettings.encoder_batch_tokens)")
     parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
@@ -952,7 +953,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.floor_min_time = min(args.floor_min_time, 0.05)
         args.real_epochs = min(args.real_epochs, 2)
         args.encoder_batch_size = min(args.encoder_batch_size, 64)
-        args.regress_batch_size = min(args.regress_batch_size, 128)
+        args.regress_batch_size = min(args.regress_batch_size or 128, 128)
         if args.workloads is None:
             args.workloads = ["mind-title", "toeic", "poj", "kt-codeworkout"]
     args.workloads = args.workloads or list(ALL_WORKLOADS)

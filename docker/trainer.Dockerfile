@@ -1,7 +1,7 @@
 # The gramrec trainer (GPU): trains a model and exports it as a new artifact version. Build from the repo root:
 #   docker build -f docker/trainer.Dockerfile -t gramrec-trainer .
 # Needs the NVIDIA container toolkit at run time (compose reserves one GPU). Configuration: GRAMREC_* variables
-# (trainer/settings.py: GRAMREC_TASK, GRAMREC_DATA, GRAMREC_OUT, GRAMREC_EPOCHS, ...), see docker/train-and-export.sh.
+# (trainer/settings.py: GRAMREC_TRAIN_TASK, GRAMREC_TRAIN_DATA, GRAMREC_TRAIN_OUT, GRAMREC_TRAIN_EPOCHS, ...), see docker/train-and-export.sh.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
@@ -40,8 +40,8 @@ RUN useradd --create-home --uid 10001 gramrec \
     && chown -R gramrec /data
 USER gramrec
 
-ENV GRAMREC_OUT=/data/runs/latest \
+ENV GRAMREC_TRAIN_OUT=/data/runs/latest \
     GRAMREC_ARTIFACTS_DIR=/data/artifacts \
-    GRAMREC_DEVICE=cuda
+    GRAMREC_TRAIN_DEVICE=cuda
 
 CMD ["train-and-export"]

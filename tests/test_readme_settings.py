@@ -9,6 +9,7 @@ from pathlib import Path
 from gramrec.service.settings import Limits, ServiceSettings
 from gramrec.trainer.logs import LogSettings
 from gramrec.trainer.retrain.settings import RetrainSettings
+from gramrec.trainer.settings import TrainSettings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 VARIABLE = re.compile(r"`((?:GRAMREC_[A-Z0-9_]+)|REDIS_URL)`")
@@ -53,3 +54,12 @@ def test_the_env_prefixes_are_the_documented_ones():
     assert ServiceSettings.model_config["env_nested_delimiter"] == "__"  # GRAMREC_LIMITS__*, GRAMREC_RETRAIN__*
     assert LogSettings.model_config["env_prefix"] == "GRAMREC_" and "log_level" in LogSettings.model_fields
     assert "GRAMREC_LOG_LEVEL" in README.read_text()
+    assert TrainSettings.model_config["env_prefix"] == "GRAMREC_TRAIN_" and "GRAMREC_TRAIN_<FLAG>" in README.read_text()
+
+
+def test_gramrec_train_reads_only_its_own_prefix(monkeypatch):
+    """Training and serving share no variable: GRAMREC_LR_CF (no TRAIN_) means nothing to `gramrec train`."""
+    monkeypatch.setenv("GRAMREC_TRAIN_LR_CF", "0.5")
+    monkeypatch.setenv("GRAMREC_LR_ENCODER", "0.7")
+    settings = TrainSettings(task="kt", data=Path("unused"))
+    assert settings.lr_cf == 0.5 and settings.lr_encoder == TrainSettings.model_fields["lr_encoder"].default

@@ -24,7 +24,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", devic
     saved = config["settings"] | {"data": str(data), "device": device, "resume": None, "progress": False}
     settings = explicit_train_settings(**saved)  # the checkpoint's settings, not the environment's
     run = build_run(settings, encoder_dir=Path(checkpoint) / "encoder")
-    same_items = read_items(checkpoint).ids == run.task.items.ids  # type: ignore[attr-defined]
+    same_items = read_items(checkpoint).ids == run.task.items.ids
     if same_items:
         restore(run, checkpoint, with_optimizers=False)
     elif settings.strategy == "nocontent":

@@ -48,7 +48,7 @@ class Period(BaseModel):
 class TrainSettings(BaseSettings):
     """Everything `gramrec train` needs. Defaults that depend on the task are filled in by `with_task_defaults`."""
 
-    model_config = SettingsConfigDict(env_prefix="GRAMREC_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="GRAMREC_TRAIN_", extra="forbid")
 
     task: Task
     data: Path
@@ -72,14 +72,44 @@ class TrainSettings(BaseSettings):
         65536, ge=1, description="also cap tokens per encoder forward, so long texts stay within memory"
     )
     attention: Literal["auto", "packed", "padded"] = Field(
-        "auto", description="encoder batch layout: packed = padding-free (varlen attention on CUDA); auto = packed "
-        "on CUDA under bf16 autocast, padded elsewhere"
+        "auto",
+        description="encoder batch layout: packed = padding-free (varlen attention on CUDA); auto = packed "
+        "on CUDA under bf16 autocast, padded elsewhere",
     )
     freeze_bottom_layers: int = Field(
-        0, ge=0, description="freeze the embeddings and this many bottom encoder layers and cache their outputs for "
-        "all items once (IISAN-style); re-encodes and regressions then run only the top layers"
+        0,
+        ge=0,
+        description="freeze the embeddings and this many bottom encoder layers and cache their outputs for "
+        "all items once (IISAN-style); re-encodes and regressions then run only the top layers",
     )
-    regress_batch_size: int = Field(1024, ge=1, description="multi-step GRAM: items per encoder Adam step")
+    # Multi-step GRAM (trainer/strategies.py GramMultiStep, trainer/regression.py)
+    table_lr: float | None = Field(
+        None,
+        gt=0,
+        description="multi-step GRAM: SGD step of the item table on the gradient of the loss summed over "
+        "the batch's users (1 is the paper's Eq. 8 with lr 1); default: 16 (kt), 0.25 (nr), measured (BENCHMARKS.md §1)",
+    )
+    regress_lr: float | None = Field(
+        None,
+        gt=0,
+        description="multi-step GRAM: learning rate of the regression's "
+        "encoder optimizer (its own, no warm-up); default: 3e-4 (kt), 1e-4 (nr), measured",
+    )
+    regress_batch_size: int = Field(256, ge=1, description="multi-step GRAM: items per regression optimizer step")
+    regress_fit: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="multi-step GRAM: a regression passes over the "
+        "touched rows until its pseudo-loss has fallen by this fraction",
+    )
+    regress_max_passes: int = Field(4, ge=1, description="multi-step GRAM: most passes of one regression")
+    regress_backtrack: bool = Field(
+        True,
+        description="multi-step GRAM: undo a regression pass that raised the "
+        "pseudo-loss and retry it at a quarter of the learning rate",
+    )
+    regress_max_s: float | None = Field(None, gt=0, description="multi-step GRAM: most seconds of one regression")
 
     # CF head and data
     hidden_dim: int = Field(128, ge=8, description="CF head width (KT: LSTM hidden size)")
@@ -91,7 +121,9 @@ class TrainSettings(BaseSettings):
 
     # Optimisation
     epochs: int = Field(5, ge=1)
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="for CF head and encoder (Adam with warm-up by default)")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="for CF head and encoder (Adam with warm-up by default)"
+    )
     lr_cf: float = Field(1e-3, gt=0)
     lr_encoder: float = Field(3e-5, gt=0)
     warmup_steps: int = Field(50, ge=0)
@@ -115,6 +147,10 @@ class TrainSettings(BaseSettings):
             self.max_tokens = 128 if self.task == "kt" else 32
         if self.pooling is None:
             self.pooling = "mean" if self.task == "kt" else "attention"
+        if self.table_lr is None:
+            self.table_lr = 16.0 if self.task == "kt" else 0.25
+        if self.regress_lr is None:
+            self.regress_lr = 3e-4 if self.task == "kt" else 1e-4
         return self
 
     @property

@@ -13,17 +13,28 @@ become leaf tensors, so autograd sums the gradients of repeated items into one r
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from gramrec.models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
+from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
+from gramrec.trainer.regression import UNTOUCHED_SAMPLE, RegressionPlan, RegressionReport, regress
 from gramrec.trainer.settings import TrainSettings
 
+log = logging.getLogger("gramrec.train")
 
-def make_optimizer(kind: str, params, lr: float, warmup_steps: int, device: torch.device):
+
+Optimizers = dict[str, tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]
+
+
+def make_optimizer(
+    kind: str, params, lr: float, warmup_steps: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam (or plain SGD) with linear warm-up to a constant learning rate; fused Adam kernels on CUDA."""
     params = list(params)
+    optimizer: torch.optim.Optimizer
     if kind == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr)
     else:
@@ -37,6 +48,10 @@ class Strategy:
     """Base class: the CF head always trains with Adam; subclasses decide how items are embedded."""
 
     finetunes_encoder = False
+    # Whether the encoder runs with dropout outside inference. Set explicitly for every strategy: from_pretrained
+    # returns the backbone in eval mode while a new ContentEncoder says training, so without it the first
+    # inference encode would silently switch dropout on halfway through the first epoch.
+    encoder_train_mode = False
 
     def __init__(
         self,
@@ -55,9 +70,15 @@ class Strategy:
         self.num_items = len(tokens)
         self.steps_per_epoch = steps_per_epoch
         self.world = world
+        self.reports: list[RegressionReport] = []  # multi-step GRAM's regressions, in order
+        self.deadline: float | None = None  # time.perf_counter() by which training must end (the run's budget)
         self._configure_encoder()
-        self.optimizers: dict[str, tuple[torch.optim.Optimizer, object]] = {
-            "cf": make_optimizer(settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device)
+        self.encoder.train(self.encoder_train_mode)
+        self.head.train()
+        self.optimizers: Optimizers = {
+            "cf": make_optimizer(
+                settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device
+            )
         }
         if self.finetunes_encoder:
             trainable = [p for p in encoder.parameters() if p.requires_grad]  # frozen bottom layers excluded
@@ -86,6 +107,9 @@ class Strategy:
         """Called after loss.backward(): apply every update of this step."""
         self._step("cf")
 
+    def end_epoch(self) -> None:
+        """Called after an epoch's last step, before its evaluation."""
+
     def item_table(self, items: torch.Tensor) -> torch.Tensor:
         """[N, D] embeddings for evaluation and export; rows for `items` are guaranteed current."""
         raise NotImplementedError
@@ -98,11 +122,12 @@ class Strategy:
         pass
 
     # -- shared helpers -------------------------------------------------------------------------------
-    def _step(self, name: str) -> None:
+    def _step(self, name: str, schedule: bool = True) -> None:
         optimizer, scheduler = self.optimizers[name]
         sum_gradients([p for group in optimizer.param_groups for p in group["params"]], self.world)
         optimizer.step()
-        scheduler.step()
+        if schedule:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
@@ -124,9 +149,10 @@ class Strategy:
 
 
 class EndToEnd(Strategy):
-    """Fine-tunes the encoder through every interaction: one encoder pass per occurrence."""
+    """Fine-tunes the encoder through every interaction: one encoder pass per occurrence, dropout on."""
 
     finetunes_encoder = True
+    encoder_train_mode = True
 
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(self.tokens, occurrences, self.settings.encoder_batch_size)
@@ -143,7 +169,9 @@ class GramSingleStep(EndToEnd):
     """GRAM-1S: encode each unique item once, keep its graph, and back-propagate dL/dh through it.
 
     h.backward(dL/dh) is the gradient of the pseudo-loss 0.5 * ||(h - dL/dh) - CE(c)||^2 at CE(c) = h, and by
-    the chain rule it equals the E2E encoder gradient exactly.
+    the chain rule it equals the E2E encoder gradient exactly. With dropout on (training mode, as in E2E) the one
+    equivalence that does not hold is the masks: GRAM draws one dropout mask per unique item in the step, E2E one
+    per occurrence. Without dropout the two are the same function (tested to 1e-9 in float64).
     """
 
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
@@ -154,23 +182,26 @@ class GramSingleStep(EndToEnd):
 
     def finish_step(self) -> None:
         self._encoded.backward(gradient=self._leaf.grad)
-        self._encoded = self._leaf = None
+        del self._encoded, self._leaf  # the step's graph and leaves go now
         super().finish_step()
 
 
 class GramMultiStep(Strategy):
     """GRAM with an alternation period of N steps: CF trains against an item table, the encoder catches up.
 
-    The table starts as one encoding of all items. Each step, the unique items' rows become leaf tensors;
-    after backward the rows move by plain SGD with lr = 1 (row -= dL/drow; the leaf is new every step, so
-    its gradient starts at zero). Every N steps the encoder regresses onto the rows touched since the last
-    regression (pseudo-loss 0.5 * sum ||row - CE(c)||^2, one encoder Adam step per `regress_batch_size`
-    items). A row is re-encoded lazily, the next time it is used, once the encoder has changed since it was
-    encoded; before evaluation every stale row that evaluation needs (untouched and cold-start items) is.
+    The table starts as one encoding of all items (`encoded` keeps each row's encoding, `table` the row CF
+    training moved). Each step, the unique items' rows become leaf tensors; after backward the rows move by plain
+    SGD: row -= table_lr * d(loss summed over the batch's users)/d(row) (the paper's Eq. 8 has table_lr = 1, too
+    far for our heads: BENCHMARKS.md §1 has the measured step sizes behind the per-task defaults). Every N steps (and, for periods in epochs, at each epoch's end) the
+    encoder regresses onto the rows touched since the last regression (trainer/regression.py) with its own
+    optimizer (regress_lr, no warm-up), until the pseudo-loss 0.5 * sum ||row - CE(c)||^2 has fallen by
+    regress_fit. The touched rows are then re-encoded; other rows re-encode lazily, the next time they are used,
+    once the encoder has changed since they were encoded. Evaluation scores what export would: current
+    encodings, never SGD-moved rows.
 
     Under torchrun every rank keeps the whole table: the rows any rank uses in a step are refreshed on all
     ranks, every rank applies every rank's row gradients (so rows shared by shards get the summed gradient),
-    and each regression chunk is split across ranks with the encoder gradients summed: the same updates as
+    and each regression batch is split across ranks with the encoder gradients summed: the same updates as
     one process on the global batch.
     """
 
@@ -178,21 +209,34 @@ class GramMultiStep(Strategy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.period_steps = self.settings.parsed_period.steps(self.steps_per_epoch)
-        self.table = self._inference_encode(torch.arange(self.num_items))  # [N, D]
+        settings = self.settings
+        self.period = settings.parsed_period
+        self.period_steps = self.period.steps(self.steps_per_epoch)
+        # The loss is the batch's mean; the table step is on the loss summed over the batch's users (Eq. 8).
+        self.table_lr = settings.table_lr * settings.batch_size
+        trainable = [p for p in self.encoder.parameters() if p.requires_grad]
+        self.optimizers["encoder"] = make_optimizer(  # regression steps are not E2E steps: no warm-up
+            settings.optimizer, trainable, settings.regress_lr, 0, self.device
+        )
+        self.encoded = self._inference_encode(torch.arange(self.num_items))  # [N, D] each row's encoding
+        self.table = self.encoded.clone()  # [N, D] rows as CF training moved them
         self.row_version = torch.zeros(self.num_items, dtype=torch.long, device=self.device)
         self.touched = torch.zeros(self.num_items, dtype=torch.bool, device=self.device)
         self.encoder_version = 0
         self.steps_since_regression = 0
         self.regressions = 0
-        self._generator = torch.Generator().manual_seed(self.settings.seed)
+        self._generator = torch.Generator().manual_seed(settings.seed)
 
     def _refresh(self, items: torch.Tensor) -> None:
         items = items.to(self.device)
         stale = items[self.row_version[items] < self.encoder_version]
         if len(stale):
-            self.table[stale] = self._inference_encode(stale)
-            self.row_version[stale] = self.encoder_version
+            self._set_encoding(stale, self._inference_encode(stale))
+
+    def _set_encoding(self, items: torch.Tensor, encoding: torch.Tensor) -> None:
+        self.encoded[items] = encoding
+        self.table[items] = encoding
+        self.row_version[items] = self.encoder_version
 
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(occurrences.to(self.device), return_inverse=True)
@@ -205,9 +249,9 @@ class GramMultiStep(Strategy):
     def _sgd_update_table(self) -> None:
         items = all_gather_rows(self._unique, self.world)  # [U_all]; an item may come from several ranks
         grads = all_gather_rows(self._leaf.grad, self.world)  # [U_all, D]
-        self.table.index_add_(0, items, grads, alpha=-1.0)  # lr = 1; shared rows get the summed gradient
+        self.table.index_add_(0, items, grads, alpha=-self.table_lr)  # shared rows get the summed gradient
         self.touched[items] = True
-        self._unique = self._leaf = None
+        del self._unique, self._leaf
 
     def finish_step(self) -> None:
         self._sgd_update_table()
@@ -216,45 +260,76 @@ class GramMultiStep(Strategy):
         if self.steps_since_regression >= self.period_steps:
             self.regress()
 
-    def regress(self) -> None:
-        """Moves the encoder towards the table rows touched since the last regression.
+    def end_epoch(self) -> None:
+        """A period in epochs ends with the epoch: its last regression comes before the epoch's evaluation."""
+        if self.period.unit == "e" and bool(self.touched.any()):
+            self.regress()
 
-        The rows were encoded in eval mode, so the regression runs in eval mode too: the residual is then
-        exactly the accumulated -dL/dh (plus encoder drift), not swamped by dropout noise, which under Adam's
-        normalisation would otherwise dominate every regression step.
+    def regress(self) -> RegressionReport | None:
+        """Fits the encoder to the rows touched since the last regression, then re-encodes those rows.
+
+        The rows were encoded in eval mode, so the regression runs in eval mode too: the residual is then exactly
+        the accumulated CF move of each row, not swamped by dropout noise.
         """
         was_training = self.encoder.training
         self.encoder.eval()
-        touched = self.touched.nonzero().squeeze(1).cpu()
-        touched = touched[torch.randperm(len(touched), generator=self._generator)]
-        step_items, micro = self.settings.regress_batch_size, self.settings.encoder_batch_size
-        packed = self.encoder.uses_packed(self.device, autocast=True)
-        for start in range(0, len(touched), step_items):
-            chunk = touched[start : start + step_items]
-            chunk = chunk[torch.argsort(self.tokens.lengths[chunk], stable=True)]  # micro-batches of like lengths
-            chunk = chunk[self.world.rank :: self.world.size]  # this rank's share; _step sums the gradients
-            # Micro-batches within the encoder's item and token caps, each back-propagated before the next, so
-            # only one micro-batch's graph is alive: peak memory follows encoder_batch_tokens, not the chunk.
-            for lo, hi in batch_bounds(self.tokens.lengths[chunk], micro, self.encoder.batch_tokens, packed):
-                items = chunk[lo:hi]
-                predicted = self.encoder.encode(self.tokens, items, micro)  # [b, D]
-                target = self.table[items.to(self.device)]
-                (0.5 * (predicted - target).pow(2).sum()).backward()
-            self._step("encoder")
+        touched = self.touched.nonzero().squeeze(1)
+        report = None
+        if len(touched):
+            new, report = regress(
+                self.encoder,
+                self.tokens,
+                touched.cpu(),
+                self.table[touched],
+                self._untouched_sample(),
+                self._plan(),
+                self.optimizers["encoder"][0],
+                lambda: self._step("encoder", schedule=False),  # the regression sets its own learning rate
+                self._inference_encode,
+                self._generator,
+                self.world,
+                progress=self.settings.progress and self.world.is_main,
+            )
+            self.reports.append(report)
+            log.info("regression", extra={"regression": self.regressions, **report.as_dict()})
+            if report.steps:
+                self.encoder_version += 1
+                self._set_encoding(touched, new)
         self.encoder.train(was_training)
-        self.encoder_version += 1
         self.regressions += 1
         self.touched.zero_()
         self.steps_since_regression = 0
+        return report
+
+    def _plan(self) -> RegressionPlan:
+        s = self.settings
+        return RegressionPlan(
+            lr=float(s.regress_lr or 0.0),  # filled per task by TrainSettings
+            batch_items=s.regress_batch_size,
+            micro_items=s.encoder_batch_size,
+            fit=s.regress_fit,
+            max_passes=s.regress_max_passes,
+            max_seconds=s.regress_max_s,
+            backtrack=s.regress_backtrack,
+            deadline=self.deadline,
+        )
+
+    def _untouched_sample(self) -> torch.Tensor:
+        untouched = (~self.touched).nonzero().squeeze(1).cpu()
+        pick = torch.randperm(len(untouched), generator=self._generator)[:UNTOUCHED_SAMPLE]
+        return untouched[pick]
 
     def item_table(self, items: torch.Tensor) -> torch.Tensor:
+        """Current encodings of `items` (rows CF moved since the last regression are scored as export will
+        encode them, not as moved)."""
         self._refresh(items)
-        return self.table
+        return self.encoded
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         counters = [self.encoder_version, self.steps_since_regression, self.regressions]
         return {
             "table": self.table,
+            "encoded": self.encoded,
             "row_version": self.row_version,
             "touched": self.touched,
             "counters": torch.tensor(counters, dtype=torch.long),
@@ -265,6 +340,12 @@ class GramMultiStep(Strategy):
         self.row_version.copy_(tensors["row_version"])
         self.touched.copy_(tensors["touched"])
         self.encoder_version, self.steps_since_regression, self.regressions = tensors["counters"].tolist()
+        if "encoded" in tensors:
+            self.encoded.copy_(tensors["encoded"])
+        else:  # a checkpoint from before `encoded` existed: its rows' encodings are unknown, so re-encode them
+            self.encoded.copy_(self.table)
+            self.row_version.fill_(-1)
+            self.touched.zero_()
 
 
 class NoFinetune(Strategy):

@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class Run:
 
     settings: TrainSettings
     device: torch.device
-    task: object
+    task: KnowledgeTracingTask | NewsTask
     tokenizer: object
     encoder: ContentEncoder
     tokens: ItemTokens
@@ -80,6 +81,7 @@ def build_run(settings: TrainSettings, encoder_dir: Path | None = None, world: W
     task = make_task(settings)
     encoder_dir = encoder_dir or settings.encoder_dir or default_encoder_dir()
     tokenizer = load_tokenizer(encoder_dir)
+    assert settings.pooling is not None and settings.max_tokens is not None  # filled per task by TrainSettings
     encoder = ContentEncoder.from_pretrained(encoder_dir, pooling=settings.pooling).to(device)
     tokens = ItemTokens.from_texts(tokenizer, task.items.texts, settings.max_tokens)
     head = task.build_head(encoder.dim).to(device)
@@ -164,8 +166,27 @@ def warm_start(run: Run, checkpoint: Path) -> None:
     log.info("warm start", extra={"from": str(checkpoint)})
 
 
-def train(settings: TrainSettings) -> dict:
-    """Trains, early-stops on validation, evaluates the best checkpoint on test, writes report.json."""
+class EncoderDrift:
+    """How far the encoder's trained parameters moved from where this run began: ||theta - theta_0|| / ||theta_0||.
+    Compares how much each strategy really fine-tunes (a copy of the parameters, on their device)."""
+
+    def __init__(self, encoder: ContentEncoder | None):
+        self.params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
+        self.start = [p.detach().clone() for p in self.params]
+        squares = [(p.double() ** 2).sum() for p in self.start]
+        self.norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+    def relative_change(self) -> float:
+        if not self.params:
+            return 0.0
+        moved = torch.stack([((p.detach() - p0).double() ** 2).sum() for p, p0 in zip(self.params, self.start)])
+        return float(moved.sum().sqrt()) / max(self.norm, 1e-30)
+
+
+def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None = None) -> dict:
+    """Trains, early-stops on validation, evaluates the best checkpoint on test, writes report.json.
+
+    `on_epoch(run, epoch)` runs after each epoch's validation (benchmarks' diagnostics; it must not train)."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     resume_config = read_config(settings.resume) if settings.resume else None
@@ -176,7 +197,7 @@ def train(settings: TrainSettings) -> dict:
         torch.cuda.reset_peak_memory_stats(run.device)
 
     start_epoch, global_step, best, history, bad_epochs = 0, 0, float("-inf"), [], 0
-    if resume_config:
+    if resume_config and settings.resume:
         restore(run, settings.resume, with_optimizers=True)
         start_epoch, global_step = resume_config["epoch"] + 1, resume_config["global_step"]
         best, history = resume_config["best_metric"] or float("-inf"), resume_config["history"]
@@ -190,6 +211,7 @@ def train(settings: TrainSettings) -> dict:
     started = time.perf_counter() - (0.0 if resume_config else run.setup_s)
     io_seconds, time_to_best, best_epoch = 0.0, None, None
     out_of_time = False
+    drift, reported = EncoderDrift(run.encoder if run.strategy.finetunes_encoder else None), 0
     settings_json = json.loads(settings.model_dump_json())
     for epoch in range(start_epoch, settings.epochs):
         batches = run.task.train_batches(np.random.default_rng([settings.seed, epoch]), world)
@@ -198,6 +220,8 @@ def train(settings: TrainSettings) -> dict:
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not show)
         losses = []
         for batch in bar:
+            if settings.time_budget_s:  # honoured inside a multi-step GRAM regression too
+                run.strategy.deadline = started + io_seconds + settings.time_budget_s
             losses.append(train_step(run, batch, world))
             global_step += 1
             if show and global_step % 10 == 0:
@@ -208,12 +232,26 @@ def train(settings: TrainSettings) -> dict:
                 if agree(float(over), world):
                     out_of_time = True
                     break
+        if not out_of_time:
+            run.strategy.end_epoch()
         val = evaluate(run, "val")
         val[metric] = agree(val[metric] if val[metric] is not None else float("-inf"), world)
         train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-        history.append({"epoch": epoch, "step": global_step, "train_loss": train_loss, "val": val,
-                        "elapsed_s": time.perf_counter() - started - io_seconds})
+        history.append(
+            {
+                "epoch": epoch,
+                "step": global_step,
+                "train_loss": train_loss,
+                "val": val,
+                "elapsed_s": time.perf_counter() - started - io_seconds,
+                "encoder_change": drift.relative_change(),
+                "regressions": [r.as_dict() for r in run.strategy.reports[reported:]],
+            }
+        )
+        reported = len(run.strategy.reports)
         log.info("epoch", extra={"epoch": epoch, "train_loss": train_loss, "val": val})
+        if on_epoch is not None:
+            on_epoch(run, epoch)
         meta = CheckpointMeta(settings_json, epoch, global_step, max(best, val[metric]), val, history)
         io_start = time.perf_counter()
         if val[metric] > best:

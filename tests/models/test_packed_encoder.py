@@ -18,7 +18,7 @@ from gramrec.models.packed_attention import kernel_for, packed_attention_forward
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep
 from gramrec.trainer.train import train_step
 from tests.helpers.encoders import random_tokens, tiny_encoder
-from tests.trainer.test_gram_equivalence import (
+from tests.helpers.gram_runs import (
     TASKS,
     make_run,
     max_relative_difference,

@@ -100,7 +100,7 @@ def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir,
     from gramrec.service.app import create_app
     from gramrec.trainer.bootstrap import bootstrap
 
-    monkeypatch.setenv("GRAMREC_HIDDEN_DIM", "8")  # a `gramrec train` variable: a first start must not read it
+    monkeypatch.setenv("GRAMREC_TRAIN_HIDDEN_DIM", "8")  # a `gramrec train` variable: a first start must not read it
     settings = ServiceSettings(
         bootstrap_train={"encoder_dir": str(tiny_encoder_dir), "hidden_dim": 16, "progress": False},
         artifacts_dir=tmp_path / "artifacts",

@@ -17,8 +17,8 @@ import pytest
 
 from gramrec.service.store import open_store
 from gramrec.trainer.bootstrap import train_and_export
+from tests.helpers.deployment import Deployment, wait_for
 from tests.helpers.load import Load
-from tests.trainer.retrain.test_retrain_e2e import Deployment, wait_for
 
 CLIENTS = 8
 STEADY_S = 20

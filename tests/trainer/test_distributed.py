@@ -20,7 +20,7 @@ from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.strategies import make_strategy
 from gramrec.trainer.train import train_step
 from tests.helpers.encoders import random_tokens, tiny_encoder
-from tests.trainer.test_gram_equivalence import (
+from tests.helpers.gram_runs import (
     NUM_ITEMS,
     TASKS,
     max_relative_difference,

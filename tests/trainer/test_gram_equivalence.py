@@ -4,83 +4,24 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from gramrec.models.knowledge_tracing_head import KnowledgeTracingHead
-from gramrec.models.news_head import NewsHead
-from gramrec.trainer import kt_task, nr_task
-from gramrec.trainer.kt_data import KTSequence
 from gramrec.trainer.settings import TrainSettings
-from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
+from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep, NoFinetune
 from gramrec.trainer.train import train_step
 from tests.helpers.encoders import random_tokens, tiny_encoder
-
-NUM_ITEMS = 12
-
-
-def kt_batches(steps: int, seed: int = 0):
-    """Batches of 3 students over 12 items: items repeat within and across students."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(steps):
-        rows = [
-            KTSequence(f"u{b}", rng.integers(0, NUM_ITEMS, n), rng.integers(0, 2, n))
-            for b, n in enumerate(rng.integers(3, 9, 3))
-        ]
-        out.append(kt_task.make_batch(rows))
-    return out
-
-
-def nr_batches(steps: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(steps):
-        histories = [rng.integers(0, NUM_ITEMS, n) for n in rng.integers(0, 6, 3)]
-        candidates = [rng.integers(0, NUM_ITEMS, 5) for _ in range(3)]
-        out.append(nr_task.make_batch(histories, candidates))
-    return out
-
-
-TASKS = {
-    "kt": (lambda dim: KnowledgeTracingHead(dim, hidden_dim=8, dropout=0.0), kt_task.KnowledgeTracingTask.loss_terms, kt_batches),
-    "nr": (lambda dim: NewsHead(dim, num_heads=2, attention_dim=8, dropout=0.0), nr_task.NewsTask.loss_terms, nr_batches),
-}
-
-
-def make_run(strategy_cls, task: str, optimizer: str, period: str = "1s", pooling: str = "mean", **overrides):
-    build_head, loss, _ = TASKS[task]
-    settings = TrainSettings(
-        task=task, data=Path("unused"), strategy="gram", period=period, optimizer=optimizer,
-        lr_cf=1e-2, lr_encoder=1e-2, warmup_steps=2, encoder_batch_size=5, regress_batch_size=10_000, **overrides,
-    )
-    encoder = tiny_encoder(pooling)
-    torch.manual_seed(1)
-    head = build_head(encoder.dim).double()
-    tokens = random_tokens(NUM_ITEMS)
-    strategy = strategy_cls(encoder, tokens, head, settings, 10)
-    return SimpleNamespace(device=torch.device("cpu"), strategy=strategy, head=head, encoder=encoder,
-                           task=SimpleNamespace(loss_terms=loss))
-
-
-def parameters(run) -> dict[str, torch.Tensor]:
-    named = {f"encoder.{k}": v for k, v in run.encoder.named_parameters()}
-    named |= {f"head.{k}": v for k, v in run.head.named_parameters()}
-    return {k: v.detach().clone() for k, v in named.items()}
-
-
-def max_relative_difference(a: dict, b: dict) -> float:
-    """Max over tensors of max|a - b| / max|b|; tensors that are ~0 (zero-initialised biases) are measured
-    against a millionth of the largest tensor instead of their own rounding noise."""
-    floor = 1e-6 * max(float(v.abs().max()) for v in b.values())
-    return max(float((a[k] - b[k]).abs().max()) / max(float(b[k].abs().max()), floor) for k in a)
-
-
-def updates(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in after}
+from tests.helpers.gram_runs import (
+    NUM_ITEMS,
+    TASKS,
+    kt_batches,
+    make_run,
+    max_relative_difference,
+    parameters,
+    updates,
+)
 
 
 @pytest.mark.parametrize("task", ["kt", "nr"])
@@ -128,20 +69,117 @@ def test_encoder_passes_unique_items_vs_interactions(task):
     assert (gram.encoder.items_forward, gram.encoder.items_backward) == (unique, unique)
 
 
+# The settings under which one regression is exactly one 1S encoder step: a table step of lr 1 on the mean loss
+# (so the residual is -dL/dh), one pass of one optimizer step over all touched rows, at the 1S learning rate, kept
+# whatever it does to the fit.
+AS_SINGLE_STEP = dict(table_lr=1 / 32, batch_size=32, regress_max_passes=1, regress_backtrack=False, regress_lr=1e-2, warmup_steps=0)
+
+
 @pytest.mark.parametrize("task", ["kt", "nr"])
-def test_multi_step_gram_with_period_one_follows_single_step(task):
-    """With period 1 the table is re-encoded, moved by -dL/dh and regressed onto: the 1S pseudo-target."""
-    one = make_run(GramSingleStep, task, "sgd")
-    multi = make_run(GramMultiStep, task, "sgd", period="1s")
+def test_multi_step_gram_with_period_one_and_one_pass_is_single_step(task):
+    """Period 1, table_lr 1 and one regression pass reduce multi-step GRAM to 1S: the re-encoded table is moved
+    by -dL/dh and regressed onto, the 1S pseudo-target. (Its defaults differ by design: a table step of the batch
+    size, regressions that pass until the pseudo-loss has fallen by regress_fit.)"""
+    one = make_run(GramSingleStep, task, "sgd", **AS_SINGLE_STEP)
+    multi = make_run(GramMultiStep, task, "sgd", period="1s", **AS_SINGLE_STEP)
     assert isinstance(multi.strategy, GramMultiStep) and multi.strategy.period_steps == 1
     for batch in TASKS[task][2](3):
         train_step(one, copy.deepcopy(batch))
         train_step(multi, copy.deepcopy(batch))
     assert max_relative_difference(parameters(multi), parameters(one)) < 1e-9
+    assert [r.steps for r in multi.strategy.reports] == [1, 1, 1]
+
+
+def test_table_step_is_table_lr_on_the_loss_summed_over_the_batch_users():
+    """Hand-computed: the row step is -table_lr * B * d(mean loss)/d(row) = -table_lr * d(sum over users)/d(row),
+    repeated items' gradients summed; the defaults are per task."""
+    run = make_run(GramMultiStep, "kt", "sgd", period="100s", batch_size=3, table_lr=0.5)
+    strategy = run.strategy
+    assert strategy.table_lr == 1.5
+    batch = kt_batches(1)[0]  # 3 students
+    before = strategy.table.clone()
+    embeddings = strategy.embed(batch.occurrences)
+    leaf = strategy._leaf
+    total, count = run.task.loss_terms(run.head, torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])]),
+                                       batch)
+    (total / count).backward()
+    mean_gradient = leaf.grad.clone()  # [U, D] d(mean loss)/d(row)
+    unique = torch.unique(batch.occurrences)
+    strategy.finish_step()
+    step = strategy.table[unique] - before[unique]
+    assert torch.allclose(step, -0.5 * 3 * mean_gradient, rtol=1e-12, atol=1e-15)
+    assert float(step.abs().max()) > 0
+    assert TrainSettings(task="kt", data=Path("x")).table_lr == 16.0
+    assert TrainSettings(task="nr", data=Path("x")).table_lr == 0.25
+
+
+def test_regression_removes_the_documented_share_of_its_pseudo_loss():
+    """On a tiny encoder, one regression onto moved rows removes at least regress_fit of the pseudo-loss, and
+    the report's numbers agree with a direct measurement."""
+    run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=3e-3, regress_batch_size=4,
+                   regress_fit=0.5, regress_max_passes=200, table_lr=1 / 32, progress=False)
+    strategy = run.strategy
+    for batch in kt_batches(3):
+        train_step(run, copy.deepcopy(batch))
+    touched = strategy.touched.nonzero().squeeze(1)
+    targets = strategy.table[touched].clone()
+    before = float(0.5 * (targets - strategy.encoded[touched]).pow(2).sum())
+    assert before > 0
+    report = strategy.regress()
+    after = float(0.5 * (targets - strategy._inference_encode(touched.cpu())).pow(2).sum())
+    assert report.loss_before == pytest.approx(before, rel=1e-9)
+    assert report.loss_after == pytest.approx(after, rel=1e-9)
+    assert report.stopped == "fit" and report.fit >= 0.5 and 1 - after / before >= 0.5
+    assert report.passes > 1, "a single pass of Adam steps is not enough here: the loop must go on"
+    assert 0 < report.toward and report.cosine > 0.5 and report.param_change > 0
+    assert torch.equal(strategy.table[touched], strategy.encoded[touched]), "touched rows are re-encoded"
+
+
+def test_regression_undoes_a_pass_that_worsens_its_fit():
+    """At a learning rate far too large for targets this near, a pass raises the pseudo-loss: it is undone and
+    retried at a quarter of the rate, so the regression ends no worse than it began, and usually better."""
+    run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=0.3, regress_batch_size=4,
+                   regress_max_passes=12, table_lr=1 / 32, progress=False)
+    for batch in kt_batches(3):
+        train_step(run, copy.deepcopy(batch))
+    report = run.strategy.regress()
+    assert report.rejected >= 1 and report.loss_after <= report.loss_before
+    assert report.fit > 0, "a gentler retry must have found a pass that helps"
+    unguarded = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=0.3, regress_batch_size=4,
+                         regress_max_passes=1, regress_backtrack=False, table_lr=1 / 32, progress=False)
+    for batch in kt_batches(3):
+        train_step(unguarded, copy.deepcopy(batch))
+    assert unguarded.strategy.regress().fit < 0, "the same rate without backtracking makes the fit worse"
+
+
+def test_regression_stops_at_its_pass_cap_and_its_deadline():
+    run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=1e-6, regress_batch_size=4,
+                   regress_max_passes=3, progress=False)
+    for batch in kt_batches(2):
+        train_step(run, copy.deepcopy(batch))
+    report = run.strategy.regress()
+    assert (report.stopped, report.passes) == ("passes", 3)
+    for batch in kt_batches(2, seed=1):
+        train_step(run, copy.deepcopy(batch))
+    run.strategy.deadline = 0.0  # long past: the regression must not start a step
+    report = run.strategy.regress()
+    assert (report.stopped, report.steps) == ("time", 0)
+
+
+def test_evaluation_scores_current_encodings_not_moved_rows():
+    """Between regressions the table's touched rows are SGD-moved; evaluation and export must both see what the
+    encoder computes, so item_table gives the encodings."""
+    run = make_run(GramMultiStep, "kt", "adam", period="100s")
+    train_step(run, copy.deepcopy(kt_batches(1)[0]))
+    strategy = run.strategy
+    touched = strategy.touched.nonzero().squeeze(1)
+    table = strategy.item_table(torch.arange(NUM_ITEMS))
+    assert not torch.allclose(strategy.table[touched], table[touched]), "the rows did move"
+    assert torch.allclose(table, strategy._inference_encode(torch.arange(NUM_ITEMS)), rtol=1e-12, atol=1e-14)
 
 
 def test_multi_step_gram_table_sgd_and_regression_schedule():
-    run = make_run(GramMultiStep, "kt", "adam", period="3s")
+    run = make_run(GramMultiStep, "kt", "adam", period="3s", regress_max_passes=1)
     strategy = run.strategy
     initial = strategy.table.clone()
     batches = kt_batches(6)
@@ -155,9 +193,40 @@ def test_multi_step_gram_table_sgd_and_regression_schedule():
     assert run.encoder.items_backward == 0 and run.encoder.items_forward == forward_before, "no encoder pass yet"
     train_step(run, copy.deepcopy(batches[1]))
     train_step(run, copy.deepcopy(batches[2]))
-    touched = int(strategy.touched.sum()) if strategy.regressions == 0 else None
-    assert strategy.regressions == 1 and touched is None
+    assert strategy.regressions == 1 and len(strategy.reports) == 1
     assert run.encoder.items_backward == len(
         torch.unique(torch.cat([b.occurrences for b in batches[:3]]))
-    ), "the regression runs the encoder once per item touched in the period"
+    ), "one regression pass runs the encoder backward once per item touched in the period"
     assert not strategy.touched.any()
+
+
+def test_period_in_epochs_regresses_at_the_end_of_each_epoch():
+    """0.5e over a 5-step epoch regresses after step 3 and again at the epoch's end, before evaluation."""
+    run = make_run(GramMultiStep, "kt", "adam", period="0.5e", regress_max_passes=1)
+    strategy = run.strategy
+    strategy.steps_per_epoch = 5
+    strategy.period_steps = strategy.period.steps(5)
+    for batch in kt_batches(5):
+        train_step(run, copy.deepcopy(batch))
+    assert strategy.regressions == 1
+    strategy.end_epoch()
+    assert strategy.regressions == 2 and not strategy.touched.any()
+    strategy.end_epoch()  # nothing touched since: no empty regression
+    assert strategy.regressions == 2
+
+
+@pytest.mark.parametrize("strategy_cls,train_mode", [(EndToEnd, True), (GramSingleStep, True),
+                                                     (GramMultiStep, False), (NoFinetune, False)])
+def test_encoder_mode_is_set_by_the_strategy_not_by_call_order(strategy_cls, train_mode):
+    """Dropout on from the first step for E2E and 1S (and staying on after an inference encode); off for the
+    strategies that only encode (multi-step GRAM also regresses in eval mode)."""
+    settings = TrainSettings(task="kt", data=Path("unused"), strategy="gram", period="1s", encoder_batch_size=5)
+    encoder = tiny_encoder(dropout=0.1)
+    encoder.backbone.eval()  # as from_pretrained returns it, while ContentEncoder.training is True
+    head = KnowledgeTracingHead(encoder.dim, hidden_dim=8, dropout=0.0).double()
+    strategy = strategy_cls(encoder, random_tokens(NUM_ITEMS), head, settings, 10)
+    dropouts = [m for m in encoder.backbone.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.training == train_mode for m in dropouts)
+    strategy._inference_encode(torch.arange(3))
+    assert all(m.training == train_mode for m in dropouts)
+    assert head.training

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.deployment import Deployment
 from tests.helpers.fakes import redis_client
 
 
 @pytest.fixture
 def deployment(tmp_path, tiny_training_env):
     """A kt deployment (base data, first version, Redis prefix) to start `gramrec serve` and `gramrec trainer`
-    processes in; stopped after the test. test_retrain_e2e.py defines the same fixture for its own tests."""
-    from tests.trainer.retrain.test_retrain_e2e import Deployment
+    processes in; stopped after the test."""
 
     redis_client().close()  # skips without Redis
     deployment = Deployment(tmp_path, tiny_training_env)

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from tests.helpers.deployment import ADMIN, finished, job, wait_for
 from tests.helpers.fakes import redis_client
-from tests.trainer.retrain.test_retrain_e2e import ADMIN, finished, job, wait_for
 
 
 def jobs_in_redis(prefix: str) -> list[dict]:
