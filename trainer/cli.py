@@ -68,11 +68,16 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gramrec.service.settings import ServiceSettings
-    from gramrec.trainer.bootstrap import bootstrap
+    from gramrec.trainer.bootstrap import start_in_background, tasks_without_versions
 
     settings = settings_from_args(ServiceSettings, args)
-    if settings.bootstrap:
-        bootstrap(settings)
+    if settings.bootstrap and tasks_without_versions(settings):
+        start_in_background(settings)  # the server answers meanwhile: /healthz 200, /readyz 503 with progress
+    url = f"http://{settings.host}:{settings.port}"
+    logging.getLogger("gramrec.serve").info(
+        f"gramrec serving on {url}: open {url}/docs, or try curl -s {url}/readyz",
+        extra={"url": url, "docs": f"{url}/docs", "readyz": f"{url}/readyz", "workers": settings.workers},
+    )
     level = "info" if args.verbose else "warning"
     if settings.workers > 1:  # each worker process builds its app (and settings, from the environment)
         uvicorn.run(
@@ -146,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    configure_logging("INFO" if args.verbose else None)
+    configure_logging(
+        "INFO" if args.verbose else None, default="INFO" if args.command in ("serve", "trainer") else "WARNING"
+    )
     try:
         args.func(args)
     except (GramrecError, ValueError, FileNotFoundError) as exc:  # domain errors name the file and the problem
