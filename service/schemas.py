@@ -212,6 +212,13 @@ class Job(BaseModel):
         return job.model_dump()
 
 
+class JobReply(Job):
+    """A job, and whether any trainer is alive to run it (trainers publish a heartbeat in the store)."""
+
+    trainers_alive: int = Field(description="trainers whose heartbeat is fresh (`gramrec trainer` processes)")
+    warning: str | None = Field(None, description="set when no trainer is alive: a queued job would wait forever")
+
+
 class JobsResponse(BaseModel):
     jobs: list[Job] = Field(description="newest first")
 

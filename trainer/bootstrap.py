@@ -27,10 +27,10 @@ from pathlib import Path
 
 from gramrec.service.settings import ServiceSettings, Task
 from gramrec.service.store import STORE_ERRORS, Store, open_store
+from gramrec.service.store.beacons import FIRST_START
 
 log = logging.getLogger("gramrec.bootstrap")
 
-FIRST_START = "first-start"  # beacon kind, and the lease name's prefix
 LEASE_TTL_S = 30.0
 BEACON_TTL_S = 30.0
 FINAL_TTL_S = 3600.0  # how long /readyz still says why a first start did not happen

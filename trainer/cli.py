@@ -98,9 +98,14 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _trainer(args: argparse.Namespace) -> None:
     from gramrec.trainer.retrain.settings import WorkerSettings
-    from gramrec.trainer.retrain.worker import run_trainer
+    from gramrec.trainer.retrain.worker import run_trainer, trainer_health
 
-    run_trainer(settings_from_args(WorkerSettings, args))
+    settings = settings_from_args(WorkerSettings, args)
+    if args.health:
+        healthy, message = trainer_health(settings)
+        print(message, file=sys.stdout if healthy else sys.stderr)
+        raise SystemExit(0 if healthy else 1)
+    run_trainer(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     trainer = commands.add_parser(
         "trainer", help="run scheduled and requested retrains (settings: GRAMREC_RETRAIN__* variables, REDIS_URL)"
+    )
+    trainer.add_argument(
+        "--health",
+        action="store_true",
+        help="exit 0 if a trainer on this host publishes its heartbeat in the store, else 1 (a container "
+        "healthcheck); runs no trainer",
     )
     trainer.set_defaults(func=_trainer)
     return parser

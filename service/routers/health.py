@@ -14,6 +14,7 @@ from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import Ready
 from gramrec.service.settings import ServiceSettings
 from gramrec.service.store import STORE_ERRORS, Store
+from gramrec.service.store.beacons import FIRST_START
 
 router = APIRouter(tags=["health"])
 
@@ -50,7 +51,7 @@ def _first_start(store: Store, missing: Sequence[str]) -> dict[str, dict]:
     """Each missing task's first-start progress, as its bootstrapping process publishes it (trainer/bootstrap.py):
     status, phase, done/total, rate, ETA. A task with no entry: nobody is training it (bootstrap off, or waiting)."""
     try:
-        progress = store.beacons("first-start")
+        progress = store.beacons(FIRST_START)
     except STORE_ERRORS:
         return {}
     return {task: progress.get(task, {"status": "waiting for a model"}) for task in missing}

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import redis
 
-BEACON_KIND_PATTERN = r"^[a-z-]{1,32}$"
+FIRST_START = "first-start"  # one per task being bootstrapped: its progress (trainer/bootstrap.py)
+TRAINERS = "trainer"  # one per live `gramrec trainer`: its heartbeat (trainer/retrain/worker.py)
 
 
 class Beacons(Protocol):

@@ -517,3 +517,25 @@ def test_a_request_reads_its_items_in_one_round_trip(make_client):
     counter.calls.clear()
     assert client.post("/items", json={"task": "nr", "items": [{"item_id": "n", "text": "t"}]}).status_code == 200
     assert counter.calls == ["EVALSHA"]  # vectors, texts and the active-version check in one script
+
+
+# -- trainer liveness ------------------------------------------------------------------------------------------------
+def test_retrain_says_when_no_trainer_is_alive(client):
+    response = client.post("/admin/retrain", json={"task": "kt"}, headers=AUTH)
+    assert response.status_code == 202
+    job = response.json()
+    assert job["trainers_alive"] == 0 and "no trainer is alive" in job["warning"]
+    again = client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()
+    assert again["trainers_alive"] == 0 and again["warning"] == job["warning"]
+
+
+def test_retrain_with_a_live_trainer_has_no_warning(client):
+    store = client.app.state.store
+    store.put_beacon("trainer", "host-a:12", {"status": "idle"}, 30)
+    job = client.post("/admin/retrain", json={"task": "kt"}, headers=AUTH).json()
+    assert job["trainers_alive"] == 1 and job["warning"] is None
+    store.put_beacon("trainer", "host-b:7", {"status": "idle"}, 30)
+    assert client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()["trainers_alive"] == 2
+    store.drop_beacon("trainer", "host-a:12")
+    store.drop_beacon("trainer", "host-b:7")
+    assert "no trainer" in client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()["warning"]
