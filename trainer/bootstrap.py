@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue as queue_module
 import threading
 import time
@@ -93,8 +94,6 @@ def bar_progress(bar) -> dict:
 
 def _watch_progress_bars(progress: multiprocessing.Queue, stop: threading.Event) -> None:
     """Sends the innermost live tqdm bar's state to the parent every WATCH_EVERY_S; the bars draw to /dev/null."""
-    import os
-
     from tqdm import tqdm
 
     devnull = open(os.devnull, "w")  # noqa: SIM115  (lives as long as the child)
@@ -111,10 +110,20 @@ def _watch_progress_bars(progress: multiprocessing.Queue, stop: threading.Event)
             progress.put(bar_progress(bars[-1]))
 
 
-def _child(settings_json: str, task: Task, log_level: int, progress: multiprocessing.Queue) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A parent killed without cleanup (SIGKILL, or SIGTERM during start-up) would leave this training orphaned,
+    exporting a second first model later; the child stops as soon as its parent is gone."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _child(settings_json: str, task: Task, log_level: int, progress: multiprocessing.Queue, parent: int) -> None:
     from gramrec.trainer.logs import configure_logging
 
     configure_logging(log_level)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     stop = threading.Event()
     threading.Thread(target=_watch_progress_bars, args=(progress, stop), daemon=True).start()
     try:
@@ -143,7 +152,13 @@ def _train_holding_lease(settings: ServiceSettings, store: Store, task: Task, le
     progress: multiprocessing.Queue = context.Queue()
     process = context.Process(
         target=_child,
-        args=(settings.model_dump_json(), task, logging.getLogger("gramrec").getEffectiveLevel(), progress),
+        args=(
+            settings.model_dump_json(),
+            task,
+            logging.getLogger("gramrec").getEffectiveLevel(),
+            progress,
+            os.getpid(),
+        ),
         name=f"gramrec-bootstrap-{task}",
         daemon=True,  # a server that stops takes its first-start training with it
     )

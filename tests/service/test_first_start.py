@@ -153,3 +153,42 @@ def test_beacons_expire(tmp_path, redis_prefix, backend):
         assert store.beacons("trainer") == {}
     finally:
         store.close()
+
+
+def children_of(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_server_takes_its_first_start_training_with_it(tmp_path, tiny_encoder_dir, shared_data, redis_prefix):
+    import os
+
+    env = first_start_env(tmp_path, tiny_encoder_dir, shared_data, redis_prefix)
+    env["GRAMREC_BOOTSTRAP_MAX_STEPS_PER_EPOCH"] = "200"  # long enough to be killed in the middle
+    server = ServeProcess(tmp_path / "serve.log", env).start(wait_ready=False)
+    try:
+        deadline = time.monotonic() + 120
+        while "first start: training" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "first start: training" in server.log(), server.log()[-2000:]
+        children = children_of(server.process.pid)
+        assert children
+        server.kill()
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(f"/proc/{pid}") for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}/stat")
+                 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert alive == [], "the first-start child outlived its server"
+        assert list_versions(tmp_path / "artifacts") == []
+    finally:
+        server.stop()
