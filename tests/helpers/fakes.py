@@ -60,6 +60,12 @@ class FakeBundle:
     def item_embeddings(self) -> tuple[list[str], np.ndarray]:
         return list(self.ids), np.stack([text_vector(self.texts[i], self.dim) for i in self.ids])
 
+    def catalog_ids(self) -> list[str]:
+        return self.ids
+
+    def catalog_text(self, item_id: str) -> str | None:
+        return self.texts.get(item_id)
+
     def warm_up(self) -> None:
         self.warmed = True
 
