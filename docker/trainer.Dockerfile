@@ -1,4 +1,5 @@
-# The gramrec trainer (GPU): trains a model and exports it as a new artifact version. Build from the repo root:
+# The gramrec trainer (GPU): first-start models, retrains (`gramrec trainer`, compose's default command) and
+# one-off train + export runs (train-and-export). Build from the repo root:
 #   docker build -f docker/trainer.Dockerfile -t gramrec-trainer .
 # Needs the NVIDIA container toolkit at run time (compose reserves one GPU). Configuration: GRAMREC_* variables
 # (trainer/settings.py: GRAMREC_TRAIN_TASK, GRAMREC_TRAIN_DATA, GRAMREC_TRAIN_OUT, GRAMREC_TRAIN_EPOCHS, ...), see docker/train-and-export.sh.
@@ -29,10 +30,10 @@ COPY models ./models
 COPY trainer ./trainer
 COPY service ./service
 COPY docker/train-and-export.sh /usr/local/bin/train-and-export
-# onnxruntime (CPU) and onnxruntime-gpu provide the same module: keep only the GPU build, which also runs on CPU.
+# onnxruntime (CPU) only: the trainer uses ONNX Runtime just to check each export against PyTorch, on
+# CPUExecutionProvider; the item table is encoded by PyTorch on the GPU. (onnxruntime-gpu was installed here,
+# unpinned, and never used; it is gone until a CUDA provider is wired in and measured.)
 RUN pip install . \
-    && pip uninstall -y onnxruntime \
-    && pip install onnxruntime-gpu \
     && chmod +x /usr/local/bin/train-and-export
 
 RUN useradd --create-home --uid 10001 gramrec \

@@ -15,15 +15,18 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from threadpoolctl import threadpool_limits
 
 from gramrec.service.body_limit import BodyLimitMiddleware
+from gramrec.service.content_type import JsonContentTypeMiddleware
 from gramrec.service.http_errors import add_error_handlers
 from gramrec.service.metrics import IndexCollector, Metrics, MetricsMiddleware
 from gramrec.service.registry import Bundle, ModelRegistry
 from gramrec.service.routers import admin, health, interactions, items, predict, recommend
-from gramrec.service.settings import ServiceSettings
+from gramrec.service.settings import Limits, ServiceSettings
 from gramrec.service.store import open_store
 
 log = logging.getLogger("gramrec.service")
@@ -72,12 +75,13 @@ def create_app(
             registry.stop()
             store.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs (Swagger UI) and /redoc with their assets served from the package, no CDN
         title="gramrec",
         description=DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.openapi = lambda: _openapi_with_limits(app, settings.limits)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.metrics = metrics
     metrics.watch_models(lambda: _model_state(app), lambda: _swap_state(app))
@@ -86,6 +90,7 @@ def create_app(
     add_error_handlers(app)
     for router in (predict.router, recommend.router, items.router, interactions.router, admin.router, health.router):
         app.include_router(router)
+    app.add_middleware(JsonContentTypeMiddleware)  # 415 naming the Content-Type header
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)  # JSON 413
     if settings.cors_origins:
         app.add_middleware(
@@ -96,6 +101,45 @@ def create_app(
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+# (schema, property) -> the Limits field that caps it: maxItems of lists, maxLength of texts.
+_LIMITED = {
+    ("KTPredictRequest", "history"): "max_history",
+    ("KTPredictRequest", "targets"): "max_targets",
+    ("KTPredictRequest", "items"): "max_items_per_request",
+    ("NRPredictRequest", "history"): "max_history",
+    ("NRPredictRequest", "candidates"): "max_candidates",
+    ("NRPredictRequest", "items"): "max_items_per_request",
+    ("AddItemsRequest", "items"): "max_items_per_request",
+    ("ItemText", "text"): "max_text_chars",
+    ("KTInteractions", "events"): "max_events",
+    ("NRInteractions", "history"): "max_history",
+    ("NRInteractions", "impressions"): "max_events",
+}
+
+
+def _openapi_with_limits(app: FastAPI, limits: Limits) -> dict:
+    """The OpenAPI schema with this server's configured request limits (GRAMREC_LIMITS__*) as maxItems/maxLength."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.get("components", {}).get("schemas", {})
+        for (model, field), limit in _LIMITED.items():
+            prop = components.get(model, {}).get("properties", {}).get(field)
+            if prop is not None:
+                prop["maxLength" if field == "text" else "maxItems"] = getattr(limits, limit)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if "requestBody" in operation:
+                    responses = operation.setdefault("responses", {})
+                    responses.setdefault("413", {"description": f"body larger than {limits.max_body_bytes} bytes"})
+                    responses.setdefault("415", {"description": "body not sent as Content-Type: application/json"})
+        for model in ("KTPredictRequest", "NRPredictRequest", "AddItemsRequest", "KTInteractions", "NRInteractions"):
+            if model in components:
+                components[model].setdefault("description", "")
+                components[model]["description"] += f" Request bodies are at most {limits.max_body_bytes} bytes."
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _model_state(app: FastAPI):

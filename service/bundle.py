@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +99,11 @@ def _configured_tokenizer(definition: bytes, max_tokens: int, pad_id: int, pad_t
 
 def _item_table(
     contents: dict[str, bytes], directory: Path, dim: int
-) -> tuple[list[str], np.ndarray, list[dict] | None]:
+) -> tuple[list[str], list[str], np.ndarray, list[dict] | None]:
     try:
         index = json.loads(_required(contents, directory, ITEMS_INDEX_FILE))
         ids = [str(i) for i in index["ids"]]
+        texts = [str(t) for t in index.get("texts", [])]
         metadata = index.get("metadata")
         if metadata is not None and (
             not isinstance(metadata, list)
@@ -117,7 +119,9 @@ def _item_table(
             directory / ITEMS_EMBEDDINGS_FILE,
             f"embeddings {embeddings.dtype}{list(embeddings.shape)}, expected float32[{len(ids)}, {dim}]",
         )
-    return ids, embeddings, metadata
+    if texts and len(texts) != len(ids):
+        raise ArtifactError(directory / ITEMS_INDEX_FILE, f"{len(texts)} texts for {len(ids)} item ids")
+    return ids, texts, embeddings, metadata
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -157,6 +161,7 @@ class ModelBundle:
         item_ids: list[str],
         item_vectors: np.ndarray,
         item_meta: list[dict] | None = None,
+        item_texts: list[str] | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -172,6 +177,7 @@ class ModelBundle:
         self._item_ids = item_ids
         self._item_vectors = item_vectors
         self._item_meta = item_meta
+        self._item_texts = dict(zip(item_ids, item_texts, strict=True)) if item_texts else {}
         # An empty history runs as one padding step (mask False): the head then uses its start state (kt) or a
         # zero user vector (nr), exactly as PyTorch does for an all-padding row. Built once, reused per call.
         self._no_history = np.zeros((1, 1, self.dim), np.float32)  # [1, 1, D]
@@ -195,7 +201,7 @@ class ModelBundle:
         directory = resolve_version_dir(artifacts_root, version)
         manifest = read_manifest(directory)
         contents = verified_files(directory, manifest)
-        item_ids, item_vectors, item_meta = _item_table(contents, directory, manifest["dim"])
+        item_ids, item_texts, item_vectors, item_meta = _item_table(contents, directory, manifest["dim"])
         has_encoder = manifest.get("encoder") is not None
         tokenizer = _tokenizer(contents, directory, manifest) if has_encoder else None
 
@@ -209,7 +215,7 @@ class ModelBundle:
         except Exception as exc:  # onnxruntime reports invalid models as generic runtime errors
             raise ArtifactError(directory, f"ONNX Runtime cannot load a model: {exc}") from None
         log.info("bundle loaded", extra={"version": version, "providers": providers, "threads": threads})
-        return cls(directory, manifest, encoder, head, tokenizer, item_ids, item_vectors, item_meta)
+        return cls(directory, manifest, encoder, head, tokenizer, item_ids, item_vectors, item_meta, item_texts)
 
     # -- inference -----------------------------------------------------------------------------------------
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -280,6 +286,14 @@ class ModelBundle:
     def item_metadata(self) -> list[dict] | None:
         """Metadata of each item of the table (same order; MIND: category, subcategory), or None if exported without."""
         return self._item_meta
+
+    def catalog_ids(self) -> Sequence[str]:
+        """The ids of the items the model came with, in the artifact's order (read-only)."""
+        return self._item_ids
+
+    def catalog_text(self, item_id: str) -> str | None:
+        """The dataset's text of an item the model came with; None for others."""
+        return self._item_texts.get(item_id)
 
     def warm_up(self) -> None:
         """Runs every session once on a typical input, so the first request does not pay for lazy setup."""

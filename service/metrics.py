@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -109,6 +110,21 @@ class Metrics:
         self.registry.register(ModelCollector(state, swaps))
 
 
+def route_template(scope: Scope, original: Scope) -> str:
+    """The matched route's template. FastAPI sets scope["route"] for its API routes only; the docs, openapi.json
+    and static mounts are plain Starlette routes, matched here against the app's routes (a 404 stays "unmatched")."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        return path
+    app = original.get("app")
+    for candidate in getattr(app, "routes", ()):
+        match, _ = candidate.matches(original)  # the scope as it came in: a mount rewrites root_path
+        if match == Match.FULL:
+            return getattr(candidate, "path", None) or "unmatched"
+    return "unmatched"
+
+
 class MetricsMiddleware:
     """Labels requests by route template (/items/{task}/{item_id}), never by raw path, to bound label cardinality."""
 
@@ -122,6 +138,7 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        original = dict(scope)
 
         async def status_send(message: Message) -> None:
             nonlocal status
@@ -132,8 +149,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, status_send)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = route_template(scope, original)
             labels = (scope["method"], endpoint, str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -70,6 +70,20 @@ class KTPredictRequest(RequestModel):
     targets: list[ItemId] = Field(min_length=1)
     items: list[ItemText] = Field(default_factory=list, description="texts of items the model may not know")
 
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "kt",
+                    "history": [{"item_id": "1", "correct": True}, {"item_id": "3", "correct": False}],
+                    "targets": ["5", "12"],
+                }
+            ]
+        },
+    )
+
 
 class NRPredictRequest(RequestModel):
     """Click scores of candidate news for a reader who clicked `history` (oldest first)."""
@@ -78,6 +92,21 @@ class NRPredictRequest(RequestModel):
     history: list[ItemId] = Field(min_length=1)
     candidates: list[ItemId] = Field(min_length=1)
     items: list[ItemText] = Field(default_factory=list, description="texts of items the model may not know")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "nr",
+                    "history": ["N55528", "N19639"],
+                    "candidates": ["N61837", "N900001"],
+                    "items": [{"item_id": "N900001", "text": "Local team wins the championship in overtime"}],
+                }
+            ]
+        },
+    )
 
 
 PredictRequest = Annotated[KTPredictRequest | NRPredictRequest, Field(discriminator="task")]
@@ -133,6 +162,19 @@ class AddItemsRequest(RequestModel):
     task: Task
     items: list[NewItem] = Field(min_length=1)
 
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "nr",
+                    "items": [{"item_id": "N900001", "text": "Local team wins the championship in overtime"}],
+                }
+            ]
+        },
+    )
+
 
 class AddItemsResponse(BaseModel):
     model_version: str
@@ -141,7 +183,7 @@ class AddItemsResponse(BaseModel):
 
 class ItemResponse(BaseModel):
     item_id: str
-    text: str | None = Field(description="null for items that came with the model rather than through the API")
+    text: str | None = Field(description="the item's text: from the model's dataset, or as added through the API")
     model_version: str
     dim: int
 
@@ -256,6 +298,24 @@ class NRRecommendResponse(BaseModel):
     approximate: bool = Field(description="whether the approximate index answered (large catalogs, no filter)")
 
 
+class ItemSummary(BaseModel):
+    item_id: str
+    text: str | None
+    source: Literal["model", "api"] = Field(description="came with the model's dataset, or added through POST /items")
+
+
+class ItemsPage(BaseModel):
+    """One page of a task's active item table: the model's items in its order, then items added through the API."""
+
+    task: Task
+    model_version: str
+    total: int = Field(description="items in the table")
+    offset: int
+    limit: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last one")
+    items: list[ItemSummary]
+
+
 # -- /interactions ---------------------------------------------------------------------------------------------------
 class AnswerEvent(RequestModel):
     item_id: ItemId
@@ -267,6 +327,20 @@ class KTInteractions(RequestModel):
     task: Literal["kt"]
     user_id: UserId
     events: list[AnswerEvent] = Field(min_length=1)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "kt",
+                    "user_id": "student-42",
+                    "events": [{"item_id": "5", "correct": True, "timestamp": "2026-01-05T10:00:00Z"}],
+                }
+            ]
+        },
+    )
 
 
 class Impression(RequestModel):
@@ -280,6 +354,22 @@ class NRInteractions(RequestModel):
     history: list[ItemId] = Field(default_factory=list, description="news the reader had clicked before")
     impressions: list[Impression] = Field(min_length=1)
     timestamp: Timestamp | None = Field(None, description="ISO 8601 or Unix seconds; naive times are UTC")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "nr",
+                    "user_id": "reader-7",
+                    "history": ["N55528"],
+                    "impressions": [{"item_id": "N61837", "clicked": True}, {"item_id": "N19639", "clicked": False}],
+                    "timestamp": 1767607200,
+                }
+            ]
+        },
+    )
 
 
 Interactions = Annotated[KTInteractions | NRInteractions, Field(discriminator="task")]
@@ -306,6 +396,12 @@ class RetrainRequest(RequestModel):
     )
     time_budget_s: Annotated[float, Field(gt=0, le=86_400), BeforeValidator(_not_a_bool)] | None = Field(
         None, description="stop training after this long"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"task": "kt", "epochs": 1, "time_budget_s": 600}]},
     )
 
 
@@ -344,6 +440,13 @@ class Job(BaseModel):
             params=params,
         )
         return job.model_dump()
+
+
+class JobReply(Job):
+    """A job, and whether any trainer is alive to run it (trainers publish a heartbeat in the store)."""
+
+    trainers_alive: int = Field(description="trainers whose heartbeat is fresh (`gramrec trainer` processes)")
+    warning: str | None = Field(None, description="set when no trainer is alive: a queued job would wait forever")
 
 
 class JobsResponse(BaseModel):

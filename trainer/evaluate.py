@@ -11,6 +11,7 @@ from gramrec.trainer.checkpoint import (
     read_items,
 )
 from gramrec.trainer.explicit_settings import explicit_train_settings
+from gramrec.trainer.split_file import evaluation_only
 from gramrec.trainer.train import build_run, evaluate, restore
 
 
@@ -23,7 +24,8 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", devic
     config = read_config(checkpoint)
     saved = config["settings"] | {"data": str(data), "device": device, "resume": None, "progress": False}
     settings = explicit_train_settings(**saved)  # the checkpoint's settings, not the environment's
-    run = build_run(settings, encoder_dir=Path(checkpoint) / "encoder")
+    with evaluation_only():  # a test-only data set: no training part, MIND without times (split.json decides)
+        run = build_run(settings, encoder_dir=Path(checkpoint) / "encoder")
     same_items = read_items(checkpoint).ids == run.task.items.ids
     if same_items:
         restore(run, checkpoint, with_optimizers=False)

@@ -164,6 +164,11 @@ def _item_table(model: TrainedModel, has_encoder: bool, device: torch.device, pr
     """Every item's embedding [N, D] float32: the eval-mode encoder's output, or the learned id embeddings."""
     if not has_encoder:
         return model.strategy_tensors["id_embedding"].float()
+    saved = model.strategy_tensors.get("table")
+    if model.strategy == "nofinetune" and saved is not None and saved.dtype == torch.float32:
+        if tuple(saved.shape) == (len(model.items), model.encoder.dim):  # frozen encoder: training's float32 rows
+            log.info("item table reused from the checkpoint", extra={"items": len(model.items)})
+            return saved.cpu()
     tokens = ItemTokens.from_texts(model.tokenizer, model.items.texts, model.max_tokens)
     encoder = model.encoder.to(device)
     try:

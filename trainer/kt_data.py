@@ -22,6 +22,7 @@ import numpy as np
 
 from gramrec.trainer.errors import DataFormatError
 from gramrec.trainer.items import ItemCatalog
+from gramrec.trainer.split_file import is_evaluation_only, no_training_part
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -415,15 +416,17 @@ def split_kt(
     return KTSplits(train, val, test, np.flatnonzero(~seen).astype(np.int64))
 
 
-def split_kt_by_users(dataset: KTDataset, val_users: frozenset[str], test_users: frozenset[str]) -> KTSplits:
+def split_kt_by_users(
+    dataset: KTDataset, val_users: frozenset[str], test_users: frozenset[str], folder: str | Path = "."
+) -> KTSplits:
     """The split named by a split file: listed users go to val / test, all others train; no cold items are
     sampled (every item a train or val user answered is warm)."""
     parts: dict[str, list[KTSequence]] = {"train": [], "val": [], "test": []}
     for sequence in dataset.sequences:
         part = "test" if sequence.user_id in test_users else "val" if sequence.user_id in val_users else "train"
         parts[part].append(sequence)
-    if not parts["train"]:
-        raise ValueError("the split file leaves no training users")
+    if not parts["train"] and not is_evaluation_only():
+        raise no_training_part(folder, "users")
     seen = np.zeros(len(dataset.items), dtype=bool)
     for sequence in parts["train"] + parts["val"]:
         seen[sequence.items] = True

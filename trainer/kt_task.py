@@ -72,7 +72,7 @@ class KnowledgeTracingTask:
         self.items = dataset.items
         explicit = read_split(settings.data)
         if explicit is not None:
-            self.splits = split_kt_by_users(dataset, explicit.val, explicit.test)
+            self.splits = split_kt_by_users(dataset, explicit.val, explicit.test, settings.data)
         else:
             self.splits = split_kt(dataset, seed=settings.seed, cold_item_frac=settings.cold_item_frac)
         self.train_windows = windows(self.splits.train, settings.max_seq_len)

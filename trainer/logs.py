@@ -1,4 +1,6 @@
-"""Structured (JSON-lines) logging, quiet by default: warnings only unless -v or GRAMREC_LOG_LEVEL asks."""
+"""Structured (JSON-lines) logging, quiet by default: nothing per request or per step. `gramrec serve` and
+`gramrec trainer` log at info (where the server listens, first-start progress every 10 s, model activations,
+retrains); the other commands warnings only, unless -v or GRAMREC_LOG_LEVEL asks."""
 
 from __future__ import annotations
 
@@ -32,11 +34,15 @@ class LogSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GRAMREC_", extra="ignore")
 
-    log_level: str = Field("WARNING", description="DEBUG, INFO, WARNING or ERROR; logs are JSON lines on stderr")
+    log_level: str | None = Field(
+        None,
+        description="DEBUG, INFO, WARNING or ERROR; logs are JSON lines on stderr. Unset: INFO for serve and "
+        "trainer, WARNING for the other commands",
+    )
 
 
-def configure_logging(level: str | int | None = None) -> None:
-    level = level or LogSettings().log_level
+def configure_logging(level: str | int | None = None, default: str = "WARNING") -> None:
+    level = level or LogSettings().log_level or default
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("gramrec")

@@ -15,6 +15,7 @@ import numpy as np
 
 from gramrec.trainer.errors import DataFormatError
 from gramrec.trainer.items import ItemCatalog
+from gramrec.trainer.split_file import is_evaluation_only, no_training_part
 
 NEWS_FILE = "news.tsv"
 BEHAVIORS_FILE = "behaviors.tsv"
@@ -29,7 +30,7 @@ class Impression:
 
     impression_id: str
     user_id: str
-    time: datetime
+    time: datetime | None  # None only in test-only data read for evaluation, where split.json names the parts
     history: np.ndarray  # int64 item indices of clicked news, oldest first
     candidates: np.ndarray  # int64 item indices
     labels: np.ndarray  # int64 0/1, same length as candidates
@@ -131,7 +132,7 @@ def _parse_candidates(path: Path, number: int, field: str) -> tuple[list[str], n
     return nids, np.array(labels, dtype=np.int64)
 
 
-def _load_behaviors(path: Path, catalog: ItemCatalog) -> list[Impression]:
+def _load_behaviors(path: Path, catalog: ItemCatalog, times_required: bool = True) -> list[Impression]:
     impressions: list[Impression] = []
     for number, fields in _tsv_rows(path):
         if len(fields) != _BEHAVIOR_COLUMNS:
@@ -141,8 +142,9 @@ def _load_behaviors(path: Path, catalog: ItemCatalog) -> list[Impression]:
         if not impression_id.strip() or not user_id.strip():
             raise DataFormatError(path, number, "empty impression id or user id")
         time = _parse_time(raw_time)
-        if time is None:
-            raise DataFormatError(path, number, f"bad time {raw_time!r}; expected like '11/12/2019 2:14:46 PM'")
+        if time is None and (times_required or raw_time.strip()):
+            why = "" if raw_time.strip() else " (times may be left out only when split.json names the split)"
+            raise DataFormatError(path, number, f"bad time {raw_time!r}; expected like '11/12/2019 2:14:46 PM'{why}")
         nids, labels = _parse_candidates(path, number, shown)
         impressions.append(
             Impression(
@@ -159,33 +161,37 @@ def _load_behaviors(path: Path, catalog: ItemCatalog) -> list[Impression]:
     return impressions
 
 
-def load_mind(folder: str | Path, use_abstract: bool = False) -> MindDataset:
-    """Load MIND news.tsv and behaviors.tsv; item text is the title (plus abstract if asked and present)."""
+def load_mind(folder: str | Path, use_abstract: bool = False, times_required: bool = True) -> MindDataset:
+    """Load MIND news.tsv and behaviors.tsv; item text is the title (plus abstract if asked and present).
+
+    times_required=False accepts empty time fields (a split file then decides the split)."""
     folder = Path(folder)
     catalog = _load_news(folder / NEWS_FILE, use_abstract)
-    return MindDataset(catalog, _load_behaviors(folder / BEHAVIORS_FILE, catalog))
+    return MindDataset(catalog, _load_behaviors(folder / BEHAVIORS_FILE, catalog, times_required))
 
 
 def split_mind(dataset: MindDataset) -> MindSplits:
     """Test = last calendar day present, val = the previous day present, train = everything earlier."""
-    days: list[date] = sorted({imp.time.date() for imp in dataset.impressions})
+    days: list[date] = sorted({imp.time.date() for imp in dataset.impressions if imp.time is not None})
     if len(days) < 3:
         raise ValueError(f"need impressions on at least 3 distinct days for a time split, found {len(days)}")
     test_day, val_day = days[-1], days[-2]
     splits = MindSplits([], [], [])
     for impression in dataset.impressions:
-        day = impression.time.date()
+        day = impression.time.date() if impression.time is not None else None
         target = splits.test if day == test_day else splits.val if day == val_day else splits.train
         target.append(impression)
     return splits
 
 
-def split_mind_by_ids(dataset: MindDataset, val: frozenset[str], test: frozenset[str]) -> MindSplits:
+def split_mind_by_ids(
+    dataset: MindDataset, val: frozenset[str], test: frozenset[str], folder: str | Path = "."
+) -> MindSplits:
     """The split named by a split file: listed impression ids go to val / test, all others train."""
     splits = MindSplits([], [], [])
     for impression in dataset.impressions:
         key = impression.impression_id
         (splits.test if key in test else splits.val if key in val else splits.train).append(impression)
-    if not splits.train:
-        raise ValueError("the split file leaves no training impressions")
+    if not splits.train and not is_evaluation_only():
+        raise no_training_part(folder, "impressions")
     return splits

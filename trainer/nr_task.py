@@ -67,11 +67,13 @@ class NewsTask:
 
     def __init__(self, settings: TrainSettings):
         self.settings = settings
-        dataset = load_mind(settings.data, use_abstract=settings.use_abstract)
+        explicit = read_split(settings.data)  # with one, times are not needed (gramrec evaluate on test-only data)
+        dataset = load_mind(settings.data, use_abstract=settings.use_abstract, times_required=explicit is None)
         self.items = dataset.items
-        explicit = read_split(settings.data)
         self.splits = (
-            split_mind(dataset) if explicit is None else split_mind_by_ids(dataset, explicit.val, explicit.test)
+            split_mind(dataset)
+            if explicit is None
+            else split_mind_by_ids(dataset, explicit.val, explicit.test, settings.data)
         )
         self.samples = click_samples(self.splits.train, settings.history_len)
 

@@ -8,13 +8,42 @@ and both the new and the active model are scored on exactly that slice:
 
 from __future__ import annotations
 
+import contextvars
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from gramrec.trainer.errors import DataFormatError
 
 SPLIT_FILE = "split.json"
+
+# Set while `gramrec evaluate` builds its run: a split file may then leave no training part, and MIND behaviors
+# may have no times (the split file, not the time, decides the parts).
+_EVALUATION_ONLY = contextvars.ContextVar("evaluation_only", default=False)
+
+
+@contextmanager
+def evaluation_only() -> Iterator[None]:
+    token = _EVALUATION_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _EVALUATION_ONLY.reset(token)
+
+
+def is_evaluation_only() -> bool:
+    return _EVALUATION_ONLY.get()
+
+
+def no_training_part(folder: str | Path, what: str) -> DataFormatError:
+    return DataFormatError(
+        Path(folder) / SPLIT_FILE,
+        None,
+        f"the split leaves no training {what} (every id is in val or test); training needs some, "
+        "`gramrec evaluate` does not",
+    )
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class Strategy:
         was_training = self.encoder.training
         self.encoder.eval()
         batch = self.settings.encoder_batch_size
-        show = self.settings.progress and len(items) > 8 * batch  # whole-table encodes take minutes on a CPU
+        show = self.settings.progress and (len(items) == self.num_items or len(items) > 8 * batch)  # whole tables
         out = self.encoder.encode(self.tokens, items, batch, progress=show)
         self.encoder.train(was_training)
         return out
@@ -360,6 +360,11 @@ class NoFinetune(Strategy):
 
     def item_table(self, items: torch.Tensor) -> torch.Tensor:
         return self.table
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The table, when it was encoded in full float32 precision (CPU, no autocast): the export then reuses it
+        instead of encoding every item a second time (the frozen encoder would give the same rows)."""
+        return {"table": self.table} if self.device.type == "cpu" else {}
 
 
 class NoContent(Strategy):

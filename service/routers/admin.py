@@ -16,13 +16,15 @@ from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import (
     ActivateResponse,
     Job,
+    JobReply,
     JobsResponse,
     ModelInfo,
     ModelsResponse,
     RetrainRequest,
 )
 from gramrec.service.settings import TASKS, VERSION_PATTERN
-from gramrec.service.store import Store
+from gramrec.service.store import STORE_ERRORS, Store
+from gramrec.service.store.beacons import TRAINERS
 
 router = APIRouter(
     prefix="/admin",
@@ -34,10 +36,25 @@ router = APIRouter(
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
+NO_TRAINER = "no trainer is alive (no heartbeat in the store): queued jobs wait until `gramrec trainer` runs"
+
+
+def with_trainers(record: dict, store: Store) -> JobReply:
+    """The job and how many trainers are alive; a warning when a job that still has to run has none."""
+    try:
+        alive = len(store.beacons(TRAINERS))
+    except STORE_ERRORS:
+        alive = 0
+    waiting = record.get("status") in ("queued", "running")
+    return JobReply.model_validate(
+        record | {"trainers_alive": alive, "warning": NO_TRAINER if waiting and not alive else None}
+    )
+
+
 @router.post("/retrain", status_code=status.HTTP_202_ACCEPTED)
-def queue_retrain(body: RetrainRequest, store: Annotated[Store, Depends(get_store)]) -> Job:
+def queue_retrain(body: RetrainRequest, store: Annotated[Store, Depends(get_store)]) -> JobReply:
     params = body.model_dump(exclude={"task"}, exclude_none=True)
-    return Job.model_validate(store.enqueue_job(Job.queued(body.task, "admin", params)))
+    return with_trainers(store.enqueue_job(Job.queued(body.task, "admin", params)), store)
 
 
 @router.get("/jobs")
@@ -48,11 +65,13 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", responses={404: {"description": "no such job"}})
-def get_job(job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)], store: Annotated[Store, Depends(get_store)]) -> Job:
+def get_job(
+    job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)], store: Annotated[Store, Depends(get_store)]
+) -> JobReply:
     record = store.get_job(job_id)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id}")
-    return Job.model_validate(record)
+    return with_trainers(record, store)
 
 
 @router.get("/models")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response, status
@@ -13,6 +14,7 @@ from gramrec.service.registry import ModelRegistry
 from gramrec.service.schemas import Ready
 from gramrec.service.settings import ServiceSettings
 from gramrec.service.store import STORE_ERRORS, Store
+from gramrec.service.store.beacons import FIRST_START
 
 router = APIRouter(tags=["health"])
 
@@ -39,8 +41,20 @@ def readyz(
     errors = registry.load_errors()
     if missing or store_state != "ok":
         detail = {"status": "not ready", "missing_tasks": missing, "store": store_state, "load_errors": errors}
+        if missing and store_state != "unreachable":
+            detail["first_start"] = _first_start(store, missing)
         return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": detail})  # type: ignore[return-value]
     return Ready(models=models, load_errors=errors)
+
+
+def _first_start(store: Store, missing: Sequence[str]) -> dict[str, dict]:
+    """Each missing task's first-start progress, as its bootstrapping process publishes it (trainer/bootstrap.py):
+    status, phase, done/total, rate, ETA. A task with no entry: nobody is training it (bootstrap off, or waiting)."""
+    try:
+        progress = store.beacons(FIRST_START)
+    except STORE_ERRORS:
+        return {}
+    return {task: progress.get(task, {"status": "waiting for a model"}) for task in missing}
 
 
 def _store_state(store: Store, models: dict[str, str]) -> str:

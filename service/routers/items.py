@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from gramrec.service.deps import get_registry, get_store, require_model
 from gramrec.service.limits import checked_items
 from gramrec.service.registry import ActiveModel, ModelRegistry
-from gramrec.service.schemas import AddItemsRequest, AddItemsResponse, ItemResponse
+from gramrec.service.schemas import AddItemsRequest, AddItemsResponse, ItemResponse, ItemsPage, ItemSummary
 from gramrec.service.settings import ITEM_ID_PATTERN, Task
 from gramrec.service.store import StaleVersion, Store
 
@@ -61,11 +61,52 @@ def add_items(
     raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the active model keeps changing; try again")
 
 
+MAX_PAGE = 1000
+
+
+@router.get("", responses={503: {"description": "no model for the task"}})
+def list_items(
+    task: Annotated[Task, Query(description="whose table to list")],
+    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    store: Annotated[Store, Depends(get_store)],
+    offset: Annotated[int, Query(ge=0, description="items to skip")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"items per page, at most {MAX_PAGE}")] = 100,
+) -> ItemsPage:
+    """Lists the task's active item table with paging: the model's own items (with their dataset text) in the
+    model's order, then the items added through `POST /items`, by id."""
+    model = require_model(registry, task)
+    catalog = model.bundle.catalog_ids()
+    added = store.texts(task)  # texts of items added through the API (few: they come one request at a time)
+    known = set(catalog) if added else set()
+    extra = sorted(item_id for item_id in added if item_id not in known)
+    total = len(catalog) + len(extra)
+    page: list[ItemSummary] = []
+    for index in range(offset, min(offset + limit, total)):
+        if index < len(catalog):
+            item_id = catalog[index]
+            text = added.get(item_id) or model.bundle.catalog_text(item_id)
+            page.append(ItemSummary(item_id=item_id, text=text, source="api" if item_id in added else "model"))
+        else:
+            item_id = extra[index - len(catalog)]
+            page.append(ItemSummary(item_id=item_id, text=added[item_id], source="api"))
+    next_offset = offset + limit if offset + limit < total else None
+    return ItemsPage(
+        task=task,
+        model_version=model.version,
+        total=total,
+        offset=offset,
+        limit=limit,
+        next_offset=next_offset,
+        items=page,
+    )
+
+
 def _lookup(task: Task, item_id: str, registry: ModelRegistry, store: Store) -> ItemResponse | None:
     model = require_model(registry, task)
     text, vector = store.get_item(task, model.version, item_id)
     if vector is None:
         return None
+    text = text if text is not None else model.bundle.catalog_text(item_id)  # the dataset's own items
     return ItemResponse(item_id=item_id, text=text, model_version=model.version, dim=model.bundle.dim)
 
 

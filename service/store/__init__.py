@@ -8,7 +8,8 @@ URL is configured, an in-process sqlite file (store.sqlite_store.EmbeddedStore).
 
 One module per concern, each holding its protocol and both backends' implementation of it: `items` (active
 pointers, item tables, texts of API-added items), `interactions` (the interaction log), `jobs` (the retrain job
-queue) and `leases` (the retrain lease and schedule ticks). `redis_store` and `sqlite_store` compose them.
+queue), `leases` (the retrain and first-start leases, schedule ticks) and `beacons` (trainer heartbeats,
+first-start progress). `redis_store` and `sqlite_store` compose them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from gramrec.service.settings import ServiceSettings
+from gramrec.service.store.beacons import Beacons
 from gramrec.service.store.errors import (
     STORE_ERRORS,
     LeaseLost,
@@ -30,7 +32,7 @@ from gramrec.service.store.leases import Lease, Leases
 __all__ = ["STORE_ERRORS", "Lease", "LeaseLost", "StaleVersion", "Store", "StoreError", "open_store"]
 
 
-class Store(ItemStore, InteractionLog, JobQueue, Leases, Protocol):
+class Store(ItemStore, InteractionLog, JobQueue, Leases, Beacons, Protocol):
     """What the API and the trainer need from their shared state; both backends implement it."""
 
     def ping(self) -> bool: ...

@@ -17,6 +17,7 @@ Redis layout ({p} is the key prefix, "gramrec:" by default; versions, tasks and 
     {p}retrain-current         string the job the lock holder runs; found by the next holder if that one died
     {p}lock:{name}             string a lease (redis-py Lock: token, TTL renewed by its holder)
     {p}tick:{task}:{time}      string a schedule tick already turned into a job by one trainer replica
+    {p}beacons:{kind}          hash   name -> JSON {expires_at, record}: trainer heartbeats, first-start progress
     {p}events                  pubsub "task version" on every activation (API workers swap at once)
 
 Round trips: a prediction reads its items with one HMGET; GET /items reads text and vector in one pipeline;
@@ -33,6 +34,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from gramrec.service.store.beacons import RedisBeacons
 from gramrec.service.store.interactions import RedisInteractions
 from gramrec.service.store.items import _CAS, _PUT_ITEMS, RedisItems
 from gramrec.service.store.jobs import _ENQUEUE, _FINISH_CURRENT, _NEXT_JOB, RedisJobs
@@ -41,7 +43,7 @@ from gramrec.service.store.leases import RedisLeases
 log = logging.getLogger("gramrec.service")
 
 
-class RedisStore(RedisItems, RedisInteractions, RedisJobs, RedisLeases):
+class RedisStore(RedisItems, RedisInteractions, RedisJobs, RedisLeases, RedisBeacons):
     """The store on a Redis server (the layout is in this module's docstring). Thread-safe: a pooled client."""
 
     def __init__(self, client: redis.Redis, prefix: str = "gramrec:"):

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from gramrec.service.store.beacons import SqliteBeacons
 from gramrec.service.store.errors import StoreError
 from gramrec.service.store.interactions import SqliteInteractions
 from gramrec.service.store.items import SqliteItems
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS flags (name TEXT PRIMARY KEY, value TEXT NOT NULL, ex
 """
 
 
-class EmbeddedStore(SqliteItems, SqliteInteractions, SqliteJobs, SqliteLeases):
+class EmbeddedStore(SqliteItems, SqliteInteractions, SqliteJobs, SqliteLeases, SqliteBeacons):
     """Thread-safe: one connection, one lock (each call is short; sqlite serialises writers anyway)."""
 
     def __init__(self, path: Path):

@@ -67,6 +67,11 @@ class FakeBundle:
         return [
             {"category": ("sports", "news")[i % 2], "subcategory": f"sub{i % 4}"} for i in range(len(self.ids))
         ]
+    def catalog_ids(self) -> list[str]:
+        return self.ids
+
+    def catalog_text(self, item_id: str) -> str | None:
+        return self.texts.get(item_id)
 
     def warm_up(self) -> None:
         self.warmed = True

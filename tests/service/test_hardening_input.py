@@ -28,7 +28,10 @@ NR1 = "nr-20260101T000000-aaaaaa"
 TOKEN = "hostile-input-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES_PER_OPERATION = 100  # per endpoint and generation mode; the module takes ~25 s on 2 busy cores
-LIMITS = Limits(max_history=50, max_targets=20, max_candidates=20, max_items_per_request=8, max_body_bytes=64 * 1024)
+# Texts of at most 500 characters: 8 of them stay below the body limit even as \u-escaped surrogate pairs (12
+# bytes a character), so a schema-valid body is never a 413.
+LIMITS = Limits(max_history=50, max_targets=20, max_candidates=20, max_items_per_request=8, max_text_chars=500,
+                max_body_bytes=64 * 1024)
 
 # Schema-valid requests that the API may still refuse with 422, and only for these reasons: a JSON schema cannot
 # say "unknown item", "ids unique within a list of objects", the operator's size limits, or fields that conflict.

@@ -149,7 +149,7 @@ def test_added_item_is_used_by_predict(client, artifacts):
 
 def test_get_model_item_and_missing_item(client):
     item = client.get("/items/nr/nr3").json()
-    assert item == {"item_id": "nr3", "text": None, "model_version": NR1, "dim": DIM}
+    assert item == {"item_id": "nr3", "text": "text of nr3", "model_version": NR1, "dim": DIM}
     assert client.get("/items/nr/absent").status_code == 404
     assert client.get("/items/xx/nr3").status_code == 422
     assert client.get("/items/nr/a:b").status_code == 422
@@ -517,3 +517,106 @@ def test_a_request_reads_its_items_in_one_round_trip(make_client):
     counter.calls.clear()
     assert client.post("/items", json={"task": "nr", "items": [{"item_id": "n", "text": "t"}]}).status_code == 200
     assert counter.calls == ["EVALSHA"]  # vectors, texts and the active-version check in one script
+
+
+# -- trainer liveness ------------------------------------------------------------------------------------------------
+def test_retrain_says_when_no_trainer_is_alive(client):
+    response = client.post("/admin/retrain", json={"task": "kt"}, headers=AUTH)
+    assert response.status_code == 202
+    job = response.json()
+    assert job["trainers_alive"] == 0 and "no trainer is alive" in job["warning"]
+    again = client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()
+    assert again["trainers_alive"] == 0 and again["warning"] == job["warning"]
+
+
+def test_retrain_with_a_live_trainer_has_no_warning(client):
+    store = client.app.state.store
+    store.put_beacon("trainer", "host-a:12", {"status": "idle"}, 30)
+    job = client.post("/admin/retrain", json={"task": "kt"}, headers=AUTH).json()
+    assert job["trainers_alive"] == 1 and job["warning"] is None
+    store.put_beacon("trainer", "host-b:7", {"status": "idle"}, 30)
+    assert client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()["trainers_alive"] == 2
+    store.drop_beacon("trainer", "host-a:12")
+    store.drop_beacon("trainer", "host-b:7")
+    assert "no trainer" in client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()["warning"]
+
+
+# -- listing items, texts, content types, docs, schema, metrics labels -------------------------------------------
+def test_items_are_listed_with_paging(client):
+    first = client.get("/items", params={"task": "kt", "limit": 8})
+    assert first.status_code == 200, first.text
+    page = first.json()
+    assert page["total"] == 20 and page["model_version"] == KT1 and page["next_offset"] == 8
+    assert [item["item_id"] for item in page["items"]] == [f"kt{i}" for i in range(8)]
+    assert page["items"][0] == {"item_id": "kt0", "text": "text of kt0", "source": "model"}
+    added = client.post("/items", json={"task": "kt", "items": [{"item_id": "new-1", "text": "a new exercise"}]})
+    assert added.status_code == 200
+    last = client.get("/items", params={"task": "kt", "offset": 16, "limit": 8}).json()
+    assert last["total"] == 21 and last["next_offset"] is None
+    assert [item["item_id"] for item in last["items"]] == ["kt16", "kt17", "kt18", "kt19", "new-1"]
+    assert last["items"][-1] == {"item_id": "new-1", "text": "a new exercise", "source": "api"}
+    assert client.get("/items", params={"task": "kt", "offset": 40}).json()["items"] == []
+
+
+@pytest.mark.parametrize("params", [{}, {"task": "xx"}, {"task": "kt", "limit": 0}, {"task": "kt", "limit": 1001},
+                                    {"task": "kt", "offset": -1}])
+def test_item_listing_checks_its_query(client, params):
+    response = client.get("/items", params=params)
+    assert response.status_code == 422, response.text
+
+
+def test_dataset_items_have_their_text(client):
+    assert client.get("/items/kt3", params={"task": "kt"}).json()["text"] == "text of kt3"
+    assert client.get("/items/nr/nr2").json()["text"] == "text of nr2"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_declared_json_is_415(client, content_type):
+    body = b'{"task": "kt", "targets": ["kt1"]}'
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/predict", content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    detail = response.json()["detail"]
+    assert "Content-Type: application/json" in detail
+    assert ("missing" in detail) if content_type is None else (content_type in detail)
+    ok = client.post("/predict", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+def test_docs_are_served_without_a_cdn(client):
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = client.get(page)
+        assert html.status_code == 200 and "cdn.jsdelivr" not in html.text and "unpkg" not in html.text
+        assert f"/static-offline-docs/{asset}" in html.text
+        script = client.get(f"/static-offline-docs/{asset}")
+        assert script.status_code == 200 and len(script.content) > 100_000
+    assert client.get("/static-offline-docs/swagger-ui.css").status_code == 200
+
+
+def test_openapi_has_an_example_for_every_body_and_the_limits(make_client):
+    client = make_client("embedded", limits=Limits(max_history=77, max_candidates=33))
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    bodies = 0
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if "requestBody" not in operation:
+                continue
+            bodies += 1
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            refs = [variant["$ref"] for variant in body.get("oneOf", [body])]
+            for ref in refs:
+                assert components[ref.rsplit("/", 1)[1]].get("examples"), f"{method} {path}: {ref} has no example"
+    assert bodies >= 4  # predict, items, interactions, admin/retrain
+    assert components["KTPredictRequest"]["properties"]["history"]["maxItems"] == 77
+    assert components["NRPredictRequest"]["properties"]["candidates"]["maxItems"] == 33
+    assert components["ItemText"]["properties"]["text"]["maxLength"] == 10_000
+
+
+def test_metrics_label_every_route(client):
+    for path in ("/docs", "/openapi.json", "/redoc", "/static-offline-docs/swagger-ui.css", "/no/such/path"):
+        client.get(path)
+    text = client.get("/metrics").text
+    for endpoint in ("/docs", "/openapi.json", "/redoc", "/static-offline-docs"):
+        assert f'endpoint="{endpoint}"' in text, endpoint
+    assert 'endpoint="unmatched",method="GET",status="404"' in text

@@ -123,3 +123,21 @@ def test_bootstrap_trains_and_exports_a_missing_task(tmp_path, tiny_encoder_dir,
         item = json.loads((settings.artifacts_dir / manifest["version"] / "items.json").read_text())["ids"][0]
         response = client.post("/predict", json={"task": "kt", "targets": [item]})
         assert response.status_code == 200 and 0 < response.json()["predictions"][0]["probability"] < 1
+
+
+def test_real_bundle_serves_its_dataset_texts(exported_artifacts, tmp_path):
+    """A real export's items.json texts are readable through GET /items/{id} and the paged listing."""
+    from fastapi.testclient import TestClient
+
+    from gramrec.service.app import create_app
+    from tests.helpers.checkpoints import ITEM_TEXTS
+
+    settings = ServiceSettings(
+        artifacts_dir=exported_artifacts, embedded_store_path=tmp_path / "store.sqlite3", redis_url=None,
+        tasks=["kt"], model_poll_interval_s=0, bootstrap=False,
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/items/kt-item-3", params={"task": "kt"}).json()["text"] == ITEM_TEXTS["kt"][3]
+        page = client.get("/items", params={"task": "kt", "offset": 10, "limit": 5}).json()
+        assert page["total"] == 12 and page["next_offset"] is None
+        assert [item["text"] for item in page["items"]] == ITEM_TEXTS["kt"][10:]

@@ -131,6 +131,7 @@ def _nr_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
     ids = base.items.ids
     for imp in base.impressions:
         shown = [f"{ids[c]}-{label}" for c, label in zip(imp.candidates, imp.labels, strict=True)]
+        assert imp.time is not None  # base data is read with times required (load_mind's default)
         behaviors.append((imp.time, f"b{imp.impression_id}", imp.user_id, [ids[h] for h in imp.history], shown))
     snapshot.base_interactions = len(behaviors)
     for entry_id, fields in logged_entries(store, "nr"):

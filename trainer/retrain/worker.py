@@ -23,12 +23,15 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from gramrec.service.schemas import Job
 from gramrec.service.store import Lease, Store, open_store
+from gramrec.service.store.beacons import TRAINERS
 from gramrec.trainer.retrain.job import RetrainJob, now_iso
 from gramrec.trainer.retrain.settings import WorkerSettings
 
 log = logging.getLogger("gramrec.trainer")
 
 LEASE_NAME = "retrain"
+HEARTBEAT_S = 5.0
+HEARTBEAT_TTL_S = 3 * HEARTBEAT_S  # a trainer silent this long counts as dead
 _ALIGNED_START = datetime(2020, 1, 1, tzinfo=UTC)  # interval ticks fall on the same instants in every replica
 
 
@@ -56,6 +59,29 @@ class TrainerWorker:
         self.trigger = make_trigger(settings)
         self.scheduler: BackgroundScheduler | None = None
         self.stop_event = threading.Event()
+        self.started_at = now_iso()
+        self.state: dict = {"status": "starting"}
+
+    # -- heartbeat ---------------------------------------------------------------------------------------------------
+    def beat(self) -> None:
+        record = {"worker": self.name, "started_at": self.started_at, "tasks": self.settings.retrain.tasks}
+        self.store.put_beacon(TRAINERS, self.name, record | self.state, HEARTBEAT_TTL_S)
+
+    def start_heartbeat(self) -> threading.Event:
+        """Publishes this trainer's heartbeat every HEARTBEAT_S until the returned event is set."""
+        done = threading.Event()
+
+        def run() -> None:
+            while True:
+                try:
+                    self.beat()
+                except Exception as exc:  # a store outage: the heartbeat expires, which is what it should say
+                    log.warning("trainer heartbeat failed", extra={"error": repr(exc)})
+                if done.wait(HEARTBEAT_S):
+                    return
+
+        threading.Thread(target=run, name="gramrec-heartbeat", daemon=True).start()
+        return done
 
     # -- schedule ----------------------------------------------------------------------------------------------------
     def start_schedule(self) -> None:
@@ -86,9 +112,16 @@ class TrainerWorker:
 
     # -- jobs --------------------------------------------------------------------------------------------------------
     def run_forever(self) -> None:
-        self.start_schedule()
-        log.warning("trainer started", extra={"worker": self.name, "tasks": self.settings.retrain.tasks})
+        heartbeat = self.start_heartbeat()
         try:
+            if self.settings.bootstrap:  # on a GPU host the trainer, not the API, trains the first models
+                from gramrec.trainer.bootstrap import bootstrap
+
+                self.state = {"status": "first start"}
+                bootstrap(self.settings, self.store, self.stop_event)
+            self.state = {"status": "idle"}
+            self.start_schedule()
+            log.warning("trainer started", extra={"worker": self.name, "tasks": self.settings.retrain.tasks})
             while not self.stop_event.is_set():
                 try:
                     ran = self.work_once()
@@ -98,8 +131,13 @@ class TrainerWorker:
                 if ran is None:
                     self.stop_event.wait(self.settings.retrain.poll_s)
         finally:
+            heartbeat.set()
             if self.scheduler is not None:
                 self.scheduler.shutdown(wait=False)
+            try:
+                self.store.drop_beacon(TRAINERS, self.name)
+            except Exception:
+                pass  # it expires anyway
             self.store.close()
 
     def work_once(self) -> dict | None:
@@ -115,7 +153,11 @@ class TrainerWorker:
             if job is None:
                 return None
             job["worker"] = self.name
-            finished = RetrainJob(job, self.settings, self.store, lease, lost).run()
+            self.state = {"status": "running", "job": job["id"], "task": job.get("task")}
+            try:
+                finished = RetrainJob(job, self.settings, self.store, lease, lost).run()
+            finally:
+                self.state = {"status": "idle"}
             self.store.update_job(finished)
             self.store.finish_current_job(finished["id"])
             self.store.prune_jobs()
@@ -162,6 +204,24 @@ class TrainerWorker:
 
         threading.Thread(target=renew, name="gramrec-lease", daemon=True).start()
         return done
+
+
+def live_trainers(store: Store) -> dict[str, dict]:
+    """Heartbeats of the trainers alive now, by worker name (host:pid)."""
+    return store.beacons(TRAINERS)
+
+
+def trainer_health(settings: WorkerSettings, host: str | None = None) -> tuple[bool, str]:
+    """For a container healthcheck: is a trainer of this host publishing its heartbeat?"""
+    host = host or socket.gethostname()
+    store = open_store(settings)
+    try:
+        alive = [name for name in live_trainers(store) if name.rsplit(":", 1)[0] == host]
+    finally:
+        store.close()
+    if alive:
+        return True, f"trainer alive: {', '.join(sorted(alive))}"
+    return False, f"no trainer heartbeat from host {host} in the last {HEARTBEAT_TTL_S:.0f} s"
 
 
 def run_trainer(settings: WorkerSettings) -> None:
