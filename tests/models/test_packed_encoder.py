@@ -161,7 +161,14 @@ def test_strategy_with_frozen_bottom_trains_like_uncached(strategy_cls, period):
         for run in runs.values():
             train_step(run, batch)
     after = parameters(runs["cached"])
-    assert max_relative_difference(after, parameters(runs["reference"])) < 1e-9
+    reference = parameters(runs["reference"])
+    # An attention key bias has an exactly zero gradient (softmax ignores a shift shared by all keys): Adam rescales
+    # the two layouts' rounding noise there into steps, so it only has to agree to a millionth of the largest weight (its relative difference measured 2e-9 to 5e-9).
+    noise = [k for k in after if k.endswith("attention.self.key.bias")]
+    exact = [k for k in after if k not in noise]
+    assert max_relative_difference({k: after[k] for k in exact}, {k: reference[k] for k in exact}) < 1e-9
+    scale = max(float(v.abs().max()) for v in reference.values())
+    assert noise and max(float((after[k] - reference[k]).abs().max()) for k in noise) < 1e-6 * scale
     frozen = [k for k in before if k.startswith(("encoder.backbone.embeddings", "encoder.backbone.encoder.layer.0."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder.backbone.encoder.layer.1."))
