@@ -224,6 +224,21 @@ class KTRecommendRequest(RequestModel):
     questions: list[ItemId] | None = Field(None, description="recommend only among these questions")
     items: list[ItemText] = Field(default_factory=list, description="texts of history items the model may not know")
 
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "kt",
+                    "history": [{"item_id": "1", "correct": True}, {"item_id": "3", "correct": False}],
+                    "k": 5,
+                    "target": 0.7,
+                }
+            ]
+        },
+    )
+
 
 class NRRecommendRequest(RequestModel):
     """The top `k` news of the whole catalog for a reader who clicked `history`, by /predict's score."""
@@ -238,6 +253,14 @@ class NRRecommendRequest(RequestModel):
         None, description="only news published after this (news without published_at are left out)"
     )
     items: list[ItemText] = Field(default_factory=list, description="texts of history items the model may not know")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [{"task": "nr", "history": ["N55528", "N19639"], "k": 10, "category": "sports"}]
+        },
+    )
 
 
 RecommendRequest = Annotated[KTRecommendRequest | NRRecommendRequest, Field(discriminator="task")]

@@ -12,13 +12,17 @@ from pathlib import Path
 import pytest
 from pydantic import TypeAdapter
 
-from gramrec.service.schemas import AddItemsRequest, PredictRequest
+from gramrec.service.schemas import AddItemsRequest, PredictRequest, RecommendRequest
 from gramrec.trainer.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PROGRAMS = {"python3", "curl", ".venv/bin/pip", ".venv/bin/pytest", ".venv/bin/gramrec", ".venv/bin/torchrun"}
-BODIES = {"/predict": TypeAdapter(PredictRequest), "/items": TypeAdapter(AddItemsRequest)}
+BODIES = {
+    "/predict": TypeAdapter(PredictRequest),
+    "/items": TypeAdapter(AddItemsRequest),
+    "/recommend": TypeAdapter(RecommendRequest),
+}
 
 
 def shell_commands(text: str) -> list[list[str]]:
