@@ -38,7 +38,7 @@ def test_data_volume_has_a_working_default():
 
 
 def test_train_once_checkpoints_are_where_retrains_look():
-    out = SERVICES["train-once"]["environment"]["GRAMREC_OUT"]
+    out = SERVICES["train-once"]["environment"]["GRAMREC_TRAIN_OUT"]
     runs = [v for v in SERVICES["train-once"]["volumes"] if out.startswith(v.split(":")[1])]
     assert runs and runs[0] in SERVICES["trainer"]["volumes"]
 
