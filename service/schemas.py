@@ -71,8 +71,6 @@ class KTPredictRequest(RequestModel):
     items: list[ItemText] = Field(default_factory=list, description="texts of items the model may not know")
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -94,8 +92,6 @@ class NRPredictRequest(RequestModel):
     items: list[ItemText] = Field(default_factory=list, description="texts of items the model may not know")
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -163,8 +159,6 @@ class AddItemsRequest(RequestModel):
     items: list[NewItem] = Field(min_length=1)
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -225,8 +219,6 @@ class KTRecommendRequest(RequestModel):
     items: list[ItemText] = Field(default_factory=list, description="texts of history items the model may not know")
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -255,8 +247,6 @@ class NRRecommendRequest(RequestModel):
     items: list[ItemText] = Field(default_factory=list, description="texts of history items the model may not know")
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [{"task": "nr", "history": ["N55528", "N19639"], "k": 10, "category": "sports"}]
         },
@@ -352,8 +342,6 @@ class KTInteractions(RequestModel):
     events: list[AnswerEvent] = Field(min_length=1)
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -379,8 +367,6 @@ class NRInteractions(RequestModel):
     timestamp: Timestamp | None = Field(None, description="ISO 8601 or Unix seconds; naive times are UTC")
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -422,8 +408,6 @@ class RetrainRequest(RequestModel):
     )
 
     model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
         json_schema_extra={"examples": [{"task": "kt", "epochs": 1, "time_budget_s": 600}]},
     )
 
