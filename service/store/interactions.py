@@ -1,4 +1,9 @@
-"""The interaction log: answers (kt) and impressions (nr) logged by the API, read by retrains."""
+"""The interaction log: answers (kt) and impressions (nr) logged by the API, read by retrains.
+
+The store holds the log's live tail; the trainer compacts older entries into Parquet segment files and then
+trims them from the store (trainer/retrain/log_compaction.py). The store records where those segments are, so
+every reader of the log finds the compacted part too.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ class InteractionLog(Protocol):
     def read_interactions(
         self, task: str, count: int = 100, after: str | None = None
     ) -> list[tuple[str, dict[str, str]]]: ...
+    def trim_interactions(self, task: str, up_to_id: str, older_than_s: float = 0.0) -> int: ...
+    def count_interactions(self, task: str) -> int: ...
+    def log_segments_dir(self) -> str | None: ...
+    def set_log_segments_dir(self, directory: str) -> None: ...
+
+
+def next_stream_id(entry_id: str) -> str:
+    """The smallest Redis stream id after `entry_id` ("ms-seq")."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{int(ms)}-{int(seq or 0) + 1}"
 
 
 class RedisInteractions:
@@ -36,6 +51,26 @@ class RedisInteractions:
         start = f"({after}" if after else "-"
         entries = self.client.xrange(self.key("interactions", task), min=start, count=count)
         return [(i.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for i, fields in entries]  # type: ignore[union-attr]
+
+    def trim_interactions(self, task: str, up_to_id: str, older_than_s: float = 0.0) -> int:
+        """Removes the entries with ids <= up_to_id that were logged more than `older_than_s` ago (by the Redis
+        server's clock, which stamps stream ids); one exact XTRIM MINID. Returns how many were removed."""
+        threshold = next_stream_id(up_to_id)
+        if older_than_s > 0:
+            seconds, micros = self.client.time()
+            cutoff_ms = int(seconds) * 1000 + int(micros) // 1000 - int(older_than_s * 1000)
+            threshold = min(threshold, f"{cutoff_ms}-0", key=lambda i: tuple(int(p) for p in i.split("-")))
+        return int(self.client.xtrim(self.key("interactions", task), minid=threshold, approximate=False))
+
+    def count_interactions(self, task: str) -> int:
+        return int(self.client.xlen(self.key("interactions", task)))
+
+    def log_segments_dir(self) -> str | None:
+        value = self.client.get(self.key("log-segments"))
+        return value.decode() if value is not None else None  # type: ignore[union-attr]
+
+    def set_log_segments_dir(self, directory: str) -> None:
+        self.client.set(self.key("log-segments"), directory)
 
 
 class SqliteInteractions:
@@ -66,3 +101,29 @@ class SqliteInteractions:
             (task, int(after or 0), count),
         )
         return [(str(i), json.loads(fields)) for i, fields in rows]
+
+    def trim_interactions(self, task: str, up_to_id: str, older_than_s: float = 0.0) -> int:
+        """Deletes rows with ids <= up_to_id logged more than `older_than_s` ago, in one transaction."""
+        cutoff = time.time() - older_than_s
+        return self._transaction(
+            lambda cursor: (
+                cursor.execute(
+                    "DELETE FROM interactions WHERE task = ? AND id <= ? AND logged_at <= ?",
+                    (task, int(up_to_id), cutoff),
+                ).rowcount
+            )
+        )
+
+    def count_interactions(self, task: str) -> int:
+        return self._query("SELECT COUNT(*) FROM interactions WHERE task = ?", (task,))[0][0]
+
+    def log_segments_dir(self) -> str | None:
+        rows = self._query("SELECT value FROM flags WHERE name = 'log-segments'")
+        return rows[0][0] if rows else None
+
+    def set_log_segments_dir(self, directory: str) -> None:
+        self._transaction(
+            lambda cursor: cursor.execute(
+                "INSERT OR REPLACE INTO flags (name, value, expires_at) VALUES ('log-segments', ?, NULL)", (directory,)
+            )
+        )

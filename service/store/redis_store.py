@@ -9,7 +9,9 @@ Redis layout ({p} is the key prefix, "gramrec:" by default; versions, tasks and 
     {p}active:{task}           string the active version of task "kt" or "nr"; changed only by compare-and-set
     {p}texts:{task}            hash   item_id -> text, of items added through the API (re-encoded at retrains
                                       and when another version is activated)
-    {p}interactions:{task}     stream logged answers (kt) and impressions (nr), the feed of future retrains
+    {p}interactions:{task}     stream logged answers (kt) and impressions (nr), the feed of future retrains;
+                                      its compacted head is trimmed (the entries live on in Parquet segments)
+    {p}log-segments            string the folder of the interaction log's Parquet segments (set by the trainer)
     {p}jobs                    hash   job_id -> JSON job record
     {p}retrain-queue           list   job ids waiting for the trainer worker (LPUSH by the API and the scheduler,
                                       RPOP by the trainer that holds the retrain lock)

@@ -7,6 +7,7 @@ trainer.explicit_settings.explicit_train_settings, from the values it names and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -46,6 +47,18 @@ class RetrainSettings(BaseModel):
         None, description="fault drills and tests only: make every retrain crash at this phase"
     )
 
+    # -- the interaction log's compaction (trainer/retrain/log_compaction.py) --
+    log_dir: Path | None = Field(
+        None, description="folder of the interaction log's Parquet segments (default: <artifacts_dir>/interaction-log)"
+    )
+    compact_interval_s: float = Field(
+        60.0, gt=0, description="compact the interaction log into segments this often (and before each snapshot)"
+    )
+    segment_entries: int = Field(50_000, ge=1, le=10_000_000, description="logged entries per Parquet segment")
+    stream_retention_s: float = Field(
+        3600.0, ge=0, description="compacted entries stay in the store this long before they are trimmed"
+    )
+
     @field_validator("tasks", mode="before")
     @classmethod
     def _comma_separated(cls, value):
@@ -82,3 +95,6 @@ class WorkerSettings(ServiceSettings):
     """Everything `gramrec trainer` needs: the shared store and artifacts settings, and the retrain loop's."""
 
     retrain: RetrainSettings = RetrainSettings()
+
+    def interaction_log_dir(self) -> Path:
+        return self.retrain.log_dir or Path(self.artifacts_dir) / "interaction-log"

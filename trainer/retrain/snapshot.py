@@ -22,6 +22,7 @@ from gramrec.service.store import Store
 from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.kt_data import load_kt_data
 from gramrec.trainer.mind_data import BEHAVIORS_FILE, NEWS_FILE, load_mind
+from gramrec.trainer.retrain.interaction_segments import SegmentError, entry_key, list_segments, read_segment
 from gramrec.trainer.split_file import write_split
 
 log = logging.getLogger("gramrec.retrain")
@@ -64,9 +65,26 @@ def build_snapshot(
     return snapshot
 
 
-def logged_entries(store: Store, task: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """Every logged entry of the task, oldest first, page by page."""
-    after = None
+def logged_entries(store: Store, task: str, after: str | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """Every logged entry of the task with an id after `after` (all when None), oldest first, each once: the
+    compacted segments (trainer/retrain/interaction_segments.py), then the store's live tail after the last
+    segment. Ids compare with interaction_segments.entry_key (Redis `ms-seq`, sqlite integers)."""
+    directory = store.log_segments_dir()
+    segments = []
+    if directory is not None:
+        folder = Path(directory) / task
+        if not Path(directory).is_dir():
+            raise SegmentError(f"the interaction log's segments folder {directory} is missing (the store names it)")
+        segments = list_segments(folder)
+    floor = entry_key(after) if after is not None else None
+    for segment in segments:
+        if floor is not None and entry_key(segment.last) <= floor:
+            continue
+        for entry_id, fields in read_segment(segment):
+            if floor is None or entry_key(entry_id) > floor:
+                yield entry_id, fields
+    if segments and (floor is None or entry_key(segments[-1].last) > floor):
+        after = segments[-1].last
     while page := store.read_interactions(task, count=STREAM_PAGE, after=after):
         yield from page
         after = page[-1][0]

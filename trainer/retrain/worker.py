@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -22,9 +23,11 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from gramrec.service.schemas import Job
+from gramrec.service.settings import TASKS
 from gramrec.service.store import Lease, Store, open_store
 from gramrec.service.store.beacons import TRAINERS
 from gramrec.trainer.retrain.job import RetrainJob, now_iso
+from gramrec.trainer.retrain.log_compaction import compact_log
 from gramrec.trainer.retrain.settings import WorkerSettings
 
 log = logging.getLogger("gramrec.trainer")
@@ -61,6 +64,7 @@ class TrainerWorker:
         self.stop_event = threading.Event()
         self.started_at = now_iso()
         self.state: dict = {"status": "starting"}
+        self._compacted_at = -float("inf")
 
     # -- heartbeat ---------------------------------------------------------------------------------------------------
     def beat(self) -> None:
@@ -150,6 +154,7 @@ class TrainerWorker:
         try:
             self._fail_orphan()
             job = self.store.next_job()
+            self._compact_log(job)
             if job is None:
                 return None
             job["worker"] = self.name
@@ -169,6 +174,26 @@ class TrainerWorker:
         finally:
             renewer.set()
             lease.release()
+
+    def _compact_log(self, job: dict | None) -> None:
+        """Compacts the interaction log before each job's snapshot and, idle, every compact_interval_s. A failure
+        is logged and left for the next run: the store keeps every entry not yet safely in a segment."""
+        retrain = self.settings.retrain
+        now = time.monotonic()
+        if job is None and now - self._compacted_at < retrain.compact_interval_s:
+            return
+        self._compacted_at = now
+        tasks = (job["task"],) if job is not None else TASKS
+        try:
+            compact_log(
+                self.store,
+                self.settings.interaction_log_dir(),
+                retrain.segment_entries,
+                retrain.stream_retention_s,
+                tasks,
+            )
+        except Exception:
+            log.exception("interaction log compaction failed; retrying at the next run")
 
     def _fail_orphan(self) -> None:
         """A job still marked current when the lease was free belonged to a trainer that died or lost the lease."""

@@ -1,0 +1,190 @@
+"""The interaction log's compaction into Parquet segments: what it writes and trims, that readers see every
+acknowledged entry exactly once, and that a compaction process SIGKILLed at each phase (then restarted) loses and
+duplicates nothing, on both stores and across a Redis restart with AOF."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from gramrec.service.store import open_store
+from gramrec.trainer.retrain.interaction_segments import SegmentError, entry_key, list_segments
+from gramrec.trainer.retrain.log_compaction import PHASES, compact_task
+from gramrec.trainer.retrain.snapshot import build_snapshot, logged_entries
+from gramrec.trainer.retrain.worker import TrainerWorker
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.retrain_data import write_kt_data
+
+SEGMENT = 10
+
+
+def answers(start: int, n: int) -> list[dict[str, str]]:
+    return [
+        {"user_id": f"s{i % 7}", "item_id": f"q{i % 16}", "correct": str(i % 2), "timestamp": f"2026-11-23T10:{i % 60:02d}:00+00:00"}
+        for i in range(start, start + n)
+    ]
+
+
+def acknowledged(store, records) -> list[tuple[str, dict[str, str]]]:
+    """What POST /interactions acknowledges: the ids the store returned, with what they hold."""
+    return list(zip(store.log_interactions("kt", records), records, strict=True))
+
+
+def full_log(store) -> list[tuple[str, dict[str, str]]]:
+    return list(logged_entries(store, "kt"))
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def store_and_settings(request, settings_for):
+    settings = settings_for(request.param)
+    store = open_store(settings)
+    yield store, settings
+    store.close()
+
+
+def test_compaction_writes_full_segments_trims_and_every_entry_is_read_once(store_and_settings, tmp_path):
+    store, _ = store_and_settings
+    logged = acknowledged(store, answers(0, 25))
+    stats = compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
+
+    segments = list_segments(tmp_path / "log" / "kt")
+    assert [(s.first, s.last) for s in segments] == [(logged[0][0], logged[9][0]), (logged[10][0], logged[19][0])]
+    assert (stats.compacted, stats.trimmed, stats.stream_length, stats.segments) == (20, 20, 5, 2)
+    assert stats.segment_bytes == sum(s.bytes for s in segments) > 0
+    assert full_log(store) == logged
+    assert list(logged_entries(store, "kt", after=logged[12][0])) == logged[13:]  # mid-segment
+    assert list(logged_entries(store, "kt", after=logged[21][0])) == logged[22:]  # in the live tail
+
+    again = compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)  # idempotent: nothing new to do
+    assert (again.compacted, again.trimmed, again.segments) == (0, 0, 2)
+    assert full_log(store) == logged
+
+
+def test_retention_keeps_compacted_entries_in_the_store_and_readers_skip_them(store_and_settings, tmp_path):
+    store, _ = store_and_settings
+    logged = acknowledged(store, answers(0, 25))
+    stats = compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=3600)
+    assert (stats.compacted, stats.trimmed, stats.stream_length) == (20, 0, 25)
+    assert full_log(store) == logged
+
+
+def test_a_snapshot_reads_segments_and_the_tail(settings_for, tmp_path):
+    store = open_store(settings_for("redis"))
+    base = write_kt_data(tmp_path / "kt")
+    acknowledged(store, answers(0, 25))
+    before = build_snapshot("kt", base, store, tmp_path / "before", gate_fraction=0.1)
+    compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
+    after = build_snapshot("kt", base, store, tmp_path / "after", gate_fraction=0.1)
+    assert after.summary() == before.summary() and after.logged_interactions == 25
+    assert (tmp_path / "after" / "interactions.csv").read_text() == (tmp_path / "before" / "interactions.csv").read_text()
+    store.close()
+
+
+def test_a_second_segment_folder_is_refused(store_and_settings, tmp_path):
+    store, _ = store_and_settings
+    acknowledged(store, answers(0, 12))
+    compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
+    with pytest.raises(SegmentError, match="segments are in"):
+        compact_task(store, tmp_path / "elsewhere", "kt", SEGMENT, retention_s=0)
+
+
+def test_entry_ids_compare_as_the_stores_issue_them():
+    assert entry_key("1700000000000-10") > entry_key("1700000000000-9") > entry_key("999999999999-99")
+    assert entry_key("10") > entry_key("9")
+    with pytest.raises(SegmentError, match="not a log entry id"):
+        entry_key("abc")
+
+
+def test_the_trainer_compacts_on_its_loop(settings_for, tmp_path):
+    settings = settings_for(
+        "embedded", tasks=["kt"],
+        retrain={"segment_entries": 5, "stream_retention_s": 0, "compact_interval_s": 3600, "log_dir": tmp_path / "log"},
+    )
+    store = open_store(settings)
+    logged = acknowledged(store, answers(0, 12))
+    worker = TrainerWorker(settings, store)
+    assert worker.work_once() is None  # no job: an idle run compacts
+    assert len(list_segments(tmp_path / "log" / "kt")) == 2 and store.count_interactions("kt") == 2
+    logged += acknowledged(store, answers(12, 10))
+    worker.work_once()  # within compact_interval_s: not again
+    assert len(list_segments(tmp_path / "log" / "kt")) == 2
+    assert full_log(store) == logged
+    store.close()
+
+
+# -- crash tests ----------------------------------------------------------------------------------------------------
+# A real compaction process, SIGKILLed by itself when it reaches the phase (the second time, for the phases of each
+# segment, so one segment is already done). "trim" arms a timer of 0-3 ms when the trim starts: the kill lands during
+# or just after it (the trim is one atomic command / transaction, so both outcomes must hold up).
+_COMPACT_AND_DIE = """
+import os, random, signal, sys, threading, time
+from pathlib import Path
+from gramrec.trainer.retrain.log_compaction import compact_task
+backend, where, log_dir, phase = sys.argv[1:5]
+if backend == "redis":
+    from gramrec.service.store.redis_store import RedisStore
+    url, _, prefix = where.partition(" ")
+    store = RedisStore.from_url(url, prefix)
+else:
+    from gramrec.service.store.sqlite_store import EmbeddedStore
+    store = EmbeddedStore(Path(where))
+seen = []
+def on_phase(name):
+    seen.append(name)
+    if name != phase or (phase != "trim" and seen.count(name) < 2):
+        return
+    if phase == "trim":
+        threading.Timer(random.uniform(0, 0.003), os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+compact_task(store, Path(log_dir), "kt", int(sys.argv[5]), 0.0, on_phase)
+time.sleep(5)
+"""
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_compaction_killed_at_each_phase_loses_and_duplicates_nothing(store_and_settings, tmp_path, phase):
+    store, settings = store_and_settings
+    where = f"{settings.redis_url} {settings.redis_key_prefix}" if settings.redis_url else str(settings.embedded_store_path)
+    logged = acknowledged(store, answers(0, 25))
+    log_dir = tmp_path / "log"
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPACT_AND_DIE, "redis" if settings.redis_url else "embedded", where, str(log_dir), phase, str(SEGMENT)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    folder = log_dir / "kt"
+    if phase == "written":
+        assert [p.name for p in folder.iterdir() if p.name.startswith(".")], "the kill did not land on a temp file"
+    done = {"read": 1, "written": 1, "renamed": 2, "trim": 2}[phase]
+    assert len(list_segments(folder)) == done
+    assert full_log(store) == logged  # nothing lost, nothing twice, in order
+
+    logged += acknowledged(store, answers(25, 7))  # the API keeps logging
+    stats = compact_task(store, log_dir, "kt", SEGMENT, retention_s=0)  # the restart resumes where it stopped
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    assert stats.segments == 3 and stats.stream_length == 2
+    assert full_log(store) == logged
+
+
+def test_compacted_log_survives_a_redis_restart_with_aof(tmp_path):
+    from gramrec.service.store.redis_store import RedisStore
+
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        store = RedisStore.from_url(server.url, "aof:")
+        logged = acknowledged(store, answers(0, 25))
+        compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
+        logged += acknowledged(store, answers(25, 3))
+        store.close()
+        server.kill()
+        server.start()  # replays the AOF: the trim, the segment folder's name and the tail
+        store = RedisStore.from_url(server.url, "aof:")
+        assert store.count_interactions("kt") == 8
+        assert full_log(store) == logged
+        store.close()
+    finally:
+        server.close()
