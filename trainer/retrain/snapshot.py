@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -110,18 +111,25 @@ def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
     base = load_kt_data(base_data)
     texts = merged_catalog(base.items, store.texts("kt"))
     snapshot = Snapshot(folder, "kt", texts)
-    rows: list[tuple[str, str, int]] = []  # (user, item, correct) in global order: base first, then the log
+    rows: list[
+        tuple[str, str, int]
+    ] = []  # (user, item, correct) base first (it predates the log), then the log by answer time
     for sequence in base.sequences:
         for item, correct in zip(sequence.items, sequence.correct, strict=True):
             rows.append((sequence.user_id, base.items.ids[item], int(correct)))
     snapshot.base_interactions = len(rows)
+    logged: list[tuple[float, str, str, int]] = []  # (answered at, user, item, correct) in arrival order
+    answered_at = -math.inf
     for entry_id, fields in logged_entries(store, "kt"):
         snapshot.last_logged_id = entry_id
         if fields.get("item_id") not in texts or fields.get("correct") not in ("0", "1"):
             snapshot.dropped_interactions += 1
             continue
-        rows.append((fields["user_id"], fields["item_id"], int(fields["correct"])))
+        answered_at = _answer_time(fields.get("timestamp"), answered_at)
+        logged.append((answered_at, fields["user_id"], fields["item_id"], int(fields["correct"])))
         snapshot.logged_interactions += 1
+    logged.sort(key=lambda row: row[0])  # stable: ties keep their arrival order
+    rows += [(user, item, correct) for _, user, item, correct in logged]
 
     with open(folder / "items.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -132,12 +140,28 @@ def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
         writer.writerow(["user_id", "item_id", "correct", "order"])
         writer.writerows((user, item, correct, order) for order, (user, item, correct) in enumerate(rows))
 
-    last_seen = {user: order for order, (user, _, _) in enumerate(rows)}  # dicts keep insertion order
+    last_seen = {user: order for order, (user, _, _) in enumerate(rows)}  # position in time: recency
     users_by_recency = sorted(last_seen, key=last_seen.__getitem__)
     val, test = recent_split(users_by_recency, gate_fraction)
     write_split(folder, val, test)
     snapshot.gate_units = test
     return snapshot
+
+
+def _answer_time(timestamp: str | None, previous: float) -> float:
+    """When a logged answer was given (Unix seconds), so backfilled answers take their place in time rather than
+    at the end. An entry without a readable time keeps its arrival position: it takes the time of the one before."""
+    if not timestamp:
+        return previous
+    try:
+        return float(timestamp)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return previous
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # -- news ------------------------------------------------------------------------------------------------------------

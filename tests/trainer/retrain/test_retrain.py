@@ -476,3 +476,21 @@ def test_a_retrain_reads_no_training_variable_from_the_environment(deployed, mon
     assert job["status"] in ("succeeded", "rejected"), job["error"]
     (used,) = seen
     assert used.max_steps_per_epoch is None and used.lr_cf != 0.5
+
+
+def test_kt_snapshot_orders_logged_answers_by_their_timestamps(settings_for, kt_base, tmp_path):
+    """Backfilled answers (logged last, answered long ago) are not the newest: order and recency follow time."""
+    store = open_store(settings_for("embedded"))
+    store.log_interactions("kt", answers("recent1", "q1", 2) + answers("recent2", "q2", 2))
+    store.log_interactions("kt", [  # backfill: logged after recent1/recent2, answered a year before
+        {"user_id": "backfilled", "item_id": "q3", "correct": "1", "timestamp": "2025-11-01T09:00:00+00:00"},
+        {"user_id": "recent1", "item_id": "q4", "correct": "0", "timestamp": "2025-11-01T08:00:00+00:00"},
+        {"user_id": "backfilled", "item_id": "q5", "correct": "0", "timestamp": "2025-11-01T08:30:00+00:00"},
+    ])
+    build_snapshot("kt", kt_base, store, tmp_path / "snap", gate_fraction=0.05)
+    with open(tmp_path / "snap" / "interactions.csv") as f:
+        logged = [(r["user_id"], r["item_id"]) for r in csv.DictReader(f)][600:]
+    assert logged == [("recent1", "q4"), ("backfilled", "q5"), ("backfilled", "q3")] + [("recent1", "q1")] * 2 + [
+        ("recent2", "q2")] * 2
+    assert read_split(tmp_path / "snap").test == {"recent1", "recent2"}  # not the backfilled student
+    store.close()
