@@ -111,9 +111,8 @@ def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
     base = load_kt_data(base_data)
     texts = merged_catalog(base.items, store.texts("kt"))
     snapshot = Snapshot(folder, "kt", texts)
-    rows: list[
-        tuple[str, str, int]
-    ] = []  # (user, item, correct) base first (it predates the log), then the log by answer time
+    # (user, item, correct): the base first (it predates the log), then the logged answers by answer time
+    rows: list[tuple[str, str, int]] = []
     for sequence in base.sequences:
         for item, correct in zip(sequence.items, sequence.correct, strict=True):
             rows.append((sequence.user_id, base.items.ids[item], int(correct)))
