@@ -16,6 +16,7 @@ import numpy as np
 
 from gramrec.service.errors import GramrecError
 from gramrec.service.store import Lease, Store
+from gramrec.service.store.items import text_digest
 
 log = logging.getLogger("gramrec.service")
 
@@ -81,23 +82,46 @@ def prepare(store: Store, bundle: Bundle, known_texts: Mapping[str, str] | None 
 
 
 def backfill(store: Store, bundle: Bundle, known_texts: Mapping[str, str] | None = None) -> None:
-    """Encodes items added through the API (texts hash) that this version's table lacks, and, given the texts
-    the table was built from, items whose text has changed since."""
+    """Encodes the items added through the API (texts hash) that this version's table lacks, and those whose
+    current text differs from the text their row was encoded from, so a rollback to an older version serves no
+    stale vector; rows whose text is unchanged are left alone."""
     if not bundle.has_encoder:
         return
     texts = store.texts(bundle.task)
     if not texts:
         return
-    missing = set(texts) - store.table_ids(bundle.version)
-    if known_texts is not None:
-        missing |= {item_id for item_id, text in texts.items() if known_texts.get(item_id, text) != text}
-    ordered = sorted(missing)
+    ordered = sorted(stale_rows(store, bundle, texts, known_texts))
     for start in range(0, len(ordered), BACKFILL_BATCH):
         ids = ordered[start : start + BACKFILL_BATCH]
-        vectors = bundle.encode_texts([texts[i] for i in ids])
-        store.add_vectors(bundle.version, ids, vectors, bundle.dim)
+        batch = [texts[i] for i in ids]
+        store.add_vectors(bundle.version, ids, bundle.encode_texts(batch), bundle.dim, texts=batch)
     if ordered:
         log.info("items re-encoded", extra={"version": bundle.version, "items": len(ordered)})
+
+
+def stale_rows(
+    store: Store, bundle: Bundle, texts: Mapping[str, str], known_texts: Mapping[str, str] | None
+) -> set[str]:
+    """Ids of `texts` whose row in the version's table is missing or was encoded from another text.
+
+    The text a row came from: the digest stored with it (rows written after the bulk load), else the texts the
+    caller says the table was built from (a retrain's snapshot), else the version's own catalog text. A row with
+    none of these (written before digests were kept) is re-encoded: its source is unknown.
+    """
+    present = store.table_ids(bundle.version)
+    recorded = store.text_digests(bundle.version, [i for i in texts if i in present])
+    stale = set()
+    for item_id, text in texts.items():
+        if item_id not in present:
+            stale.add(item_id)
+            continue
+        made_from = recorded.get(item_id)
+        if made_from is None:
+            source = (known_texts or {}).get(item_id) or bundle.catalog_text(item_id)
+            made_from = text_digest(source) if source is not None else None
+        if made_from != text_digest(text):
+            stale.add(item_id)
+    return stale
 
 
 _CURRENT = object()  # expected_active default: whatever the pointer names when the switch is attempted

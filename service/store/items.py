@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -35,6 +36,12 @@ def vector_rows(vectors: np.ndarray, dim: int) -> list[bytes]:
     return [row.tobytes() for row in array]
 
 
+def text_digest(text: str) -> str:
+    """What a row's vector was encoded from, kept beside it: an activation compares it with the item's current
+    text and re-encodes only rows whose text has changed since (a rollback to an older version included)."""
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def same_length(ids: Sequence[str], *columns: Sequence) -> None:
     if any(len(column) != len(ids) for column in columns):
         raise ValueError(f"{len(ids)} item ids, but columns of lengths {[len(c) for c in columns]}")
@@ -63,7 +70,10 @@ class ItemStore(Protocol):
     def drop_table(self, version: str) -> None: ...
     def count_items(self, version: str) -> int: ...
     def get_vectors(self, version: str, ids: Sequence[str]) -> list[bytes | None]: ...
-    def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None: ...
+    def add_vectors(
+        self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int, texts: Sequence[str] | None = None
+    ) -> None: ...
+    def text_digests(self, version: str, ids: Sequence[str]) -> dict[str, str]: ...
     def texts(self, task: str) -> dict[str, str]: ...
     def get_item(self, task: str, version: str, item_id: str) -> tuple[str | None, bytes | None]: ...
     def put_items(
@@ -105,15 +115,16 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: active pointer, table, texts, metadata, change log (sorted set), change counter.
-# ARGV: version, then (id, vector, text, metadata JSON) quadruples. Each item's change-log score is a new sequence
+# KEYS: active pointer, table, texts, metadata, change log (sorted set), change counter, table's text digests.
+# ARGV: version, then (id, vector, text, metadata JSON, text digest) quintuples. Each item's change-log score is a new sequence
 # number, so a process's catalog index reads everything changed after the last number it saw.
 _PUT_ITEMS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 5 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
   redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 3])
+  redis.call('HSET', KEYS[7], ARGV[i], ARGV[i + 4])
   redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[i])
 end
 return 1
@@ -192,7 +203,7 @@ class RedisItems:
         return {field.decode() for field in self.client.hkeys(self.key("table", version))}  # type: ignore[union-attr]
 
     def drop_table(self, version: str) -> None:
-        self.client.unlink(self.key("table", version))
+        self.client.unlink(self.key("table", version), self.key("table-texts", version))
 
     def count_items(self, version: str) -> int:
         return int(self.client.hlen(self.key("table", version)))
@@ -202,11 +213,27 @@ class RedisItems:
             return []
         return self.client.hmget(self.key("table", version), list(ids))  # type: ignore[return-value]
 
-    def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None:
+    def add_vectors(
+        self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int, texts: Sequence[str] | None = None
+    ) -> None:
+        """Writes rows (and, given the texts they were encoded from, their digests) in one transaction."""
         rows = vector_rows(vectors, dim)
-        same_length(ids, rows)
-        if len(ids):
-            self.client.hset(self.key("table", version), mapping=dict(zip(ids, rows, strict=True)))
+        same_length(ids, rows, *([texts] if texts is not None else []))
+        if not len(ids):
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.key("table", version), mapping=dict(zip(ids, rows, strict=True)))
+        if texts is not None:
+            digests = {i: text_digest(t) for i, t in zip(ids, texts, strict=True)}
+            pipe.hset(self.key("table-texts", version), mapping=digests)  # type: ignore[arg-type]
+        pipe.execute()
+
+    def text_digests(self, version: str, ids: Sequence[str]) -> dict[str, str]:
+        """Digests of the texts these rows were encoded from, for rows written with one (see text_digest)."""
+        if not ids:
+            return {}
+        values = self.client.hmget(self.key("table-texts", version), list(ids))
+        return {i: v.decode() for i, v in zip(ids, values, strict=True) if v is not None}  # type: ignore[union-attr]
 
     def texts(self, task: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.client.hgetall(self.key("texts", task)).items()}  # type: ignore[union-attr]
@@ -233,7 +260,7 @@ class RedisItems:
         metas = metadata_rows(ids, metadata)
         args: list = [version]
         for item_id, row, text, meta in zip(ids, rows, texts, metas, strict=True):
-            args += [item_id, row, text, meta]
+            args += [item_id, row, text, meta, text_digest(text)]
         keys = [
             self.key("active", task),
             self.key("table", version),
@@ -241,6 +268,7 @@ class RedisItems:
             self.key("meta", task),
             self.key("changes", task),
             self.key("changeseq", task),
+            self.key("table-texts", version),
         ]
         if not self._put_items(keys=keys, args=args):
             raise StaleVersion(f"{version} is no longer the active {task} version")
@@ -318,6 +346,7 @@ class SqliteItems:
     def drop_table(self, version: str) -> None:
         def drop(cursor: sqlite3.Cursor) -> None:
             cursor.execute("DELETE FROM vectors WHERE version = ?", (version,))
+            cursor.execute("DELETE FROM vector_texts WHERE version = ?", (version,))
             cursor.execute("DELETE FROM tables WHERE version = ?", (version,))
 
         self._transaction(drop)
@@ -336,15 +365,31 @@ class SqliteItems:
                 found.update(self._db.execute(sql, (version, *chunk)).fetchall())
         return [found.get(item_id) for item_id in ids]
 
-    def add_vectors(self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int) -> None:
+    def add_vectors(
+        self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int, texts: Sequence[str] | None = None
+    ) -> None:
         rows = vector_rows(vectors, dim)
-        same_length(ids, rows)
-        self._transaction(
-            lambda cursor: cursor.executemany(
+        same_length(ids, rows, *([texts] if texts is not None else []))
+
+        def add(cursor: sqlite3.Cursor) -> None:
+            cursor.executemany(
                 "INSERT OR REPLACE INTO vectors (version, item_id, vector) VALUES (?, ?, ?)",
                 ((version, item_id, row) for item_id, row in zip(ids, rows, strict=True)),
             )
-        )
+            if texts is not None:
+                _record_digests(cursor, version, ids, texts)
+
+        self._transaction(add)
+
+    def text_digests(self, version: str, ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), _MAX_PARAMS):
+            chunk = unique[start : start + _MAX_PARAMS]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT item_id, digest FROM vector_texts WHERE version = ? AND item_id IN ({marks})"
+            found.update(self._query(sql, (version, *chunk)))
+        return found
 
     def texts(self, task: str) -> dict[str, str]:
         return dict(self._query("SELECT item_id, text FROM texts WHERE task = ?", (task,)))
@@ -383,6 +428,7 @@ class SqliteItems:
                 "INSERT OR REPLACE INTO texts (task, item_id, text) VALUES (?, ?, ?)",
                 ((task, item_id, text) for item_id, text in zip(ids, texts, strict=True)),
             )
+            _record_digests(cursor, version, ids, texts)
             cursor.executemany(
                 "INSERT OR REPLACE INTO item_meta (task, item_id, meta) VALUES (?, ?, ?)",
                 ((task, item_id, meta) for item_id, meta in zip(ids, metas, strict=True)),
@@ -413,3 +459,10 @@ class SqliteItems:
         if not rows:
             return after, []
         return int(rows[-1][0]), [item_id for _, item_id in rows]
+
+
+def _record_digests(cursor: sqlite3.Cursor, version: str, ids: Sequence[str], texts: Sequence[str]) -> None:
+    cursor.executemany(
+        "INSERT OR REPLACE INTO vector_texts (version, item_id, digest) VALUES (?, ?, ?)",
+        ((version, item_id, text_digest(text)) for item_id, text in zip(ids, texts, strict=True)),
+    )

@@ -4,6 +4,8 @@ Redis layout ({p} is the key prefix, "gramrec:" by default; versions, tasks and 
 '*', '{', '}' or whitespace, so no key can reach into another):
 
     {p}table:{version}         hash   item_id -> D float32 (little-endian bytes): that version's item table
+    {p}table-texts:{version}   hash   item_id -> digest of the text the row was encoded from (rows written
+                                      after the bulk load: API-added and re-encoded items)
     {p}staging:{version}:{hex} hash   a table being bulk-loaded; RENAMENX'd to {p}table:{version} when complete,
                                       so a half-loaded table is never visible
     {p}active:{task}           string the active version of task "kt" or "nr"; changed only by compare-and-set

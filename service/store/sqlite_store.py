@@ -24,6 +24,9 @@ CREATE TABLE IF NOT EXISTS tables (version TEXT PRIMARY KEY, loaded_at REAL NOT 
 CREATE TABLE IF NOT EXISTS vectors (
     version TEXT NOT NULL, item_id TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (version, item_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vector_texts (
+    version TEXT NOT NULL, item_id TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (version, item_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS active (task TEXT PRIMARY KEY, version TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS texts (
     task TEXT NOT NULL, item_id TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (task, item_id)

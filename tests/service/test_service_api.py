@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from gramrec.service.app import create_app
 from gramrec.service.settings import Limits
+from gramrec.service.store.items import decode_rows
 from tests.helpers.fakes import DIM, REDIS_URL, FakeArtifacts, FakeBundle, text_vector
 
 KT1 = "kt-20260101T000000-aaaaaa"
@@ -269,6 +270,26 @@ def test_models_and_rollback(client, artifacts):
     assert client.post("/predict", json={"task": "kt", "targets": ["kt10"]}).json()["model_version"] == KT1
     assert client.post("/admin/models/kt-nothere/activate", headers=AUTH).status_code == 404
     assert client.post("/admin/models/bad:name/activate", headers=AUTH).status_code == 422
+
+
+def test_a_rollback_re_encodes_items_whose_text_changed_since_and_only_those(client, artifacts):
+    """Texts edited while a newer version served are re-encoded when an older version is activated again: the
+    API-added item the old table encoded from its first text, and a dataset item whose text the API replaced."""
+    items = [{"item_id": "edited", "text": "first wording"}, {"item_id": "steady", "text": "never changes"}]
+    assert client.post("/items", json={"task": "kt", "items": items}).status_code == 200
+    artifacts.add(FakeBundle(KT2, "kt", n_items=5))
+    assert client.post(f"/admin/models/{KT2}/activate", headers=AUTH).status_code == 200
+    edits = [{"item_id": "edited", "text": "second wording"}, {"item_id": "kt3", "text": "kt3 reworded"}]
+    assert client.post("/items", json={"task": "kt", "items": edits}).status_code == 200
+    old = artifacts.bundles[KT1]
+    old.encoded.clear()
+
+    assert client.post(f"/admin/models/{KT1}/activate", headers=AUTH).status_code == 200  # roll back
+    store = client.app.state.store
+    rows, missing = decode_rows(store.get_vectors(KT1, ["edited", "kt3", "steady"]), DIM)
+    assert not missing
+    np.testing.assert_allclose(rows, np.stack([text_vector(t) for t in ("second wording", "kt3 reworded", "never changes")]))
+    assert sorted(set(old.encoded)) == ["kt3 reworded", "second wording"]  # the unchanged row is left alone
 
 
 def test_other_processes_follow_an_activation(make_client, backend, artifacts):

@@ -147,6 +147,30 @@ def test_interactions_and_jobs(store):
     assert store.get_job("j2") is None
 
 
+def test_trim_interactions_removes_only_up_to_the_id_and_past_the_retention(store):
+    ids = store.log_interactions("kt", [{"user_id": f"u{n}", "item_id": "a", "correct": "1"} for n in range(5)])
+    assert store.trim_interactions("kt", ids[2], older_than_s=3600) == 0  # all logged just now: kept
+    assert store.trim_interactions("kt", ids[2]) == 3
+    assert [entry_id for entry_id, _ in store.read_interactions("kt")] == ids[3:]
+    assert store.count_interactions("kt") == 2 and store.count_interactions("nr") == 0
+    assert store.log_segments_dir() is None
+    store.set_log_segments_dir("/data/log")
+    assert store.log_segments_dir() == "/data/log"
+
+
+def test_rows_keep_the_digest_of_their_text_until_the_table_is_dropped(store):
+    from gramrec.service.store.items import text_digest
+
+    store.load_table("kt-v1", ["x"], vectors(1), D)
+    store.compare_and_set_active("kt", None, "kt-v1")
+    store.put_items("kt", "kt-v1", ["a"], ["text a"], vectors(1), D)
+    store.add_vectors("kt-v1", ["b"], vectors(1), D, texts=["text b"])
+    store.add_vectors("kt-v1", ["c"], vectors(1), D)
+    assert store.text_digests("kt-v1", ["a", "b", "c", "x"]) == {"a": text_digest("text a"), "b": text_digest("text b")}
+    store.drop_table("kt-v1")
+    assert store.text_digests("kt-v1", ["a", "b"]) == {}
+
+
 def test_ping(store):
     assert store.ping()
 
