@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from gramrec.service.body_limit import BodyLimitMiddleware
 from gramrec.service.content_type import JsonContentTypeMiddleware
 from gramrec.service.http_errors import add_error_handlers
-from gramrec.service.metrics import IndexCollector, Metrics, MetricsMiddleware
+from gramrec.service.metrics import IndexCollector, InteractionLogCollector, Metrics, MetricsMiddleware
 from gramrec.service.registry import Bundle, ModelRegistry
 from gramrec.service.routers import admin, health, interactions, items, predict, recommend
 from gramrec.service.settings import Limits, ServiceSettings
@@ -86,6 +86,7 @@ def create_app(
     app.state.metrics = metrics
     metrics.watch_models(lambda: _model_state(app), lambda: _swap_state(app))
     metrics.registry.register(IndexCollector(lambda: _index_state(app)))
+    metrics.registry.register(InteractionLogCollector(lambda: _log_state(app, settings.tasks)))
 
     add_error_handlers(app)
     for router in (predict.router, recommend.router, items.router, interactions.router, admin.router, health.router):
@@ -153,6 +154,18 @@ def _model_state(app: FastAPI):
         except Exception:  # a scrape must not fail because the store is briefly away
             count = None
         yield task, model.version, count
+
+
+def _log_state(app: FastAPI, tasks: list[str]):
+    """(task, entries in the store's interaction log), read when /metrics is scraped."""
+    registry: ModelRegistry | None = getattr(app.state, "registry", None)
+    if registry is None:
+        return
+    for task in tasks:
+        try:
+            yield task, registry.store.count_interactions(task)
+        except Exception:  # a scrape must not fail because the store is briefly away
+            continue
 
 
 def _index_state(app: FastAPI):

@@ -82,6 +82,22 @@ class IndexCollector(Collector):
         yield approx
 
 
+class InteractionLogCollector(Collector):
+    """Entries of each task's interaction log still in the store (the live tail the trainer has not yet compacted
+    and trimmed): bounded by the segment size plus what arrives within the retention window."""
+
+    def __init__(self, state: Callable[[], Iterable[tuple[str, int]]]):
+        self.state = state  # yields (task, entries)
+
+    def collect(self):
+        entries = GaugeMetricFamily(
+            "gramrec_interaction_log_entries", "interaction log entries held in the store, per task", labels=["task"]
+        )
+        for task, n in self.state():
+            entries.add_metric([task], n)
+        yield entries
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

@@ -489,6 +489,14 @@ def test_metrics(client):
     assert 'gramrec_items{task="nr"} 20.0' in text
 
 
+def test_metrics_show_the_interaction_log_held_in_the_store(client):
+    events = [{"item_id": "kt1", "correct": 1}, {"item_id": "kt2", "correct": 0}]
+    assert client.post("/interactions", json={"task": "kt", "user_id": "s1", "events": events}).status_code == 201
+    text = client.get("/metrics").text
+    assert 'gramrec_interaction_log_entries{task="kt"} 2.0' in text
+    assert 'gramrec_interaction_log_entries{task="nr"} 0.0' in text
+
+
 class CommandCounter:
     """Records every Redis round trip of a client: plain commands and pipeline executions."""
 
