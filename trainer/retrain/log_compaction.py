@@ -66,6 +66,7 @@ def register_log_dir(store: Store, log_dir: Path) -> None:
     wanted = str(Path(log_dir).resolve())
     current = store.log_segments_dir()
     if current is None:
+        Path(wanted).mkdir(parents=True, exist_ok=True)  # readers refuse a named folder that is missing
         store.set_log_segments_dir(wanted)
     elif current != wanted:
         raise SegmentError(
@@ -91,7 +92,8 @@ def compact_task(
     segments = list_segments(folder)
     last = segments[-1].last if segments else None
     compacted = 0
-    while len(entries := _read_after(store, task, last, segment_entries)) == segment_entries:
+    full = store.count_interactions(task) >= segment_entries  # else no full segment can be waiting: skip the read
+    while full and len(entries := _read_after(store, task, last, segment_entries)) == segment_entries:
         phase("read")
         segment = write_segment(folder, entries, after_write=lambda: phase("written"))
         phase("renamed")
