@@ -9,7 +9,7 @@ and by polling every `model_poll_interval_s` as a fallback.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -156,7 +156,7 @@ def _model_state(app: FastAPI):
         yield task, model.version, count
 
 
-def _log_state(app: FastAPI, tasks: list[str]):
+def _log_state(app: FastAPI, tasks: Sequence[str]):
     """(task, entries in the store's interaction log), read when /metrics is scraped."""
     registry: ModelRegistry | None = getattr(app.state, "registry", None)
     if registry is None:
