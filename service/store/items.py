@@ -195,6 +195,9 @@ class RedisItems:
             pipe.execute()
             if not len(ids):
                 return False  # Redis has no empty hashes; an empty table needs no key
+            # Digests left from an evicted table would vouch for rows this load replaces with catalog vectors;
+            # without them, activation compares each row with its catalog text instead.
+            self.client.unlink(self.key("table-texts", version))
             return bool(self.client.renamenx(staging, self.key("table", version)))
         finally:
             self.client.delete(staging)

@@ -171,6 +171,19 @@ def test_rows_keep_the_digest_of_their_text_until_the_table_is_dropped(store):
     assert store.text_digests("kt-v1", ["a", "b"]) == {}
 
 
+def test_a_reloaded_table_keeps_no_digest_of_the_rows_it_replaced(store):
+    """A Redis table key lost alone (eviction, a stray DEL) is reloaded with catalog vectors: the digests of the
+    API texts its rows had been encoded from must go with it, or activation would trust rows it no longer has."""
+    store.load_table("kt-v1", ["a"], vectors(1), D)
+    store.add_vectors("kt-v1", ["a"], vectors(1), D, texts=["edited text"])
+    if isinstance(store, RedisStore):
+        store.client.unlink(store.key("table", "kt-v1"))  # the table alone, as an eviction would
+    else:
+        store.drop_table("kt-v1")
+    assert store.load_table("kt-v1", ["a"], vectors(1), D)
+    assert store.text_digests("kt-v1", ["a"]) == {}
+
+
 def test_ping(store):
     assert store.ping()
 
