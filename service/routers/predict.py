@@ -15,6 +15,7 @@ from gramrec.service.deps import get_registry, get_store, require_model
 from gramrec.service.inference import item_vectors
 from gramrec.service.limits import checked_predict
 from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.responses import ModelJSONResponse
 from gramrec.service.schemas import (
     KTPredictRequest,
     KTPredictResponse,
@@ -34,16 +35,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/predict", responses=_ERRORS)
+@router.post("/predict", responses=_ERRORS, response_model=KTPredictResponse | NRPredictResponse)
 def predict(
     body: Annotated[PredictRequest, Depends(checked_predict)],
     registry: Annotated[ModelRegistry, Depends(get_registry)],
     store: Annotated[Store, Depends(get_store)],
-) -> KTPredictResponse | NRPredictResponse:
+) -> ModelJSONResponse:
     model = require_model(registry, body.task)  # this request's bundle and table version, to the end
     if isinstance(body, KTPredictRequest):
-        return _knowledge_tracing(body, model, store)
-    return _news(body, model, store)
+        return ModelJSONResponse(_knowledge_tracing(body, model, store))
+    return ModelJSONResponse(_news(body, model, store))
 
 
 def _knowledge_tracing(body: KTPredictRequest, model: ActiveModel, store: Store) -> KTPredictResponse:

@@ -16,6 +16,7 @@ from gramrec.service.deps import get_registry, get_store, require_model
 from gramrec.service.inference import item_vectors
 from gramrec.service.limits import checked_recommend
 from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.responses import ModelJSONResponse
 from gramrec.service.schemas import (
     ItemText,
     KTRecommendRequest,
@@ -38,18 +39,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/recommend", responses=_ERRORS)
+@router.post("/recommend", responses=_ERRORS, response_model=KTRecommendResponse | NRRecommendResponse)
 def recommend(
     body: Annotated[RecommendRequest, Depends(checked_recommend)],
     registry: Annotated[ModelRegistry, Depends(get_registry)],
     store: Annotated[Store, Depends(get_store)],
-) -> KTRecommendResponse | NRRecommendResponse:
+) -> ModelJSONResponse:
     model = require_model(registry, body.task)  # this request's bundle and catalog index, to the end
     if model.index is None:
         raise StoreError(f"the catalog index of {model.version} is not built yet")
     if isinstance(body, KTRecommendRequest):
-        return _questions(body, model, store)
-    return _news(body, model, store)
+        return ModelJSONResponse(_questions(body, model, store))
+    return ModelJSONResponse(_news(body, model, store))
 
 
 def _history_vectors(model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]) -> np.ndarray:
@@ -95,10 +96,16 @@ def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KT
     history = _history_vectors(model, store, answered, body.items)
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
     rows = index.candidates(exclude=list(dict.fromkeys(answered)), only=body.questions)
-    if rows is None:
-        rows = np.arange(len(index))
-    targets = index.matrix_rows(rows)
-    probabilities = np.asarray(model.bundle.predict_kt(history, correct, targets), np.float64)
+    if index.kt_output is not None:  # the LSTM once, then one [N, H] product over precomputed question parts
+        state = model.bundle.kt_state(history, correct)
+        terms = index.kt_terms(rows)
+        if rows is None:
+            rows = np.arange(len(terms))
+        probabilities = np.asarray(index.kt_output.probabilities(state, terms), np.float64)
+    else:  # a version exported without its split head: the head scores every candidate
+        if rows is None:
+            rows = np.arange(len(index))
+        probabilities = np.asarray(model.bundle.predict_kt(history, correct, index.matrix_rows(rows)), np.float64)
     if body.band is not None:
         inside = (probabilities >= body.band.low) & (probabilities <= body.band.high)
         rows, probabilities = rows[inside], probabilities[inside]
