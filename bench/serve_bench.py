@@ -42,7 +42,10 @@ WORDS = (
 ).split()
 
 
-def parse_args() -> argparse.Namespace:
+SCENARIOS = ("predict kt", "predict nr", "POST /items", "recommend kt", "recommend nr")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="benchmark a running server instead of starting one")
     parser.add_argument("--artifacts", type=Path, default=ROOT / "artifacts" / "bench")
@@ -57,7 +60,7 @@ def parse_args() -> argparse.Namespace:
         "--scenarios",
         nargs="+",
         default=["predict kt", "predict nr", "POST /items"],
-        choices=["predict kt", "predict nr", "POST /items", "recommend kt", "recommend nr"],
+        choices=SCENARIOS,
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
@@ -71,7 +74,7 @@ def parse_args() -> argparse.Namespace:
         help="raw: a minimal keep-alive HTTP/1.1 client, to leave the server more of a small machine",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "serve_bench.json")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 # -- server ------------------------------------------------------------------------------------------------------
@@ -136,7 +139,16 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
         "GRAMREC_BOOTSTRAP": "false",
         "GRAMREC_ORT_THREADS": str(args.ort_threads),
     }
-    command = [sys.executable, "-m", "gramrec.trainer.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "gramrec.trainer.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
+from gramrec.service.catalog import CatalogIndex
 from gramrec.service.deps import get_registry, get_store, require_model
 from gramrec.service.inference import item_vectors
 from gramrec.service.limits import checked_recommend
@@ -97,11 +98,7 @@ def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KT
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
     rows = index.candidates(exclude=list(dict.fromkeys(answered)), only=body.questions)
     if index.kt_output is not None:  # the LSTM once, then one [N, H] product over precomputed question parts
-        state = model.bundle.kt_state(history, correct)
-        terms = index.kt_terms(rows)
-        if rows is None:
-            rows = np.arange(len(terms))
-        probabilities = np.asarray(index.kt_output.probabilities(state, terms), np.float64)
+        rows, probabilities = _split_head_probabilities(index, model.bundle.kt_state(history, correct), rows)
     else:  # a version exported without its split head: the head scores every candidate
         if rows is None:
             rows = np.arange(len(index))
@@ -112,10 +109,32 @@ def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KT
         goal = (body.band.low + body.band.high) / 2
     else:
         goal = body.target if body.target is not None else DEFAULT_TARGET
-    order = np.lexsort((rows, np.abs(probabilities - goal)))[: body.k]  # closest first; ties by catalog order
+    order = _closest_first(rows, np.abs(probabilities - goal), body.k)
     return KTRecommendResponse(
         model_version=model.version,
         items=[
             RecommendedQuestion(item_id=index.ids[int(rows[i])], probability=float(probabilities[i])) for i in order
         ],
     )
+
+
+def _split_head_probabilities(
+    index: CatalogIndex, state: np.ndarray, rows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, P(correct) of each): over every row when most are wanted (a view, no [N, H] gather), else the subset."""
+    assert index.kt_output is not None
+    if rows is not None and 2 * len(rows) < len(index):
+        return rows, np.asarray(index.kt_output.probabilities(state, index.kt_terms(rows)), np.float64)
+    every = np.asarray(index.kt_output.probabilities(state, index.kt_terms(None)), np.float64)
+    if rows is None:
+        return np.arange(len(every)), every
+    return rows, every[rows]
+
+
+def _closest_first(rows: np.ndarray, distance: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k smallest distances, closest first, ties by catalog row; sorts only the nearest few."""
+    if len(distance) > k:
+        kth = np.partition(distance, k - 1)[k - 1]
+        near = np.flatnonzero(distance <= kth)  # every tie of the k-th too, so the tie order stays the catalog's
+        return near[np.lexsort((rows[near], distance[near]))][:k]
+    return np.lexsort((rows, distance))[:k]
