@@ -338,7 +338,7 @@ class CatalogIndex:
         ann = self._ann
         assert ann is not None
         want = min(k + len(excluded), n)
-        result = ann.search(query, want)
+        result = ann.search(query, want, threads=1)  # one query: no pool dispatch (p50 2.4 vs 2.8 ms at 51k)
         keys = np.asarray(result.keys, np.int64)
         keep = [i for i, key in enumerate(keys.tolist()) if 0 <= key < n and key not in excluded]
         if len(keep) < min(k, n - len(excluded)):

@@ -1,12 +1,14 @@
 """Dependencies that hand endpoints the app's shared objects (created once, in the app's lifespan).
 
 They are `async def` on purpose: trivial lookups, so FastAPI calls them on the event loop instead of paying a
-threadpool hop per dependency on the hot path.
+threadpool hop per dependency on the hot path. (No `from __future__ import annotations` here: FastAPI resolves a
+dependency's annotations at runtime, and `model_for`'s refer to its argument.)
 """
 
-from __future__ import annotations
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
 
 from gramrec.service.registry import ActiveModel, ModelRegistry
 from gramrec.service.settings import ServiceSettings
@@ -35,3 +37,18 @@ def require_model(registry: ModelRegistry, task: str) -> ActiveModel:
             "or activate one with POST /admin/models/{version}/activate",
         )
     return model
+
+
+def model_for(checked_body: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[ActiveModel]]:
+    """A dependency giving the ActiveModel of the task named by the body that `checked_body` parses and checks.
+
+    Taken once, before the endpoint runs, and used to the end, so a response never mixes two versions. FastAPI
+    caches `checked_body` within a request, so an endpoint that also takes the body parses it once.
+    """
+
+    async def active_model(
+        body: Annotated[Any, Depends(checked_body)], registry: Annotated[ModelRegistry, Depends(get_registry)]
+    ) -> ActiveModel:
+        return require_model(registry, body.task)
+
+    return active_model

@@ -11,10 +11,10 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from gramrec.service.deps import get_registry, get_store, require_model
+from gramrec.service.deps import get_store, model_for
 from gramrec.service.inference import item_vectors
 from gramrec.service.limits import checked_predict
-from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.registry import ActiveModel
 from gramrec.service.responses import ModelJSONResponse
 from gramrec.service.schemas import (
     KTPredictRequest,
@@ -38,10 +38,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post("/predict", responses=_ERRORS, response_model=KTPredictResponse | NRPredictResponse)
 def predict(
     body: Annotated[PredictRequest, Depends(checked_predict)],
-    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    model: Annotated[ActiveModel, Depends(model_for(checked_predict))],  # its bundle and table version, to the end
     store: Annotated[Store, Depends(get_store)],
 ) -> ModelJSONResponse:
-    model = require_model(registry, body.task)  # this request's bundle and table version, to the end
     if isinstance(body, KTPredictRequest):
         return ModelJSONResponse(_knowledge_tracing(body, model, store))
     return ModelJSONResponse(_news(body, model, store))

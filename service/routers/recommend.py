@@ -13,13 +13,12 @@ import numpy as np
 from fastapi import APIRouter, Depends
 
 from gramrec.service.catalog import CatalogIndex
-from gramrec.service.deps import get_registry, get_store, require_model
-from gramrec.service.inference import item_vectors
+from gramrec.service.deps import get_store, model_for
+from gramrec.service.inference import history_vectors
 from gramrec.service.limits import checked_recommend
-from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.registry import ActiveModel
 from gramrec.service.responses import ModelJSONResponse
 from gramrec.service.schemas import (
-    ItemText,
     KTRecommendRequest,
     KTRecommendResponse,
     NRRecommendRequest,
@@ -43,10 +42,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post("/recommend", responses=_ERRORS, response_model=KTRecommendResponse | NRRecommendResponse)
 def recommend(
     body: Annotated[RecommendRequest, Depends(checked_recommend)],
-    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    model: Annotated[ActiveModel, Depends(model_for(checked_recommend))],  # its bundle and catalog index, to the end
     store: Annotated[Store, Depends(get_store)],
 ) -> ModelJSONResponse:
-    model = require_model(registry, body.task)  # this request's bundle and catalog index, to the end
     if model.index is None:
         raise StoreError(f"the catalog index of {model.version} is not built yet")
     if isinstance(body, KTRecommendRequest):
@@ -54,20 +52,10 @@ def recommend(
     return ModelJSONResponse(_news(body, model, store))
 
 
-def _history_vectors(model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]) -> np.ndarray:
-    """[len(ids), D]: from the version's index, else (added a moment ago elsewhere, or given as text) as /predict."""
-    assert model.index is not None
-    vectors, missing = model.index.vectors(ids)
-    if missing:
-        found, row = item_vectors(model, store, [ids[i] for i in missing], items)  # UnknownItems: a 422
-        vectors[missing] = found[[row[ids[i]] for i in missing]]
-    return vectors
-
-
 def _news(body: NRRecommendRequest, model: ActiveModel, store: Store) -> NRRecommendResponse:
     index = model.index
     assert index is not None
-    history = _history_vectors(model, store, body.history, body.items)
+    history = history_vectors(model, store, body.history, body.items)
     # /predict's score is user · candidate (NRMS): the head scoring the D unit vectors gives the user vector itself.
     user = model.bundle.score_news(history, np.eye(model.bundle.dim, dtype=np.float32))
     published_after = None
@@ -94,7 +82,7 @@ def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KT
     index = model.index
     assert index is not None
     answered = [answer.item_id for answer in body.history]
-    history = _history_vectors(model, store, answered, body.items)
+    history = history_vectors(model, store, answered, body.items)
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
     rows = index.candidates(exclude=list(dict.fromkeys(answered)), only=body.questions)
     if index.kt_output is not None:  # the LSTM once, then one [N, H] product over precomputed question parts
