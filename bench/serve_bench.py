@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["predict kt", "predict nr", "POST /items"],
         choices=SCENARIOS,
+    )
+    parser.add_argument(
+        "--synthetic-catalog",
+        type=int,
+        default=0,
+        help="serve copies of the models whose catalogs are grown to this many items with random unit vectors",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
@@ -124,6 +131,44 @@ def ensure_models(args: argparse.Namespace) -> None:
             train_and_export(settings, task)
 
 
+def synthetic_artifacts(artifacts: Path, items: int) -> Path:
+    """Copies of each task's newest version whose item table is grown to `items` with random unit vectors.
+
+    The model's own items stay first and unchanged, so the golden check still passes; the copies live in their own
+    artifacts root (`<artifacts>/synthetic-<items>`), made once.
+    """
+    from safetensors.numpy import load, save
+
+    from gramrec.service.artifact import list_versions, write_manifest
+
+    root = artifacts / f"synthetic-{items}"
+    newest: dict[str, str] = {}
+    for manifest in list_versions(artifacts):
+        newest.setdefault(manifest["task"], manifest["version"])
+    rng = np.random.default_rng(0)
+    for version in newest.values():
+        target = root / version
+        if target.is_dir():
+            continue
+        shutil.copytree(artifacts / version, target)
+        index = json.loads((target / "items.json").read_text())
+        table = load((target / "items.safetensors").read_bytes())["embeddings"]
+        extra = max(0, items - len(index["ids"]))
+        vectors = rng.standard_normal((extra, table.shape[1]), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        index["ids"] += [f"syn-{i}" for i in range(extra)]
+        index["texts"] = index.get("texts", []) + [""] * extra if index.get("texts") else []
+        if index.get("metadata") is not None:
+            index["metadata"] += [{}] * extra
+        (target / "items.json").write_text(json.dumps(index))
+        (target / "items.safetensors").write_bytes(save({"embeddings": np.concatenate([table, vectors])}))
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest.pop("files")
+        manifest["items"]["count"] = len(index["ids"])
+        write_manifest(target, manifest)
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,7 +196,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     ]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a large catalog's HNSW graph is built before the server is ready
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}")
@@ -162,7 +207,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
             pass
         time.sleep(0.25)
     process.terminate()
-    raise SystemExit("server not ready within 120 s")
+    raise SystemExit("server not ready within 900 s")
 
 
 def stop_server(process: subprocess.Popen, redis_url: str, prefix: str) -> None:
@@ -440,6 +485,8 @@ def main() -> None:
         url = args.url
     else:
         ensure_models(args)
+        if args.synthetic_catalog:
+            args.artifacts = synthetic_artifacts(args.artifacts, args.synthetic_catalog)
         process, url, prefix = start_server(args)
     load_before = [round(x, 2) for x in os.getloadavg()]
     try:
