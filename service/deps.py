@@ -6,6 +6,7 @@ dependency's annotations at runtime, and `model_for`'s refer to its argument.)
 """
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
@@ -39,16 +40,23 @@ def require_model(registry: ModelRegistry, task: str) -> ActiveModel:
     return model
 
 
-def model_for(checked_body: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[ActiveModel]]:
-    """A dependency giving the ActiveModel of the task named by the body that `checked_body` parses and checks.
+@dataclass(frozen=True)
+class Served:
+    """A checked request body and the ActiveModel of its task, taken once before the endpoint runs and used to the
+    end, so a response never mixes two versions."""
 
-    Taken once, before the endpoint runs, and used to the end, so a response never mixes two versions. FastAPI
-    caches `checked_body` within a request, so an endpoint that also takes the body parses it once.
-    """
+    body: Any
+    model: ActiveModel
 
-    async def active_model(
+
+def served(checked_body: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Served]]:
+    """A dependency giving the body that `checked_body` parses and checks, with its task's model. The endpoint takes
+    the body only through it: a second path to `checked_body` would validate the body twice (FastAPI does not
+    share it between the two; measured)."""
+
+    async def served_request(
         body: Annotated[Any, Depends(checked_body)], registry: Annotated[ModelRegistry, Depends(get_registry)]
-    ) -> ActiveModel:
-        return require_model(registry, body.task)
+    ) -> Served:
+        return Served(body, require_model(registry, body.task))
 
-    return active_model
+    return served_request

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from gramrec.service.deps import get_store, model_for
+from gramrec.service.deps import Served, get_store, served
 from gramrec.service.inference import item_vectors
 from gramrec.service.limits import checked_predict
 from gramrec.service.registry import ActiveModel
@@ -22,7 +22,6 @@ from gramrec.service.schemas import (
     NRPredictRequest,
     NRPredictResponse,
     Prediction,
-    PredictRequest,
     Score,
 )
 from gramrec.service.store import Store
@@ -37,10 +36,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post("/predict", responses=_ERRORS, response_model=KTPredictResponse | NRPredictResponse)
 def predict(
-    body: Annotated[PredictRequest, Depends(checked_predict)],
-    model: Annotated[ActiveModel, Depends(model_for(checked_predict))],  # its bundle and table version, to the end
+    request: Annotated[Served, Depends(served(checked_predict))],  # the body; its task's model, to the end
     store: Annotated[Store, Depends(get_store)],
 ) -> ModelJSONResponse:
+    body, model = request.body, request.model
     if isinstance(body, KTPredictRequest):
         return ModelJSONResponse(_knowledge_tracing(body, model, store))
     return ModelJSONResponse(_news(body, model, store))

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Depends
 
 from gramrec.service.catalog import CatalogIndex
-from gramrec.service.deps import get_store, model_for
+from gramrec.service.deps import Served, get_store, served
 from gramrec.service.inference import history_vectors
 from gramrec.service.limits import checked_recommend
 from gramrec.service.registry import ActiveModel
@@ -25,7 +25,6 @@ from gramrec.service.schemas import (
     NRRecommendResponse,
     RecommendedNews,
     RecommendedQuestion,
-    RecommendRequest,
 )
 from gramrec.service.store import Store, StoreError
 
@@ -41,10 +40,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post("/recommend", responses=_ERRORS, response_model=KTRecommendResponse | NRRecommendResponse)
 def recommend(
-    body: Annotated[RecommendRequest, Depends(checked_recommend)],
-    model: Annotated[ActiveModel, Depends(model_for(checked_recommend))],  # its bundle and catalog index, to the end
+    request: Annotated[Served, Depends(served(checked_recommend))],  # the body; its task's model, to the end
     store: Annotated[Store, Depends(get_store)],
 ) -> ModelJSONResponse:
+    body, model = request.body, request.model
     if model.index is None:
         raise StoreError(f"the catalog index of {model.version} is not built yet")
     if isinstance(body, KTRecommendRequest):
