@@ -8,6 +8,8 @@ per task (GRAM, period 1e, --train-steps steps) if the folder has none. Requests
   predict kt: 100 answers of history, 5 targets; predict nr: 50 clicks, 20 candidates;
   POST /items: one new item per request, a text of about 32 tokens.
   recommend kt: 100 answers, next 10 questions (target 0.7); recommend nr: 50 clicks, top 10 of the whole catalog.
+--synthetic-catalog N serves copies of the models whose catalogs are grown to N items by random unit vectors
+(recommend over 10k or 51k items).
 Closed loop at each --concurrency (that many clients back to back, each request timed from send to answer), then
 an open loop at a fixed --rate (requests sent on a schedule; latency counted from the scheduled send time, so
 queueing is included). Every run is bounded by a request count and a time limit. Prints a markdown table and
