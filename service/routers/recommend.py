@@ -120,8 +120,8 @@ def _split_head_probabilities(
 
 def _closest_first(rows: np.ndarray, distance: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k smallest distances, closest first, ties by catalog row; sorts only the nearest few."""
-    if len(distance) > k:
-        kth = np.partition(distance, k - 1)[k - 1]
+    kth = np.partition(distance, k - 1)[k - 1] if len(distance) > k else np.nan
+    if not np.isnan(kth):  # (NaN: fewer than k finite distances; the full sort below puts NaN last)
         near = np.flatnonzero(distance <= kth)  # every tie of the k-th too, so the tie order stays the catalog's
         return near[np.lexsort((rows[near], distance[near]))][:k]
     return np.lexsort((rows, distance))[:k]

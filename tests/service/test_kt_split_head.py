@@ -73,3 +73,14 @@ def test_a_split_head_that_disagrees_with_the_head_never_serves(exported_artifac
     bundle = ModelBundle.load(root, VERSION, providers=["CPUExecutionProvider"])
     with pytest.raises(ArtifactError, match="kt_parts"):
         bundle.self_check()
+
+
+def test_the_k_closest_are_those_of_a_full_sort_ties_by_catalog_row():
+    from gramrec.service.routers.recommend import _closest_first
+
+    rng = np.random.default_rng(0)
+    for n, k in ((50, 10), (50, 50), (9, 10), (1000, 1), (1000, 100)):
+        distance = np.round(rng.random(n), 2)  # many ties, at the k-th too
+        distance[rng.integers(0, n, 3)] = np.nan  # a broken score sorts last, as before
+        rows = rng.permutation(n * 3)[:n]
+        np.testing.assert_array_equal(_closest_first(rows, distance, k), np.lexsort((rows, distance))[:k])
