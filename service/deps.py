@@ -2,7 +2,7 @@
 
 They are `async def` on purpose: trivial lookups, so FastAPI calls them on the event loop instead of paying a
 threadpool hop per dependency on the hot path. (No `from __future__ import annotations` here: FastAPI resolves a
-dependency's annotations at runtime, and `model_for`'s refer to its argument.)
+dependency's annotations at runtime, and `served`'s refer to its argument.)
 """
 
 from collections.abc import Awaitable, Callable

@@ -36,10 +36,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post("/predict", responses=_ERRORS, response_model=KTPredictResponse | NRPredictResponse)
 def predict(
-    request: Annotated[Served, Depends(served(checked_predict))],  # the body; its task's model, to the end
+    served_request: Annotated[Served, Depends(served(checked_predict))],  # the body; its task's model, to the end
     store: Annotated[Store, Depends(get_store)],
 ) -> ModelJSONResponse:
-    body, model = request.body, request.model
+    body, model = served_request.body, served_request.model
     if isinstance(body, KTPredictRequest):
         return ModelJSONResponse(_knowledge_tracing(body, model, store))
     return ModelJSONResponse(_news(body, model, store))

@@ -40,10 +40,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post("/recommend", responses=_ERRORS, response_model=KTRecommendResponse | NRRecommendResponse)
 def recommend(
-    request: Annotated[Served, Depends(served(checked_recommend))],  # the body; its task's model, to the end
+    served_request: Annotated[Served, Depends(served(checked_recommend))],  # the body; its task's model, to the end
     store: Annotated[Store, Depends(get_store)],
 ) -> ModelJSONResponse:
-    body, model = request.body, request.model
+    body, model = served_request.body, served_request.model
     if model.index is None:
         raise StoreError(f"the catalog index of {model.version} is not built yet")
     if isinstance(body, KTRecommendRequest):
