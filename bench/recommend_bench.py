@@ -8,7 +8,9 @@ Loads the newest exported version of the task, builds its catalog index (service
 items, or from --synthetic random unit vectors of the model's dimension (then history items are catalog items
 too), and times the endpoint's function on random histories (kt: 100 answers, next 10 at target 0.7; nr: 50
 clicks, top 10). With an approximate index it also reports recall@10 against the exact scan, and the index's
-build time and memory. Prints one JSON object.
+build time and memory. For kt it times, on the same requests in alternation, the split head (the version's
+precomputed question parts, service/kt_scoring.py) and the full head over every candidate (versions exported without
+the split), and reports the largest difference of their probabilities. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -55,17 +57,27 @@ def main() -> None:
     else:
         ids, vectors = bundle.item_embeddings()
         meta = bundle.item_metadata() or [{}] * len(ids)
-    start = time.perf_counter()
-    index = CatalogIndex(
-        version, args.task, bundle.dim, max_bytes=1 << 40, ann_threshold=args.ann_threshold, capacity=len(ids)
-    )
-    index.upsert(ids, vectors, meta)
-    if len(ids) >= args.ann_threshold:
-        index._build_ann()
-    build_s = time.perf_counter() - start
-    model = ActiveModel(args.task, version, bundle, index)
+    def build(kt_output) -> tuple[CatalogIndex, float]:
+        start = time.perf_counter()
+        index = CatalogIndex(
+            version,
+            args.task,
+            bundle.dim,
+            max_bytes=1 << 40,
+            ann_threshold=args.ann_threshold,
+            capacity=len(ids),
+            kt_output=kt_output,
+        )
+        index.upsert(ids, vectors, meta)
+        if len(ids) >= args.ann_threshold:
+            index._build_ann()
+        return index, time.perf_counter() - start
 
-    latencies, recalls = [], []
+    index, build_s = build(getattr(bundle, "kt_output", None))
+    model = ActiveModel(args.task, version, bundle, index)
+    full_head = ActiveModel(args.task, version, bundle, build(None)[0]) if index.kt_output is not None else None
+
+    latencies, recalls, full_latencies, differences = [], [], [], []
     for _ in range(args.requests):
         if args.task == "kt":
             history = [
@@ -73,8 +85,21 @@ def main() -> None:
             ]
             body = KTRecommendRequest(task="kt", history=history, k=10, target=0.7)
             begin = time.perf_counter()
-            _questions(body, model, store=None)  # type: ignore[arg-type]
+            result = _questions(body, model, store=None)  # type: ignore[arg-type]
             latencies.append(time.perf_counter() - begin)
+            if full_head is not None:
+                begin = time.perf_counter()
+                _questions(body, full_head, store=None)  # type: ignore[arg-type]
+                full_latencies.append(time.perf_counter() - begin)
+                chosen = [item.item_id for item in result.items]
+                rows = [index.rows[i] for i in chosen]
+                head = bundle.predict_kt(
+                    index.vectors([a.item_id for a in body.history])[0],
+                    np.array([a.correct for a in body.history]),
+                    index.matrix_rows(np.array(rows)),
+                )
+                got = np.array([item.probability for item in result.items])
+                differences.append(float(np.abs(got - head).max()))
         else:
             history = [ids[int(i)] for i in rng.choice(len(ids), 50, replace=False)]
             body = NRRecommendRequest(task="nr", history=history, k=10)
@@ -99,6 +124,15 @@ def main() -> None:
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "recall_at_10": round(float(np.mean(recalls)), 3) if recalls else None,
+        **(
+            {
+                "full_head_p50_ms": round(float(np.percentile(np.array(full_latencies[10:]) * 1000, 50)), 2),
+                "full_head_p99_ms": round(float(np.percentile(np.array(full_latencies[10:]) * 1000, 99)), 2),
+                "max_probability_difference_vs_head": max(differences),
+            }
+            if full_latencies
+            else {}
+        ),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     json.dump(report, sys.stdout)

@@ -8,6 +8,8 @@ per task (GRAM, period 1e, --train-steps steps) if the folder has none. Requests
   predict kt: 100 answers of history, 5 targets; predict nr: 50 clicks, 20 candidates;
   POST /items: one new item per request, a text of about 32 tokens.
   recommend kt: 100 answers, next 10 questions (target 0.7); recommend nr: 50 clicks, top 10 of the whole catalog.
+--synthetic-catalog N serves copies of the models whose catalogs are grown to N items by random unit vectors
+(recommend over 10k or 51k items).
 Closed loop at each --concurrency (that many clients back to back, each request timed from send to answer), then
 an open loop at a fixed --rate (requests sent on a schedule; latency counted from the scheduled send time, so
 queueing is included). Every run is bounded by a request count and a time limit. Prints a markdown table and
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,7 +45,10 @@ WORDS = (
 ).split()
 
 
-def parse_args() -> argparse.Namespace:
+SCENARIOS = ("predict kt", "predict nr", "POST /items", "recommend kt", "recommend nr")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="benchmark a running server instead of starting one")
     parser.add_argument("--artifacts", type=Path, default=ROOT / "artifacts" / "bench")
@@ -57,7 +63,13 @@ def parse_args() -> argparse.Namespace:
         "--scenarios",
         nargs="+",
         default=["predict kt", "predict nr", "POST /items"],
-        choices=["predict kt", "predict nr", "POST /items", "recommend kt", "recommend nr"],
+        choices=SCENARIOS,
+    )
+    parser.add_argument(
+        "--synthetic-catalog",
+        type=int,
+        default=0,
+        help="serve copies of the models whose catalogs are grown to this many items with random unit vectors",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
@@ -71,7 +83,7 @@ def parse_args() -> argparse.Namespace:
         help="raw: a minimal keep-alive HTTP/1.1 client, to leave the server more of a small machine",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "serve_bench.json")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 # -- server ------------------------------------------------------------------------------------------------------
@@ -121,6 +133,44 @@ def ensure_models(args: argparse.Namespace) -> None:
             train_and_export(settings, task)
 
 
+def synthetic_artifacts(artifacts: Path, items: int) -> Path:
+    """Copies of each task's newest version whose item table is grown to `items` with random unit vectors.
+
+    The model's own items stay first and unchanged, so the golden check still passes; the copies live in their own
+    artifacts root (`<artifacts>/synthetic-<items>`), made once.
+    """
+    from safetensors.numpy import load, save
+
+    from gramrec.service.artifact import list_versions, write_manifest
+
+    root = artifacts / f"synthetic-{items}"
+    newest: dict[str, str] = {}
+    for manifest in list_versions(artifacts):
+        newest.setdefault(manifest["task"], manifest["version"])
+    rng = np.random.default_rng(0)
+    for version in newest.values():
+        target = root / version
+        if target.is_dir():
+            continue
+        shutil.copytree(artifacts / version, target)
+        index = json.loads((target / "items.json").read_text())
+        table = load((target / "items.safetensors").read_bytes())["embeddings"]
+        extra = max(0, items - len(index["ids"]))
+        vectors = rng.standard_normal((extra, table.shape[1]), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        index["ids"] += [f"syn-{i}" for i in range(extra)]
+        index["texts"] = index.get("texts", []) + [""] * extra if index.get("texts") else []
+        if index.get("metadata") is not None:
+            index["metadata"] += [{}] * extra
+        (target / "items.json").write_text(json.dumps(index))
+        (target / "items.safetensors").write_bytes(save({"embeddings": np.concatenate([table, vectors])}))
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest.pop("files")
+        manifest["items"]["count"] = len(index["ids"])
+        write_manifest(target, manifest)
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,10 +186,19 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
         "GRAMREC_BOOTSTRAP": "false",
         "GRAMREC_ORT_THREADS": str(args.ort_threads),
     }
-    command = [sys.executable, "-m", "gramrec.trainer.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "gramrec.trainer.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a large catalog's HNSW graph is built before the server is ready
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}")
@@ -150,7 +209,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
             pass
         time.sleep(0.25)
     process.terminate()
-    raise SystemExit("server not ready within 120 s")
+    raise SystemExit("server not ready within 900 s")
 
 
 def stop_server(process: subprocess.Popen, redis_url: str, prefix: str) -> None:
@@ -428,6 +487,8 @@ def main() -> None:
         url = args.url
     else:
         ensure_models(args)
+        if args.synthetic_catalog:
+            args.artifacts = synthetic_artifacts(args.artifacts, args.synthetic_catalog)
         process, url, prefix = start_server(args)
     load_before = [round(x, 2) for x in os.getloadavg()]
     try:

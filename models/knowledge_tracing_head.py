@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -52,12 +54,34 @@ class KnowledgeTracingHead(nn.Module):
         history: [B, T, D], history_correct: [B, T], history_mask: [B, T] (real steps first; an all-padding row
         means no history, T >= 1), targets: [B, K, D] -> logits [B, K]. Same function as forward() at t = T.
         """
+        state = self.history_state(history, history_correct, history_mask)  # [B, H]
+        items = self.item_projection(targets)  # [B, K, H]
+        state = state.unsqueeze(1).expand(-1, items.shape[1], -1)  # [B, K, H]
+        return self.output(torch.cat([state, items], dim=-1)).squeeze(-1)
+
+    def history_state(
+        self, history: torch.Tensor, history_correct: torch.Tensor, history_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The LSTM state after each row's (masked) history: [B, T, D], [B, T], [B, T] -> [B, H]; the learned start
+        state for an all-padding row."""
         steps = self.item_projection(history) + self.response_embedding(history_correct.long())  # [B, T, H]
         states, _ = self.lstm(steps)  # [B, T, H]
         start = self.start_state.expand(states.shape[0], 1, -1)  # [B, 1, H]
         states = torch.cat([start, states], dim=1)  # [B, T + 1, H]; index n = state after n answers
         seen = history_mask.long().sum(1)  # [B]
-        state = states[torch.arange(states.shape[0], device=states.device), seen]  # [B, H]
-        items = self.item_projection(targets)  # [B, K, H]
-        state = state.unsqueeze(1).expand(-1, items.shape[1], -1)  # [B, K, H]
-        return self.output(torch.cat([state, items], dim=-1)).squeeze(-1)
+        return states[torch.arange(states.shape[0], device=states.device), seen]  # [B, H]
+
+    def output_parts(self) -> dict[str, torch.Tensor]:
+        """The output layer split into a student part and a question part, so serving can score a whole catalog
+        with one precomputed [N, H] matrix: logit = w2 · relu(Ws·state + (Wi·Wp)·e + (Wi·bp + b1)) + b2, where
+        W1 = [Ws | Wi] is the first output layer over [state; proj(e)] and proj(e) = Wp·e + bp."""
+        first, last = cast(nn.Linear, self.output[0]), cast(nn.Linear, self.output[-1])
+        hidden = self.hidden_dim
+        state_weight, item_weight = first.weight[:, :hidden], first.weight[:, hidden:]  # [H, H] each
+        return {
+            "state_weight": state_weight,  # [H, H]
+            "item_weight": item_weight @ self.item_projection.weight,  # [H, D]
+            "item_bias": item_weight @ self.item_projection.bias + first.bias,  # [H]
+            "out_weight": last.weight[0],  # [H]
+            "out_bias": last.bias,  # [1]
+        }

@@ -27,6 +27,10 @@ HEAD_FILE = "head.onnx"
 TOKENIZER_DIR = "tokenizer"
 ITEMS_EMBEDDINGS_FILE = "items.safetensors"
 ITEMS_INDEX_FILE = "items.json"
+# kt only: the head split for catalog-wide scoring (POST /recommend): the LSTM state after a history, and the
+# output layer's student and question parts (models/knowledge_tracing_head.py, output_parts).
+KT_STATE_FILE = "kt_state.onnx"
+KT_OUTPUT_FILE = "kt_output.safetensors"
 _VERSION = re.compile(VERSION_PATTERN)
 
 

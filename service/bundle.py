@@ -30,6 +30,7 @@ from gramrec.service.artifact import (
     resolve_version_dir,
     verified_files,
 )
+from gramrec.service.kt_scoring import KTOutputLayer
 
 log = logging.getLogger("gramrec.bundle")
 
@@ -124,6 +125,21 @@ def _item_table(
     return ids, texts, embeddings, metadata
 
 
+def _kt_output(contents: dict[str, bytes], directory: Path, parts: object, dim: int) -> KTOutputLayer:
+    if (
+        not isinstance(parts, dict)
+        or not isinstance(parts.get("state"), str)
+        or not isinstance(parts.get("output"), str)
+    ):
+        raise ArtifactError(directory / MANIFEST, "kt_parts must name its state and output files")
+    try:
+        return KTOutputLayer.from_bytes(_required(contents, directory, parts["output"]), dim)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # safetensors' and our own shape errors
+        raise ArtifactError(directory / parts["output"], f"unreadable kt output layer: {exc}") from None
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     """Overflow-free logistic function."""
     return 0.5 * (1.0 + np.tanh(0.5 * x))
@@ -162,6 +178,8 @@ class ModelBundle:
         item_vectors: np.ndarray,
         item_meta: list[dict] | None = None,
         item_texts: list[str] | None = None,
+        kt_state: ort.InferenceSession | None = None,
+        kt_output: KTOutputLayer | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -178,6 +196,8 @@ class ModelBundle:
         self._item_vectors = item_vectors
         self._item_meta = item_meta
         self._item_texts = dict(zip(item_ids, item_texts, strict=True)) if item_texts else {}
+        self._kt_state = kt_state
+        self.kt_output = kt_output  # kt exported with its head split: catalog-wide scoring (service/kt_scoring.py)
         # An empty history runs as one padding step (mask False): the head then uses its start state (kt) or a
         # zero user vector (nr), exactly as PyTorch does for an all-padding row. Built once, reused per call.
         self._no_history = np.zeros((1, 1, self.dim), np.float32)  # [1, 1, D]
@@ -209,13 +229,30 @@ class ModelBundle:
         threads = intra_op_threads or DEFAULT_THREADS
         encoder_model = _required(contents, directory, ENCODER_FILE) if has_encoder else None
         head_model = _required(contents, directory, HEAD_FILE)
+        parts = manifest.get("kt_parts")
+        kt_output = _kt_output(contents, directory, parts, manifest["dim"]) if parts else None
         try:
             encoder = _session(encoder_model, providers, threads) if encoder_model is not None else None
             head = _session(head_model, providers, threads)
+            kt_state = _session(_required(contents, directory, parts["state"]), providers, threads) if parts else None
+        except ArtifactError:
+            raise
         except Exception as exc:  # onnxruntime reports invalid models as generic runtime errors
             raise ArtifactError(directory, f"ONNX Runtime cannot load a model: {exc}") from None
         log.info("bundle loaded", extra={"version": version, "providers": providers, "threads": threads})
-        return cls(directory, manifest, encoder, head, tokenizer, item_ids, item_vectors, item_meta, item_texts)
+        return cls(
+            directory,
+            manifest,
+            encoder,
+            head,
+            tokenizer,
+            item_ids,
+            item_vectors,
+            item_meta,
+            item_texts,
+            kt_state=kt_state,
+            kt_output=kt_output,
+        )
 
     # -- inference -----------------------------------------------------------------------------------------
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -261,6 +298,22 @@ class ModelBundle:
             steps, correct, mask = history[None], correct[None], np.ones((1, history.shape[0]), np.bool_)
         feed = {"history": steps, "history_correct": correct, "history_mask": mask, "targets": targets[None]}
         return _sigmoid(self._head.run(["logits"], feed)[0][0])  # [K]
+
+    def kt_state(self, history: np.ndarray, history_correct: np.ndarray) -> np.ndarray:
+        """The LSTM state after the answered history ([T, D], [T]; T may be 0) -> [H], for kt_output's scoring."""
+        self._require_task("kt")
+        if self._kt_state is None:
+            raise ArtifactError(self.path, "was exported without its split kt head (kt_parts)")
+        history = _matrix("history", history, self.dim)
+        correct = np.asarray(history_correct, dtype=np.int64).reshape(-1)
+        if correct.shape[0] != history.shape[0]:
+            raise ValueError(f"history_correct has {correct.shape[0]} entries for {history.shape[0]} history items")
+        if history.shape[0] == 0:
+            steps, correct, mask = self._no_history, self._no_history_correct, self._no_history_mask  # type: ignore[assignment]
+        else:
+            steps, correct, mask = history[None], correct[None], np.ones((1, history.shape[0]), np.bool_)
+        feed = {"history": steps, "history_correct": correct, "history_mask": mask}
+        return self._kt_state.run(["state"], feed)[0][0]  # [H]
 
     def score_news(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Click scores (dot products, higher = more likely) of each candidate for a reader.
@@ -322,11 +375,16 @@ class ModelBundle:
             raise ArtifactError(
                 self.path, f"golden request names item {exc.args[0]!r}, absent from the table"
             ) from None
+        expected = np.asarray(golden["expected"], np.float32)
         if self.task == "kt":
             got = self.predict_kt(history, np.asarray(golden["history_correct"]), targets)
+            if self.kt_output is not None:  # the split head must answer what the head answers
+                state = self.kt_state(history, np.asarray(golden["history_correct"]))
+                split = self.kt_output.probabilities(state, self.kt_output.item_terms(targets))
+                _compare(self.path, "kt_parts", split, expected, tolerance)
         else:
             got = self.score_news(history, targets)
-        _compare(self.path, "head", got, np.asarray(golden["expected"], np.float32), tolerance)
+        _compare(self.path, "head", got, expected, tolerance)
         if self.has_encoder and golden.get("texts"):
             texts = golden["texts"]
             _compare(self.path, "encoder", self.encode_texts(texts), self._item_vectors[: len(texts)], tolerance)

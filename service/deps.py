@@ -1,12 +1,15 @@
 """Dependencies that hand endpoints the app's shared objects (created once, in the app's lifespan).
 
 They are `async def` on purpose: trivial lookups, so FastAPI calls them on the event loop instead of paying a
-threadpool hop per dependency on the hot path.
+threadpool hop per dependency on the hot path. (No `from __future__ import annotations` here: FastAPI resolves a
+dependency's annotations at runtime, and `served`'s refer to its argument.)
 """
 
-from __future__ import annotations
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
 
 from gramrec.service.registry import ActiveModel, ModelRegistry
 from gramrec.service.settings import ServiceSettings
@@ -35,3 +38,25 @@ def require_model(registry: ModelRegistry, task: str) -> ActiveModel:
             "or activate one with POST /admin/models/{version}/activate",
         )
     return model
+
+
+@dataclass(frozen=True)
+class Served:
+    """A checked request body and the ActiveModel of its task, taken once before the endpoint runs and used to the
+    end, so a response never mixes two versions."""
+
+    body: Any
+    model: ActiveModel
+
+
+def served(checked_body: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Served]]:
+    """A dependency giving the body that `checked_body` parses and checks, with its task's model. The endpoint takes
+    the body only through it: a second path to `checked_body` would validate the body twice (FastAPI does not
+    share it between the two; measured)."""
+
+    async def served_request(
+        body: Annotated[Any, Depends(checked_body)], registry: Annotated[ModelRegistry, Depends(get_registry)]
+    ) -> Served:
+        return Served(body, require_model(registry, body.task))
+
+    return served_request

@@ -1,4 +1,5 @@
-"""A request's item vectors: one read from the active table, unknown items encoded from request texts."""
+"""A request's item vectors: one read from the active table (or the version's catalog index), unknown items encoded
+from request texts. Shared by /predict and /recommend."""
 
 from __future__ import annotations
 
@@ -39,3 +40,14 @@ def item_vectors(
         matrix = matrix.copy()  # frombuffer gives a read-only view
         matrix[missing] = model.bundle.encode_texts([texts[item_id] for item_id in missing_ids])
     return matrix, {item_id: row for row, item_id in enumerate(unique)}
+
+
+def history_vectors(model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]) -> np.ndarray:
+    """[len(ids), D] in order: from the version's catalog index, else (added a moment ago through another worker,
+    or given as text in `items`) as `item_vectors` reads them."""
+    assert model.index is not None
+    vectors, missing = model.index.vectors(ids)
+    if missing:
+        found, row = item_vectors(model, store, [ids[i] for i in missing], items)  # UnknownItems: a 422
+        vectors[missing] = found[[row[ids[i]] for i in missing]]
+    return vectors

@@ -37,6 +37,8 @@ from gramrec.service.artifact import (
     HEAD_FILE,
     ITEMS_EMBEDDINGS_FILE,
     ITEMS_INDEX_FILE,
+    KT_OUTPUT_FILE,
+    KT_STATE_FILE,
     TOKENIZER_DIR,
     is_valid_version,
     write_manifest,
@@ -122,6 +124,8 @@ def export_checkpoint(
             with _quiet_hugging_face():
                 model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         parity["head"] = _export_head(model, tmp / HEAD_FILE)
+        if model.task == "kt":
+            parity["kt_parts"] = _export_kt_parts(model, tmp)
         log.info("onnx exported", extra={"parity": parity, "seconds": time.perf_counter() - onnx_started})
         manifest = _manifest(model, checkpoint, version, now, has_encoder, parity, metrics, data_fingerprint)
         manifest["golden"] = _golden(model, embeddings, has_encoder)
@@ -202,6 +206,49 @@ class KnowledgeTracingServing(nn.Module):
     ) -> torch.Tensor:
         """history [B, T, D], history_correct [B, T] int64, history_mask [B, T] bool, targets [B, K, D] -> [B, K]"""
         return self.head.predict_next(history, history_correct, history_mask, targets)  # type: ignore[operator]
+
+
+class KnowledgeTracingState(nn.Module):
+    """Exposes KnowledgeTracingHead.history_state as forward(): the state a catalog-wide kt scoring starts from."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, history: torch.Tensor, history_correct: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        """history [B, T, D], history_correct [B, T] int64, history_mask [B, T] bool -> state [B, H]"""
+        return self.head.history_state(history, history_correct, history_mask)  # type: ignore[operator]
+
+
+def _export_kt_parts(model: TrainedModel, directory: Path) -> float:
+    """kt_state.onnx (the LSTM state after a history) and kt_output.safetensors (the output layer's student and
+    question parts). Checked against predict_next: the parts must give the head's logits."""
+    dim = model.encoder.dim
+    g = torch.Generator().manual_seed(1)
+    state_module = KnowledgeTracingState(model.head).eval()
+    names = ["history", "history_correct", "history_mask"]
+    axes = {"history": {0: "B", 1: "T"}, "history_correct": {0: "B", 1: "T"}, "history_mask": {0: "B", 1: "T"}}
+
+    def sample(batch: int, length: int) -> tuple[torch.Tensor, ...]:
+        mask = torch.ones(batch, length, dtype=torch.bool)
+        mask[0, length // 2 + 1 :] = False
+        return torch.randn(batch, length, dim, generator=g), torch.randint(0, 2, (batch, length), generator=g), mask
+
+    _onnx_export(state_module, sample(2, 7), directory / KT_STATE_FILE, names, ["state"], axes | {"state": {0: "B"}})
+    error = _check_parity(state_module, directory / KT_STATE_FILE, names, sample(3, 11), "state")
+    with torch.no_grad():
+        parts = {k: v.detach().float().contiguous().cpu() for k, v in model.head.output_parts().items()}  # type: ignore[operator]
+        history, correct, mask = sample(3, 11)
+        targets = torch.randn(3, 6, dim, generator=g)
+        expected = model.head.predict_next(history, correct, mask, targets)  # type: ignore[operator]
+        state = model.head.history_state(history, correct, mask)  # type: ignore[operator]
+        hidden = (state @ parts["state_weight"].T)[:, None] + targets @ parts["item_weight"].T + parts["item_bias"]
+        got = torch.relu(hidden) @ parts["out_weight"] + parts["out_bias"]
+    error = max(error, float((got - expected).abs().max() / max(1.0, float(expected.abs().max()))))
+    if not error <= PARITY_TOLERANCE:
+        raise ExportError(f"{KT_OUTPUT_FILE}: the split output layer differs from the head by {error:.3g}")
+    save_file({k: v.numpy() for k, v in parts.items()}, str(directory / KT_OUTPUT_FILE))
+    return error
 
 
 def _export_encoder(encoder: ContentEncoder, path: Path) -> float:
@@ -351,6 +398,7 @@ def _manifest(
         "model": model.config["model"],  # the encoder's and the head's config (models/configs.py)
         "encoder": ENCODER_FILE if has_encoder else None,
         "head": HEAD_FILE,
+        "kt_parts": {"state": KT_STATE_FILE, "output": KT_OUTPUT_FILE} if model.task == "kt" else None,
         "tokenizer": (
             {"dir": TOKENIZER_DIR, "pad_token": tokenizer.pad_token, "pad_token_id": int(tokenizer.pad_token_id)}
             if has_encoder

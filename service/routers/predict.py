@@ -11,17 +11,17 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from gramrec.service.deps import get_registry, get_store, require_model
+from gramrec.service.deps import Served, get_store, served
 from gramrec.service.inference import item_vectors
 from gramrec.service.limits import checked_predict
-from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.registry import ActiveModel
+from gramrec.service.responses import ModelJSONResponse
 from gramrec.service.schemas import (
     KTPredictRequest,
     KTPredictResponse,
     NRPredictRequest,
     NRPredictResponse,
     Prediction,
-    PredictRequest,
     Score,
 )
 from gramrec.service.store import Store
@@ -34,16 +34,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/predict", responses=_ERRORS)
+@router.post("/predict", responses=_ERRORS, response_model=KTPredictResponse | NRPredictResponse)
 def predict(
-    body: Annotated[PredictRequest, Depends(checked_predict)],
-    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    served_request: Annotated[Served, Depends(served(checked_predict))],  # the body; its task's model, to the end
     store: Annotated[Store, Depends(get_store)],
-) -> KTPredictResponse | NRPredictResponse:
-    model = require_model(registry, body.task)  # this request's bundle and table version, to the end
+) -> ModelJSONResponse:
+    body, model = served_request.body, served_request.model
     if isinstance(body, KTPredictRequest):
-        return _knowledge_tracing(body, model, store)
-    return _news(body, model, store)
+        return ModelJSONResponse(_knowledge_tracing(body, model, store))
+    return ModelJSONResponse(_news(body, model, store))
 
 
 def _knowledge_tracing(body: KTPredictRequest, model: ActiveModel, store: Store) -> KTPredictResponse:

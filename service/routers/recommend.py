@@ -12,19 +12,19 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from gramrec.service.deps import get_registry, get_store, require_model
-from gramrec.service.inference import item_vectors
+from gramrec.service.catalog import CatalogIndex
+from gramrec.service.deps import Served, get_store, served
+from gramrec.service.inference import history_vectors
 from gramrec.service.limits import checked_recommend
-from gramrec.service.registry import ActiveModel, ModelRegistry
+from gramrec.service.registry import ActiveModel
+from gramrec.service.responses import ModelJSONResponse
 from gramrec.service.schemas import (
-    ItemText,
     KTRecommendRequest,
     KTRecommendResponse,
     NRRecommendRequest,
     NRRecommendResponse,
     RecommendedNews,
     RecommendedQuestion,
-    RecommendRequest,
 )
 from gramrec.service.store import Store, StoreError
 
@@ -38,34 +38,23 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/recommend", responses=_ERRORS)
+@router.post("/recommend", responses=_ERRORS, response_model=KTRecommendResponse | NRRecommendResponse)
 def recommend(
-    body: Annotated[RecommendRequest, Depends(checked_recommend)],
-    registry: Annotated[ModelRegistry, Depends(get_registry)],
+    served_request: Annotated[Served, Depends(served(checked_recommend))],  # the body; its task's model, to the end
     store: Annotated[Store, Depends(get_store)],
-) -> KTRecommendResponse | NRRecommendResponse:
-    model = require_model(registry, body.task)  # this request's bundle and catalog index, to the end
+) -> ModelJSONResponse:
+    body, model = served_request.body, served_request.model
     if model.index is None:
         raise StoreError(f"the catalog index of {model.version} is not built yet")
     if isinstance(body, KTRecommendRequest):
-        return _questions(body, model, store)
-    return _news(body, model, store)
-
-
-def _history_vectors(model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]) -> np.ndarray:
-    """[len(ids), D]: from the version's index, else (added a moment ago elsewhere, or given as text) as /predict."""
-    assert model.index is not None
-    vectors, missing = model.index.vectors(ids)
-    if missing:
-        found, row = item_vectors(model, store, [ids[i] for i in missing], items)  # UnknownItems: a 422
-        vectors[missing] = found[[row[ids[i]] for i in missing]]
-    return vectors
+        return ModelJSONResponse(_questions(body, model, store))
+    return ModelJSONResponse(_news(body, model, store))
 
 
 def _news(body: NRRecommendRequest, model: ActiveModel, store: Store) -> NRRecommendResponse:
     index = model.index
     assert index is not None
-    history = _history_vectors(model, store, body.history, body.items)
+    history = history_vectors(model, store, body.history, body.items)
     # /predict's score is user · candidate (NRMS): the head scoring the D unit vectors gives the user vector itself.
     user = model.bundle.score_news(history, np.eye(model.bundle.dim, dtype=np.float32))
     published_after = None
@@ -92,23 +81,47 @@ def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KT
     index = model.index
     assert index is not None
     answered = [answer.item_id for answer in body.history]
-    history = _history_vectors(model, store, answered, body.items)
+    history = history_vectors(model, store, answered, body.items)
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
     rows = index.candidates(exclude=list(dict.fromkeys(answered)), only=body.questions)
-    if rows is None:
-        rows = np.arange(len(index))
-    targets = index.matrix_rows(rows)
-    probabilities = np.asarray(model.bundle.predict_kt(history, correct, targets), np.float64)
+    if index.kt_output is not None:  # the LSTM once, then one [N, H] product over precomputed question parts
+        rows, probabilities = _split_head_probabilities(index, model.bundle.kt_state(history, correct), rows)
+    else:  # a version exported without its split head: the head scores every candidate
+        if rows is None:
+            rows = np.arange(len(index))
+        probabilities = np.asarray(model.bundle.predict_kt(history, correct, index.matrix_rows(rows)), np.float64)
     if body.band is not None:
         inside = (probabilities >= body.band.low) & (probabilities <= body.band.high)
         rows, probabilities = rows[inside], probabilities[inside]
         goal = (body.band.low + body.band.high) / 2
     else:
         goal = body.target if body.target is not None else DEFAULT_TARGET
-    order = np.lexsort((rows, np.abs(probabilities - goal)))[: body.k]  # closest first; ties by catalog order
+    order = _closest_first(rows, np.abs(probabilities - goal), body.k)
     return KTRecommendResponse(
         model_version=model.version,
         items=[
             RecommendedQuestion(item_id=index.ids[int(rows[i])], probability=float(probabilities[i])) for i in order
         ],
     )
+
+
+def _split_head_probabilities(
+    index: CatalogIndex, state: np.ndarray, rows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, P(correct) of each): over every row when most are wanted (a view, no [N, H] gather), else the subset."""
+    assert index.kt_output is not None
+    if rows is not None and 2 * len(rows) < len(index):
+        return rows, np.asarray(index.kt_output.probabilities(state, index.kt_terms(rows)), np.float64)
+    every = np.asarray(index.kt_output.probabilities(state, index.kt_terms(None)), np.float64)
+    if rows is None:
+        return np.arange(len(every)), every
+    return rows, every[rows]
+
+
+def _closest_first(rows: np.ndarray, distance: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k smallest distances, closest first, ties by catalog row; sorts only the nearest few."""
+    kth = np.partition(distance, k - 1)[k - 1] if len(distance) > k else np.nan
+    if not np.isnan(kth):  # (NaN: fewer than k finite distances; the full sort below puts NaN last)
+        near = np.flatnonzero(distance <= kth)  # every tie of the k-th too, so the tie order stays the catalog's
+        return near[np.lexsort((rows[near], distance[near]))][:k]
+    return np.lexsort((rows, distance))[:k]

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
+ADMIN_TOKEN = "s3cret-token"  # the admin token of the API tests' apps
 DIM = 8
 
 

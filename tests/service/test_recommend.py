@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from gramrec.service.app import create_app
-from tests.helpers.fakes import DIM, FakeArtifacts, FakeBundle, text_vector
+from tests.helpers.fakes import ADMIN_TOKEN, DIM, FakeArtifacts, FakeBundle, text_vector
 
 KT1 = "kt-20260101T000000-aaaaaa"
 NR1 = "nr-20260101T000000-aaaaaa"
 NR2 = "nr-20260202T000000-bbbbbb"
-TOKEN = "s3cret-token"
+TOKEN = ADMIN_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 N_NEWS = 60
 
@@ -22,35 +21,6 @@ N_NEWS = 60
 @pytest.fixture
 def artifacts() -> FakeArtifacts:
     return FakeArtifacts(FakeBundle(KT1, "kt", n_items=30), FakeBundle(NR1, "nr", n_items=N_NEWS))
-
-
-@pytest.fixture
-def make_client(settings_for, artifacts):
-    clients = []
-
-    def make(backend: str, artifacts: FakeArtifacts = artifacts, **overrides) -> TestClient:
-        settings = settings_for(backend, **({"admin_token": TOKEN} | overrides))
-        client = TestClient(
-            create_app(settings, load_bundle=artifacts.load, list_versions=artifacts.list_versions),
-            raise_server_exceptions=False,
-        )
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in reversed(clients):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture(params=["redis", "embedded"])
-def backend(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def client(make_client, backend) -> TestClient:
-    return make_client(backend)
 
 
 def brute_force_news(bundle: FakeBundle, history: list[str], texts: dict | None = None) -> list[tuple[str, float]]:

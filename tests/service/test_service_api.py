@@ -10,45 +10,18 @@ from fastapi.testclient import TestClient
 from gramrec.service.app import create_app
 from gramrec.service.settings import Limits
 from gramrec.service.store.items import decode_rows
-from tests.helpers.fakes import DIM, REDIS_URL, FakeArtifacts, FakeBundle, text_vector
+from tests.helpers.fakes import ADMIN_TOKEN, DIM, REDIS_URL, FakeArtifacts, FakeBundle, text_vector
 
 KT1 = "kt-20260101T000000-aaaaaa"
 KT2 = "kt-20260202T000000-bbbbbb"
 NR1 = "nr-20260101T000000-aaaaaa"
-TOKEN = "s3cret-token"
+TOKEN = ADMIN_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
 def artifacts() -> FakeArtifacts:
     return FakeArtifacts(FakeBundle(KT1, "kt"), FakeBundle(NR1, "nr"))
-
-
-@pytest.fixture
-def make_client(settings_for, artifacts):
-    clients = []
-
-    def make(backend: str, artifacts: FakeArtifacts = artifacts, **overrides) -> TestClient:
-        settings = settings_for(backend, **({"admin_token": TOKEN} | overrides))
-        app = create_app(settings, load_bundle=artifacts.load, list_versions=artifacts.list_versions)
-        client = TestClient(app, raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in reversed(clients):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture(params=["redis", "embedded"])
-def backend(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def client(make_client, backend) -> TestClient:
-    return make_client(backend)
 
 
 def kt_expected(bundle: FakeBundle, history: list[tuple[str, int]], targets: list[str], texts: dict | None = None):
