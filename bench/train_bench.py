@@ -520,6 +520,15 @@ def graph_stats(run: Run) -> dict:
             "graph_capture_s": step.capture_s, "graph_replays": step.replays, "graph_shapes": len(step.shapes)}
 
 
+def no_dropout(module: torch.nn.Module) -> None:
+    """Dropout probability 0 everywhere (nn.Dropout, nn.LSTM's and NRMS attention's float `dropout`)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
+
+
 def check_graphed(workload: Workload, source: EncoderSource, device: torch.device, args, cap_s: float) -> dict:
     """The graphed CF step against the eager reference, dropout off: the same batches from the same weights must
     give the same losses, head weights and item table to float tolerance. Also times both steps (after warm-up
@@ -542,7 +551,7 @@ def check_graphed(workload: Workload, source: EncoderSource, device: torch.devic
             strategy = make_strategy(encoder, workload.tokens, head, settings, workload.task.steps_per_epoch())
             run = Run(settings, device, workload.task, None, encoder, workload.tokens, head, strategy, 0.0,
                       static_step=static_step_for(strategy, workload.task, settings, device))
-            head.eval()  # dropout off: eager and graphed then compute the same function
+            no_dropout(head)  # eager and graphed then compute the same function (train mode: cuDNN's LSTM backward)
             steps = run.static_step.prepare(batches) if run.static_step is not None else batches
             losses, half = [], len(steps) // 2
             t0 = now(device)

@@ -306,7 +306,7 @@ class GramMultiStep(Strategy):
         """The table step of _sgd_update_table, per occurrence: repeated items' gradients add up in index_add_
         as they do in the unique rows' leaf (the padded occurrences' gradients are exactly zero)."""
         self.table.index_add_(0, occurrences, grads, alpha=-self.table_lr)
-        self.touched[occurrences] = True
+        self.touched.index_fill_(0, occurrences, True)  # a Python scalar: no host tensor in the graph
 
     def after_step(self) -> None:
         """Counts the step; regresses at the end of a period."""
