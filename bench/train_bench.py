@@ -500,6 +500,7 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
         "encoder_items_forward": encoder.items_forward, "encoder_items_backward": encoder.items_backward,
         "fwd_items_per_s": encoder.items_forward / elapsed, "bwd_items_per_s": encoder.items_backward / elapsed,
         "cf_step_s": steps_s / max(done, 1), "peak_memory_bytes": peak_memory(device), **graph_stats(run),
+        "regression_reports": [r.as_dict() for r in getattr(strategy, "reports", [])],
     })
     strategy.__dict__.pop("regress", None)  # break the strategy <-> wrapper cycle
     return result
@@ -529,6 +530,18 @@ def no_dropout(module: torch.nn.Module) -> None:
             m.dropout = 0.0
 
 
+def differences(run: dict, reference: dict) -> dict[str, float]:
+    """Largest relative differences of two check runs: per-step losses, head weights (over the largest weight)
+    and item table (over its largest entry; 0 without a table)."""
+    scale = max(float(v.abs().max()) for v in reference["head"].values())
+    head = max(float((run["head"][k] - v).abs().max()) for k, v in reference["head"].items()) / scale
+    loss = float(((run["losses"] - reference["losses"]).abs() / reference["losses"].abs()).max())
+    table = 0.0
+    if reference["table"] is not None:
+        table = float((run["table"] - reference["table"]).abs().max() / reference["table"].abs().max())
+    return {"loss": loss, "head": head, "table": table}
+
+
 def check_graphed(workload: Workload, source: EncoderSource, device: torch.device, args, cap_s: float) -> dict:
     """The graphed CF step against the eager reference, dropout off: the same batches from the same weights must
     give the same losses, head weights and item table to float tolerance. Also times both steps (after warm-up
@@ -540,10 +553,12 @@ def check_graphed(workload: Workload, source: EncoderSource, device: torch.devic
         if time.perf_counter() > deadline or label not in args.strategies:
             continue
         runs = {}
-        for mode in ("eager", "graphed"):
+        # Multi-step GRAM's index_add_ sums repeated items' gradients with atomics, in no fixed order: a second
+        # graphed run measures that run-to-run noise, the float tolerance the comparison with eager is held to.
+        for mode in ("eager", "graphed", "graphed-repeat") if label == "gram-1e" else ("eager", "graphed"):
             reset_memory(device)
             # Multi-step GRAM with no regression inside the check: it compares CF steps (gather, head, index_add_).
-            update = {"cf_step": mode} | ({"period": f"{len(batches) + 1}s"} if label == "gram-1e" else {})
+            update = {"cf_step": mode.split("-")[0]} | ({"period": f"{len(batches) + 1}s"} if label == "gram-1e" else {})
             settings = workload.settings(label).model_copy(update=update)
             encoder = source.make(settings.pooling)
             torch.manual_seed(workload.seed)
@@ -565,20 +580,19 @@ def check_graphed(workload: Workload, source: EncoderSource, device: torch.devic
                           "head": {k: v.detach().double().cpu() for k, v in head.state_dict().items()},
                           "table": table.detach().double().cpu() if table is not None else None, **graph_stats(run)}
         eager, graphed = runs["eager"], runs["graphed"]
-        scale = max(float(v.abs().max()) for v in eager["head"].values())
-        head_diff = max(float((graphed["head"][k] - v).abs().max()) for k, v in eager["head"].items()) / scale
-        loss_diff = float(((graphed["losses"] - eager["losses"]).abs() / eager["losses"].abs()).max())
-        table_diff = None
-        if eager["table"] is not None:
-            table_diff = float((graphed["table"] - eager["table"]).abs().max() / eager["table"].abs().max())
-        worst = max(head_diff, loss_diff, table_diff or 0.0)
+        diff = differences(graphed, eager)
+        noise = differences(runs["graphed-repeat"], graphed) if "graphed-repeat" in runs else None
+        tolerance = max(GRAPH_TOLERANCE, 10 * max(noise.values(), default=0.0)) if noise else GRAPH_TOLERANCE
+        worst = max(diff.values())
         out[label] = {"eager_step_ms": eager["step_s"] * 1e3, "graphed_step_ms": graphed["step_s"] * 1e3,
-                      "max_rel_loss_diff": loss_diff, "max_rel_head_diff": head_diff, "max_rel_table_diff": table_diff,
-                      "agree": worst <= GRAPH_TOLERANCE, "graphed": {k: v for k, v in graphed.items()
-                                                                    if k.startswith(("cf_step", "graph_"))}}
+                      **{f"max_rel_{k}_diff": v for k, v in diff.items()},
+                      "graphed_repeat": noise, "tolerance": tolerance, "agree": worst <= tolerance,
+                      "graphed": {k: v for k, v in graphed.items() if k.startswith(("cf_step", "graph_"))}}
         say(f"{workload.name} graph check {label}: eager {eager['step_s'] * 1e3:.2f} ms/step, graphed "
-            f"{graphed['step_s'] * 1e3:.2f} ms/step; max relative difference loss {loss_diff:.1e}, head "
-            f"{head_diff:.1e}, table {fmt(table_diff, '.1e')} -> {'AGREE' if worst <= GRAPH_TOLERANCE else 'DIFFER'}")
+            f"{graphed['step_s'] * 1e3:.2f} ms/step; max relative difference loss {diff['loss']:.1e}, head "
+            f"{diff['head']:.1e}, table {diff['table']:.1e}"
+            + (f" (graphed vs graphed: loss {noise['loss']:.1e}, head {noise['head']:.1e}, table {noise['table']:.1e})"
+               if noise else "") + f" -> {'AGREE' if worst <= tolerance else 'DIFFER'}")
     reset_memory(device)
     return out
 
@@ -886,9 +900,12 @@ def targets(results: dict) -> list[dict]:
         for label in ("nofinetune", "gram-1e"):
             c = check.get(label)
             if c:
+                noise = c.get("graphed_repeat")
                 add(f"graphed CF step equals eager ({label}, dropout off)", name,
                     f"loss {c['max_rel_loss_diff']:.1e}, head {c['max_rel_head_diff']:.1e}, table "
-                    f"{fmt(c['max_rel_table_diff'], '.1e')}", f"<= {GRAPH_TOLERANCE:g} relative", c["agree"],
+                    f"{c['max_rel_table_diff']:.1e}", f"<= {c['tolerance']:.1e} relative"
+                    + (f" (10x graphed vs graphed: head {noise['head']:.1e}, table {noise['table']:.1e})" if noise else ""),
+                    c["agree"],
                     f"{check['steps']} steps; eager {c['eager_step_ms']:.2f} ms/step, graphed "
                     f"{c['graphed_step_ms']:.2f} ms/step ({c['graphed'].get('cf_step')})")
         if e2e.get("peak_memory_bytes") and g1e.get("peak_memory_bytes"):

@@ -46,6 +46,7 @@ class _Shape:
 
     inputs: StaticBatch
     embeddings: torch.Tensor  # [I, D] occurrence embeddings the loss reads (a leaf when row gradients are wanted)
+    input_tensors: list[torch.Tensor]  # inputs' tensors, in field order
     eager_steps: int = 0
     graph: torch.cuda.CUDAGraph | None = None
     loss: torch.Tensor | None = None
@@ -98,7 +99,7 @@ class StaticCFStep:
         """One training step (the same updates as the eager train_step) -> the loss, still on the device."""
         self._arm()
         shape = self.shapes.get(static.key) or self._new_shape(static)
-        torch._foreach_copy_(tensors_of(shape.inputs.batch), tensors_of(static.batch))
+        torch._foreach_copy_(shape.input_tensors, tensors_of(static.batch))
         strategy = self.strategy
         embeddings = None
         if self.embeds_in_graph:
@@ -140,7 +141,7 @@ class StaticCFStep:
         if self.strategy.wants_row_grads:
             embeddings.requires_grad_(True)
             embeddings.grad = torch.zeros_like(embeddings)
-        shape = _Shape(inputs, embeddings)
+        shape = _Shape(inputs, embeddings, tensors_of(inputs.batch))
         self.shapes[static.key] = shape
         return shape
 

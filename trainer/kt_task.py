@@ -44,9 +44,9 @@ class KTBatch:
 
     def with_static_fields(self, occurrences: torch.Tensor, fields: list[PaddedField]) -> KTBatch:
         (items,) = fields
-        correct = torch.zeros(items.mask.shape, dtype=self.correct.dtype)
-        correct[: self.correct.shape[0], : self.correct.shape[1]] = self.correct
-        return KTBatch(occurrences, items, correct)
+        correct = np.zeros(tuple(items.mask.shape), dtype=np.int64)
+        correct[: self.correct.shape[0], : self.correct.shape[1]] = self.correct.numpy()
+        return KTBatch(occurrences, items, torch.from_numpy(correct))
 
 
 def windows(sequences: list[KTSequence], max_len: int) -> list[KTSequence]:

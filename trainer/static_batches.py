@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from gramrec.trainer.batches import PaddedField
@@ -26,20 +27,25 @@ def bucket(length: int, cap: int) -> int:
 
 
 def pad_field(field: PaddedField, rows: int, width: int, pad_index: int) -> PaddedField:
-    """[B, W] -> [rows, width]; every padded or masked position points at `pad_index` (the zero row)."""
+    """[B, W] -> [rows, width]; every padded or masked position points at `pad_index` (the zero row).
+    In numpy: a handful of small torch ops per field cost more host time than the graphed step itself."""
     b, w = field.positions.shape
-    positions = torch.full((rows, width), pad_index, dtype=field.positions.dtype)
-    positions[:b, :w] = torch.where(field.mask, field.positions, pad_index)
-    mask = torch.zeros((rows, width), dtype=torch.bool)
-    mask[:b, :w] = field.mask
-    return PaddedField(positions, mask)
+    mask = field.mask.numpy()
+    positions = np.full((rows, width), pad_index, dtype=np.int64)
+    positions[:b, :w] = np.where(mask, field.positions.numpy(), pad_index)
+    padded_mask = np.zeros((rows, width), dtype=bool)
+    padded_mask[:b, :w] = mask
+    return PaddedField(torch.from_numpy(positions), torch.from_numpy(padded_mask))
 
 
 def pad_occurrences(occurrences: torch.Tensor, size: int) -> torch.Tensor:
     """[I] -> [size], padded with the first real item (no position reads the padded entries)."""
     if len(occurrences) == 0:
         raise ValueError("a batch without item occurrences cannot take the static CF step")
-    return torch.cat([occurrences, occurrences[:1].expand(size - len(occurrences))])
+    padded = np.empty(size, dtype=np.int64)
+    padded[: len(occurrences)] = occurrences.numpy()
+    padded[len(occurrences) :] = padded[0]
+    return torch.from_numpy(padded)
 
 
 @dataclass

@@ -113,7 +113,7 @@ def train_step(run: Run, batch, world: World = SINGLE) -> torch.Tensor:
     if run.static_step is not None:
         if not isinstance(batch, StaticBatch):
             batch = run.static_step.prepare([batch])[0]
-        return run.static_step.step(batch.to(run.device))
+        return run.static_step.step(batch)  # prepare() put it on the device
     batch = batch.to(run.device)
     embeddings = run.strategy.embed(batch.occurrences)  # [I, D]
     embeddings = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])  # padding row
