@@ -518,7 +518,8 @@ def graph_stats(run: Run) -> dict:
     if step is None:
         return {"cf_step": "eager"}
     return {"cf_step": "graphed" if step.capture else "static (no capture)", "graph_captures": step.captures,
-            "graph_capture_s": step.capture_s, "graph_replays": step.replays, "graph_shapes": len(step.shapes)}
+            "graph_capture_s": step.capture_s, "graph_replays": step.replays, "graph_shapes": len(step.shapes),
+            "prepare_s": step.prepare_s}
 
 
 def no_dropout(module: torch.nn.Module) -> None:
@@ -892,10 +893,12 @@ def targets(results: dict) -> list[dict]:
             step_ms = nof["cf_step_s"] * 1e3
             captures = nof.get("graph_capture_s", 0.0)
             without = (nof["steps_s"] - captures) / max(nof["steps_run"], 1) * 1e3
+            prepare = nof.get("prepare_s", 0.0) / max(nof["steps_run"], 1) * 1e3
             add(f"CF step <= {limit_ms} ms in the real loop (NoFinetune's steps, captures included)", name,
                 f"{step_ms:.2f} ms", f"{limit_ms} ms", step_ms <= limit_ms,
                 f"{nof.get('cf_step')}; {without:.2f} ms without the {captures:.2f}s of "
-                f"{nof.get('graph_captures', 0)} captures over {nof['steps_run']} steps")
+                f"{nof.get('graph_captures', 0)} captures over {nof['steps_run']} steps, of which {prepare:.3f} ms "
+                "padding the batches and queueing their copies")
         check = rec.get("graph_check") or {}
         for label in ("nofinetune", "gram-1e"):
             c = check.get(label)

@@ -73,14 +73,17 @@ class StaticCFStep:
         self.capture_s = 0.0  # seconds spent capturing graphs (inside the training loop, so in epoch times)
         self.captures = 0
         self.replays = 0
+        self.prepare_s = 0.0  # seconds spent padding batches and queueing their copies to the device
         self._armed = False
 
     # -- batches ------------------------------------------------------------------------------------------
     def prepare(self, batches: list) -> list[StaticBatch]:
         """Pads an epoch's batches and moves them to the device before the loop: one pinned, asynchronous copy
         per shape and tensor field, so the loop itself copies nothing from the host."""
+        started = time.perf_counter()
         padded = [pad_batch(batch, self.rows, self.caps) for batch in batches]
         if self.device.type != "cuda":
+            self.prepare_s += time.perf_counter() - started
             return padded
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(padded):
@@ -92,6 +95,7 @@ class StaticCFStep:
             for row, i in enumerate(indices):
                 batch = with_tensors(padded[i].batch, iter([m[row] for m in moved]))
                 out[i] = dataclasses.replace(padded[i], batch=batch)
+        self.prepare_s += time.perf_counter() - started
         return [p for p in out if p is not None]
 
     # -- the step -----------------------------------------------------------------------------------------
