@@ -519,7 +519,7 @@ def graph_stats(run: Run) -> dict:
         return {"cf_step": "eager"}
     return {"cf_step": "graphed" if step.capture else "static (no capture)", "graph_captures": step.captures,
             "graph_capture_s": step.capture_s, "graph_replays": step.replays, "graph_shapes": len(step.shapes),
-            "prepare_s": step.prepare_s}
+            "prepare_s": step.prepare_s, "pad_s": step.pad_s}
 
 
 def no_dropout(module: torch.nn.Module) -> None:

@@ -74,6 +74,7 @@ class StaticCFStep:
         self.captures = 0
         self.replays = 0
         self.prepare_s = 0.0  # seconds spent padding batches and queueing their copies to the device
+        self.pad_s = 0.0  # of which padding
         self._armed = False
 
     # -- batches ------------------------------------------------------------------------------------------
@@ -82,6 +83,7 @@ class StaticCFStep:
         per shape and tensor field, so the loop itself copies nothing from the host."""
         started = time.perf_counter()
         padded = [pad_batch(batch, self.rows, self.caps) for batch in batches]
+        self.pad_s += time.perf_counter() - started
         if self.device.type != "cuda":
             self.prepare_s += time.perf_counter() - started
             return padded
@@ -91,7 +93,7 @@ class StaticCFStep:
         out: list[StaticBatch | None] = [None] * len(padded)
         for indices in groups.values():
             columns = zip(*(tensors_of(padded[i].batch) for i in indices), strict=True)
-            moved = [torch.stack(c).pin_memory().to(self.device, non_blocking=True) for c in columns]
+            moved = [torch.stack(c).pin_memory().to(self.device, non_blocking=True).unbind(0) for c in columns]
             for row, i in enumerate(indices):
                 batch = with_tensors(padded[i].batch, iter([m[row] for m in moved]))
                 out[i] = dataclasses.replace(padded[i], batch=batch)
