@@ -7,6 +7,10 @@ Every strategy follows the same step, driven by the training loop:
     (total / global count of targets).backward()
     strategy.finish_step()                                        # optimizer steps, GRAM bookkeeping
 
+With cf_step=graphed (trainer/graphed_step.py) the CF part of that step (finish_step's "cf" update, and for
+table strategies the embedding too, through static_rows / static_row_grads) is replayed as a CUDA graph, and
+finish_items / after_step do the rest eagerly.
+
 E2E runs the encoder once per interaction. GRAM runs it once per unique item: the unique items' embeddings
 become leaf tensors, so autograd sums the gradients of repeated items into one row per item (dL/dh).
 """
