@@ -58,6 +58,7 @@ def worker(args: argparse.Namespace) -> None:
                 task=task, data=Path(args.data_root) / folder, strategy=strategy, period=period,
                 batch_size=args.batch_size, encoder_dir=Path(args.encoder_dir), progress=False,
                 encoder_batch_size=args.encoder_batch_size, encoder_batch_tokens=args.encoder_batch_tokens,
+                cf_step="eager",  # the graphed step runs in one process only: both sides of the scaling take the eager one
             )
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

@@ -46,7 +46,9 @@ def _flat_optimizer_state(name: str, optimizer: torch.optim.Optimizer) -> tuple[
     for param_id, slots in state["state"].items():
         for slot, value in slots.items():
             tensors[f"{name}.{param_id}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return tensors, {"param_groups": state["param_groups"]}
+    # The graphed CF step holds learning rates in device tensors; the JSON keeps their values.
+    groups = [{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups}
 
 
 def _nested_optimizer_state(name: str, tensors: dict[str, torch.Tensor], groups: dict) -> dict:

@@ -36,6 +36,18 @@ class KTBatch:
             self.correct.to(device),
         )
 
+    def rows(self) -> int:
+        return self.items.positions.shape[0]
+
+    def static_fields(self) -> list[PaddedField]:
+        return [self.items]
+
+    def with_static_fields(self, occurrences: torch.Tensor, fields: list[PaddedField]) -> KTBatch:
+        (items,) = fields
+        correct = np.zeros(tuple(items.mask.shape), dtype=np.int64)
+        correct[: self.correct.shape[0], : self.correct.shape[1]] = self.correct.numpy()
+        return KTBatch(occurrences, items, torch.from_numpy(correct))
+
 
 def windows(sequences: list[KTSequence], max_len: int) -> list[KTSequence]:
     """Cuts long sequences into consecutive windows of at most max_len answers (each window starts fresh)."""
@@ -105,6 +117,21 @@ class KnowledgeTracingTask:
         mask = batch.items.mask
         total = F.binary_cross_entropy_with_logits(logits[mask], batch.correct[mask].to(logits.dtype), reduction="sum")
         return total, mask.sum()
+
+    def static_caps(self) -> tuple[int]:
+        """Width cap of the padded answer windows for the static-shape CF step."""
+        return (self.settings.max_seq_len,)
+
+    @staticmethod
+    def static_loss_terms(
+        head: nn.Module, embeddings: torch.Tensor, batch: KTBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """loss_terms for a padded batch (trainer/static_batches.py): a masked sum instead of boolean indexing,
+        so no shape depends on the data. Padding sits at the end of each row, which the LSTM never looks back on."""
+        logits = head(gather(embeddings, batch.items), batch.correct)  # [B, T]
+        mask = batch.items.mask
+        losses = F.binary_cross_entropy_with_logits(logits, batch.correct.to(logits.dtype), reduction="none")
+        return (losses * mask.to(losses.dtype)).sum(), mask.sum()
 
     def eval_sequences(self, split: str) -> list[KTSequence]:
         return {"val": self.splits.val, "test": self.splits.test}[split]

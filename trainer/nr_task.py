@@ -35,6 +35,16 @@ class NewsBatch:
 
         return NewsBatch(self.occurrences.to(device), move(self.history), move(self.candidates))
 
+    def rows(self) -> int:
+        return self.history.positions.shape[0]
+
+    def static_fields(self) -> list[PaddedField]:
+        return [self.history, self.candidates]
+
+    def with_static_fields(self, occurrences: torch.Tensor, fields: list[PaddedField]) -> NewsBatch:
+        history, candidates = fields
+        return NewsBatch(occurrences, history, candidates)
+
 
 @dataclass
 class ClickSample:
@@ -114,6 +124,23 @@ class NewsTask:
         )  # [B, 1 + K]
         target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
         return F.cross_entropy(scores, target, reduction="sum"), torch.tensor(scores.shape[0], device=scores.device)
+
+    def static_caps(self) -> tuple[int, int]:
+        """Width caps of the padded fields (history, candidates) for the static-shape CF step."""
+        return self.settings.history_len, 1 + self.settings.negatives
+
+    @staticmethod
+    def static_loss_terms(
+        head: nn.Module, embeddings: torch.Tensor, batch: NewsBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """loss_terms for a padded batch (trainer/static_batches.py), with no data-dependent shapes: padded
+        candidate columns score the lowest float, and a row counts only if its click (column 0) is real."""
+        scores = head(embeddings[batch.history.positions], batch.history.mask, embeddings[batch.candidates.positions])
+        scores = scores.masked_fill(~batch.candidates.mask, torch.finfo(scores.dtype).min)
+        real = batch.candidates.mask[:, 0]
+        target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        losses = F.cross_entropy(scores, target, reduction="none")
+        return (losses * real.to(losses.dtype)).sum(), real.sum()
 
     def eval_impressions(self, split: str) -> list[Impression]:
         return {"val": self.splits.val, "test": self.splits.test}[split]

@@ -132,6 +132,12 @@ class TrainSettings(BaseSettings):
     time_budget_s: float | None = Field(None, gt=0, description="stop training after this many seconds")
     seed: int = 0
 
+    cf_step: Literal["auto", "eager", "graphed"] = Field(
+        "auto",
+        description="CF step: graphed = batches padded to a few bucketed shapes and the head's forward, backward "
+        "and optimizer step (with multi-step GRAM's table gather and update) replayed as CUDA graphs (on a CPU "
+        "the same padded step runs eagerly); eager = the reference step; auto = graphed on one GPU, else eager",
+    )
     device: str = "auto"
     progress: bool = True
 

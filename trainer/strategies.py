@@ -7,6 +7,10 @@ Every strategy follows the same step, driven by the training loop:
     (total / global count of targets).backward()
     strategy.finish_step()                                        # optimizer steps, GRAM bookkeeping
 
+With cf_step=graphed (trainer/graphed_step.py) the CF part of that step (finish_step's "cf" update, and for
+table strategies the embedding too, through static_rows / static_row_grads) is replayed as a CUDA graph, and
+finish_items / after_step do the rest eagerly.
+
 E2E runs the encoder once per interaction. GRAM runs it once per unique item: the unique items' embeddings
 become leaf tensors, so autograd sums the gradients of repeated items into one row per item (dL/dh).
 """
@@ -30,15 +34,18 @@ Optimizers = dict[str, tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRS
 
 
 def make_optimizer(
-    kind: str, params, lr: float, warmup_steps: int, device: torch.device
+    kind: str, params, lr: float, warmup_steps: int, device: torch.device, capturable: bool = False
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam (or plain SGD) with linear warm-up to a constant learning rate; fused Adam kernels on CUDA."""
+    """Adam (or plain SGD) with linear warm-up to a constant learning rate; fused Adam kernels on CUDA.
+
+    capturable: Adam keeps its step count on the device, so a CUDA graph can replay its step (the graphed CF
+    step then also holds the learning rate in a device tensor, which the scheduler fills in place)."""
     params = list(params)
     optimizer: torch.optim.Optimizer
     if kind == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr)
     else:
-        optimizer = torch.optim.Adam(params, lr=lr, fused=device.type == "cuda")
+        optimizer = torch.optim.Adam(params, lr=lr, fused=device.type == "cuda", capturable=capturable)
     # Linear warm-up from lr/(warmup+1) (not from 0, which would waste the first step) to a constant lr.
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
     return optimizer, warmup
@@ -72,12 +79,22 @@ class Strategy:
         self.world = world
         self.reports: list[RegressionReport] = []  # multi-step GRAM's regressions, in order
         self.deadline: float | None = None  # time.perf_counter() by which training must end (the run's budget)
+        # The static-shape CF step (trainer/graphed_step.py): on for cf_step=graphed, and for auto on one GPU.
+        single_gpu = self.device.type == "cuda" and world.size == 1
+        self.static_step = world.size == 1 and (
+            settings.cf_step == "graphed" or (settings.cf_step == "auto" and single_gpu)
+        )
         self._configure_encoder()
         self.encoder.train(self.encoder_train_mode)
         self.head.train()
         self.optimizers: Optimizers = {
             "cf": make_optimizer(
-                settings.optimizer, self.cf_parameters(), settings.lr_cf, settings.warmup_steps, self.device
+                settings.optimizer,
+                self.cf_parameters(),
+                settings.lr_cf,
+                settings.warmup_steps,
+                self.device,
+                capturable=self.static_step and self.device.type == "cuda",
             )
         }
         if self.finetunes_encoder:
@@ -105,7 +122,29 @@ class Strategy:
 
     def finish_step(self) -> None:
         """Called after loss.backward(): apply every update of this step."""
+        self.finish_items()
         self._step("cf")
+
+    def finish_items(self) -> None:
+        """Every update of this step but the CF head's (which the static step applies inside its graph)."""
+
+    # -- hooks of the static-shape CF step (trainer/graphed_step.py) -----------------------------------
+    # Table strategies embed inside the graph (static_rows); encoder strategies run the encoder outside it and
+    # take the gradient with respect to the embeddings back (static_rows returns None).
+    wants_row_grads = True  # whether the step needs d(loss)/d(occurrence embeddings)
+
+    def before_static_step(self, occurrences: torch.Tensor) -> None:
+        """Eager work before the graph (occurrences: the padded batch's, on the device)."""
+
+    def static_rows(self, occurrences: torch.Tensor) -> torch.Tensor | None:
+        """Inside the graph: [I, D] embeddings of the padded occurrences, or None if they come from outside."""
+        return None
+
+    def static_row_grads(self, occurrences: torch.Tensor, grads: torch.Tensor) -> None:
+        """Inside the graph, after backward: grads [I, D] of the loss with respect to each occurrence's row."""
+
+    def after_step(self) -> None:
+        """Eager work after the step's updates (multi-step GRAM: its regressions)."""
 
     def end_epoch(self) -> None:
         """Called after an epoch's last step, before its evaluation."""
@@ -157,9 +196,8 @@ class EndToEnd(Strategy):
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(self.tokens, occurrences, self.settings.encoder_batch_size)
 
-    def finish_step(self) -> None:
+    def finish_items(self) -> None:
         self._step("encoder")
-        self._step("cf")
 
     def item_table(self, items: torch.Tensor) -> torch.Tensor:
         return self._encoded_table(items)
@@ -180,10 +218,10 @@ class GramSingleStep(EndToEnd):
         self._leaf = self._encoded.detach().requires_grad_(True)
         return self._leaf[inverse.to(self.device)]  # gather: repeated items' gradients add up in _leaf.grad
 
-    def finish_step(self) -> None:
+    def finish_items(self) -> None:
         self._encoded.backward(gradient=self._leaf.grad)
         del self._encoded, self._leaf  # the step's graph and leaves go now
-        super().finish_step()
+        super().finish_items()
 
 
 class GramMultiStep(Strategy):
@@ -253,9 +291,29 @@ class GramMultiStep(Strategy):
         self.touched[items] = True
         del self._unique, self._leaf
 
-    def finish_step(self) -> None:
+    def finish_items(self) -> None:
         self._sgd_update_table()
+
+    def finish_step(self) -> None:
         super().finish_step()
+        self.after_step()
+
+    def before_static_step(self, occurrences: torch.Tensor) -> None:
+        """Rows are only stale once a regression moved the encoder: before that, no check (and no sync)."""
+        if self.encoder_version > 0:
+            self._refresh(torch.unique(occurrences))
+
+    def static_rows(self, occurrences: torch.Tensor) -> torch.Tensor:
+        return self.table[occurrences]
+
+    def static_row_grads(self, occurrences: torch.Tensor, grads: torch.Tensor) -> None:
+        """The table step of _sgd_update_table, per occurrence: repeated items' gradients add up in index_add_
+        as they do in the unique rows' leaf (the padded occurrences' gradients are exactly zero)."""
+        self.table.index_add_(0, occurrences, grads, alpha=-self.table_lr)
+        self.touched.index_fill_(0, occurrences, True)  # a Python scalar: no host tensor in the graph
+
+    def after_step(self) -> None:
+        """Counts the step; regresses at the end of a period."""
         self.steps_since_regression += 1
         if self.steps_since_regression >= self.period_steps:
             self.regress()
@@ -355,8 +413,13 @@ class NoFinetune(Strategy):
         super().__init__(*args, **kwargs)
         self.table = self._inference_encode(torch.arange(self.num_items))  # [N, D]
 
+    wants_row_grads = False
+
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         return self.table[occurrences.to(self.device)]
+
+    def static_rows(self, occurrences: torch.Tensor) -> torch.Tensor:
+        return self.table[occurrences]
 
     def item_table(self, items: torch.Tensor) -> torch.Tensor:
         return self.table
@@ -378,8 +441,13 @@ class NoContent(Strategy):
     def cf_parameters(self):
         return [*self.head.parameters(), *self.id_embedding.parameters()]
 
+    wants_row_grads = False  # the embedding is a CF parameter: its gradient reaches the CF optimizer directly
+
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         return self.id_embedding(occurrences.to(self.device))
+
+    def static_rows(self, occurrences: torch.Tensor) -> torch.Tensor:
+        return self.id_embedding(occurrences)
 
     def item_table(self, items: torch.Tensor) -> torch.Tensor:
         return self.id_embedding.weight.detach()

@@ -38,9 +38,11 @@ from gramrec.trainer.distributed import (
     global_sum,
     init_from_env,
 )
+from gramrec.trainer.graphed_step import StaticCFStep
 from gramrec.trainer.kt_task import KnowledgeTracingTask
 from gramrec.trainer.nr_task import NewsTask
 from gramrec.trainer.settings import TrainSettings
+from gramrec.trainer.static_batches import StaticBatch
 from gramrec.trainer.strategies import Strategy, make_strategy
 
 log = logging.getLogger("gramrec.train")
@@ -73,6 +75,13 @@ class Run:
     strategy: Strategy
     setup_s: float  # building the strategy: the initial encoding of all items, part of training time
     world: World = SINGLE
+    static_step: StaticCFStep | None = None  # the graphed CF step (settings.cf_step), None for the eager one
+
+
+def static_step_for(strategy: Strategy, task, settings: TrainSettings, device: torch.device) -> StaticCFStep | None:
+    if not strategy.static_step:
+        return None
+    return StaticCFStep(strategy, task, settings.batch_size, device, strategy.encoder.dim)
 
 
 def build_run(settings: TrainSettings, encoder_dir: Path | None = None, world: World = SINGLE) -> Run:
@@ -90,12 +99,21 @@ def build_run(settings: TrainSettings, encoder_dir: Path | None = None, world: W
         steps = min(steps, settings.max_steps_per_epoch)
     started = time.perf_counter()
     strategy = make_strategy(encoder, tokens, head, settings, steps, world)  # multi-step/NoFinetune encode all items
-    return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy, time.perf_counter() - started, world)
+    setup_s = time.perf_counter() - started
+    static_step = static_step_for(strategy, task, settings, device)
+    return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy, setup_s, world, static_step)
 
 
 def train_step(run: Run, batch, world: World = SINGLE) -> torch.Tensor:
     """One update. Under torchrun `batch` is this rank's shard; the loss is normalised by the global target count
-    (and gradients are summed across ranks in the strategy), so the update is the one of the whole global batch."""
+    (and gradients are summed across ranks in the strategy), so the update is the one of the whole global batch.
+
+    With the graphed CF step, `batch` is best a StaticBatch from run.static_step.prepare (padded and on the device
+    before the loop); a plain batch is padded here."""
+    if run.static_step is not None:
+        if not isinstance(batch, StaticBatch):
+            batch = run.static_step.prepare([batch])[0]
+        return run.static_step.step(batch)  # prepare() put it on the device
     batch = batch.to(run.device)
     embeddings = run.strategy.embed(batch.occurrences)  # [I, D]
     embeddings = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])  # padding row
@@ -216,8 +234,9 @@ def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None =
     for epoch in range(start_epoch, settings.epochs):
         batches = run.task.train_batches(np.random.default_rng([settings.seed, epoch]), world)
         batches = batches[: settings.max_steps_per_epoch] if settings.max_steps_per_epoch else batches
+        steps: list = run.static_step.prepare(batches) if run.static_step is not None else batches
         show = settings.progress and world.is_main
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not show)
+        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not show)
         losses = []
         for batch in bar:
             if settings.time_budget_s:  # honoured inside a multi-step GRAM regression too

@@ -11,6 +11,7 @@ import torch
 from gramrec.models.knowledge_tracing_head import KnowledgeTracingHead
 from gramrec.models.news_head import NewsHead
 from gramrec.trainer import kt_task, nr_task
+from gramrec.trainer.graphed_step import StaticCFStep
 from gramrec.trainer.kt_data import KTSequence
 from gramrec.trainer.settings import TrainSettings
 from tests.helpers.encoders import random_tokens, tiny_encoder
@@ -46,6 +47,8 @@ TASKS = {
     "nr": (lambda dim: NewsHead(dim, num_heads=2, attention_dim=8, dropout=0.0), nr_task.NewsTask.loss_terms, nr_batches),
 }
 
+STATIC = {"kt": kt_task.KnowledgeTracingTask, "nr": nr_task.NewsTask}  # their static_caps / static_loss_terms
+
 
 def make_run(strategy_cls, task: str, optimizer: str, period: str = "1s", pooling: str = "mean", **overrides):
     build_head, loss, _ = TASKS[task]
@@ -58,8 +61,13 @@ def make_run(strategy_cls, task: str, optimizer: str, period: str = "1s", poolin
     head = build_head(encoder.dim).double()
     tokens = random_tokens(NUM_ITEMS)
     strategy = strategy_cls(encoder, tokens, head, settings, 10)
+    task_class = STATIC[task]
+    task_view = SimpleNamespace(loss_terms=loss, static_loss_terms=task_class.static_loss_terms,
+                                static_caps=lambda: task_class.static_caps(SimpleNamespace(settings=settings)))
+    static_step = StaticCFStep(strategy, task_view, settings.batch_size, torch.device("cpu"), encoder.dim) \
+        if strategy.static_step else None
     return SimpleNamespace(device=torch.device("cpu"), strategy=strategy, head=head, encoder=encoder,
-                           task=SimpleNamespace(loss_terms=loss))
+                           task=task_view, static_step=static_step)
 
 
 def parameters(run) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ def build(task: str, strategy: str, world: World):
     head = build_head(encoder.dim).double()
     strategy_obj = make_strategy(encoder, random_tokens(NUM_ITEMS), head, settings, 10, world)
     return SimpleNamespace(device=torch.device("cpu"), strategy=strategy_obj, head=head, encoder=encoder,
-                           task=SimpleNamespace(loss_terms=loss_terms))
+                           task=SimpleNamespace(loss_terms=loss_terms), static_step=None)  # eager under torchrun
 
 
 def train_steps(task: str, strategy: str, world: World):

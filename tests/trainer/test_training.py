@@ -82,8 +82,9 @@ def test_report_counts_encoder_passes_and_is_written(shared_data, tmp_path, tiny
     assert gram["encoder_items_backward"] < e2e["encoder_items_backward"] / 10
 
 
-def test_resumed_run_matches_uninterrupted_run(shared_data, tmp_path, tiny_encoder_dir):
-    common = dict(strategy="gram", period="3s", encoder_dir=tiny_encoder_dir, patience=10)
+@pytest.mark.parametrize("cf_step", ["eager", "graphed"])  # graphed on a CPU: the padded static-shape step
+def test_resumed_run_matches_uninterrupted_run(shared_data, tmp_path, tiny_encoder_dir, cf_step):
+    common = dict(strategy="gram", period="3s", encoder_dir=tiny_encoder_dir, patience=10, cf_step=cf_step)
     train(kt_settings(shared_data, tmp_path / "straight", epochs=2, **common))
     train(kt_settings(shared_data, tmp_path / "first", epochs=1, **common))
     train(kt_settings(shared_data, tmp_path / "resumed", epochs=2, resume=tmp_path / "first" / "last", **common))
