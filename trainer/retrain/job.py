@@ -31,6 +31,7 @@ log = logging.getLogger("gramrec.retrain")
 CHECKPOINTS_DIR = "checkpoints"  # artifacts/checkpoints/<version>/: the PyTorch checkpoint a version came from
 JOBS_DIR = "jobs"  # artifacts/jobs/<job id>/: a running job's snapshot and training run, removed at its end
 RETIRED_FILE = "retired.json"  # version -> when it left the last `keep_versions`; deleted after the grace period
+TRAINED_ON_FILE = "trained_on.json"  # in a version's checkpoint: the last logged id it trained on, its gate units
 
 
 class InjectedFault(GramrecError, RuntimeError):
@@ -119,6 +120,7 @@ class RetrainJob:
 
         base_checkpoint = self._checkpoint_of(self.job["base_version"])
         base_settings = self._base_settings(task, base_checkpoint)
+        increment = self._increment(base_checkpoint)
         snapshot = self._phase(
             "snapshot",
             lambda: build_snapshot(
@@ -128,9 +130,11 @@ class RetrainJob:
                 self.workdir / "data",
                 self.retrain.gate_fraction,
                 use_abstract=base_settings.get("use_abstract", False),
+                increment=increment,
             ),
         )
-        self.job["data"] = snapshot.summary()
+        self.job["data"] = snapshot.summary() | self.job.get("data", {})
+        self._snapshot = snapshot
         report = self._phase("train", lambda: self._train(base_settings, snapshot.folder, base_checkpoint))
         metric = primary_metric(task)
         new = report["metrics"].get(metric)
@@ -162,12 +166,49 @@ class RetrainJob:
         return result
 
     # -- phases ------------------------------------------------------------------------------------------------------
+    def _increment(self, base_checkpoint: Path | None):
+        """What an incremental job trains on beyond the new log (None: a full retrain, asked for or needed)."""
+        from gramrec.trainer.retrain.increment import Increment
+
+        requested = self.job.get("params", {}).get("mode") or self.retrain.mode
+        self.job["data"] = {"requested_mode": requested}
+        if requested == "full":
+            return None
+        if base_checkpoint is None:
+            self.job["data"]["fallback"] = "no checkpoint of an active version to start from: full retrain"
+            return None
+        trained_on = base_checkpoint / TRAINED_ON_FILE
+        record = json.loads(trained_on.read_text()) if trained_on.is_file() else {}  # none: base data only
+        after = record.get("last_logged_id")
+        return Increment(
+            after=after,
+            carried=frozenset(record.get("gate_units", [])),
+            replay_ratio=self.retrain.replay_ratio,
+            replay_min=self.retrain.replay_min,
+            replay_max=self.retrain.replay_max,
+            context_answers=self.retrain.context_answers,
+            seed=f"{self.retrain.replay_seed}:{after}",
+        )
+
     def _base_settings(self, task: str, base_checkpoint: Path | None) -> dict:
         """The training settings a retrain keeps: the active version's (else those of a first start)."""
         from gramrec.trainer.checkpoint import read_config
 
         saved = read_config(base_checkpoint)["settings"] if base_checkpoint else self.settings.bootstrap_train
         return {k: v for k, v in saved.items() if k in KEPT_SETTINGS} | {"task": task}
+
+    def _known_rows(self):
+        """The active version's exported table: an incremental run's starting rows (items not re-encoded)."""
+        from gramrec.trainer.known_rows import KnownRows
+
+        version = self.job["base_version"]
+        if version is None or self.job["data"].get("mode") != "incremental":
+            return None
+        try:
+            return KnownRows.from_artifact(self.artifacts / version)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("no item table to start from; encoding every item", extra={"error": repr(exc)})
+            return None
 
     def _train(self, base_settings: dict, data: Path, base_checkpoint: Path | None) -> dict:
         from gramrec.trainer import train as train_module
@@ -187,7 +228,9 @@ class RetrainJob:
             device=self.retrain.device,
             progress=False,
         )
-        return train_module.train(settings)
+        report = train_module.train(settings, known_rows=self._known_rows())
+        self.job["data"]["items_encoded_at_start"] = report.get("setup_items_encoded")
+        return report
 
     def _active_metric(self, base_checkpoint: Path | None, data: Path, metric: str) -> float | None:
         """The active model's metric on the same held-out slice; None when there is no active model."""
@@ -216,6 +259,7 @@ class RetrainJob:
         checkpoint = self.artifacts / CHECKPOINTS_DIR / version
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(best), checkpoint)  # kept: the next retrain warm-starts from it
+        self._write_trained_on(checkpoint)
         try:
             return export_checkpoint(
                 checkpoint,
@@ -228,6 +272,14 @@ class RetrainJob:
         except BaseException:
             shutil.rmtree(checkpoint, ignore_errors=True)
             raise
+
+    def _write_trained_on(self, checkpoint: Path) -> None:
+        """What the next incremental retrain starts after: this snapshot's last logged id, and its gate units
+        (held out now, trained on next time; for news only logged impressions, L<entry id>, need it)."""
+        snapshot = self._snapshot
+        units = snapshot.gate_units if snapshot.task == "kt" else [u for u in snapshot.gate_units if u.startswith("L")]
+        record = {"mode": snapshot.mode, "last_logged_id": snapshot.last_logged_id, "gate_units": units}
+        (checkpoint / TRAINED_ON_FILE).write_text(json.dumps(record))
 
     def _activate(self, version: str, trained_texts: dict[str, str]) -> None:
         try:
