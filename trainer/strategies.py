@@ -207,7 +207,7 @@ class GramMultiStep(Strategy):
 
     finetunes_encoder = True
 
-    def __init__(self, *args, initial_rows: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+    def __init__(self, *args, initial_rows=None, **kwargs):  # initial_rows: see _starting_encoding
         super().__init__(*args, **kwargs)
         settings = self.settings
         self.period = settings.parsed_period

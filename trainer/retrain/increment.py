@@ -26,7 +26,7 @@ class Increment:
     replay_min: int = 0
     replay_max: int = 10_000
     context_answers: int = 100
-    seed: int = 0
+    seed: int | str = 0  # random.Random seeds from a string reproducibly
 
 
 @dataclass
