@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
-from gramrec.service.activation import ActivationConflict, activate, bundle_loader
+from gramrec.service.activation import ActivationConflict, activate, bundle_loader, prepare
 from gramrec.service.artifact import list_versions
 from gramrec.service.errors import GramrecError
 from gramrec.service.settings import Task
@@ -145,7 +145,8 @@ class RetrainJob:
             return
         version_dir = self._phase("export", lambda: self._export(task, report))
         self.job["version"] = version_dir.name
-        self._phase("activate", lambda: self._activate(version_dir.name, snapshot.texts))
+        bundle = self._phase("table", lambda: self._table(version_dir.name, snapshot.texts))
+        self._phase("activate", lambda: self._activate(bundle, snapshot.texts))
         self._phase(
             "retire",
             lambda: retire_old_versions(
@@ -230,6 +231,7 @@ class RetrainJob:
         )
         report = train_module.train(settings, known_rows=self._known_rows())
         self.job["data"]["items_encoded_at_start"] = report.get("setup_items_encoded")
+        self.job["data"]["train"] = train_summary(report)
         return report
 
     def _active_metric(self, base_checkpoint: Path | None, data: Path, metric: str) -> float | None:
@@ -281,13 +283,21 @@ class RetrainJob:
         record = {"mode": snapshot.mode, "last_logged_id": snapshot.last_logged_id, "gate_units": units}
         (checkpoint / TRAINED_ON_FILE).write_text(json.dumps(record))
 
-    def _activate(self, version: str, trained_texts: dict[str, str]) -> None:
+    def _table(self, version: str, trained_texts: dict[str, str]):
+        """Loads the new bundle, checks its golden answer and writes its item table to the store (timed apart
+        from the switch itself)."""
+        bundle = bundle_loader(threads=self.settings.ort_threads)(self.artifacts, version)
+        bundle.self_check()
+        prepare(self.store, bundle, trained_texts)
+        return bundle
+
+    def _activate(self, bundle, trained_texts: dict[str, str]) -> None:
         try:
             activate(
                 self.store,
                 self.artifacts,
-                version,
-                load_bundle=bundle_loader(threads=self.settings.ort_threads),
+                bundle.version,
+                load_bundle=lambda _root, _version: bundle,
                 list_versions=list_versions,
                 lease=self.lease,
                 known_texts=trained_texts,
@@ -315,6 +325,19 @@ class RetrainJob:
             "no checkpoint for the active version; training from the pre-trained encoder", extra={"version": version}
         )
         return None
+
+
+def train_summary(report: dict) -> dict:
+    """Where a retrain's training time went: steps, the whole run, checkpoint writes, GRAM's regressions."""
+    regressions = [r for epoch in report.get("history", []) for r in epoch.get("regressions", [])]
+    return {
+        "steps": report.get("steps"),
+        "interactions_per_epoch": report.get("interactions_per_epoch"),
+        "wall_s": round(float(report.get("wall_time_s") or 0.0), 3),
+        "checkpoint_io_s": round(float(report.get("checkpoint_io_s") or 0.0), 3),
+        "regression_s": round(sum(float(r.get("seconds", 0.0)) for r in regressions), 3),
+        "regression_rows": sum(int(r.get("rows", 0)) for r in regressions),
+    }
 
 
 # -- retention -------------------------------------------------------------------------------------------------------

@@ -152,6 +152,7 @@ def test_incremental_jobs_chain_what_they_trained_on(small_replay):
     }
     assert data["increment"]["replay_interactions"] == 4 * 15  # the base's students answered 15 times each
     assert data["items_encoded_at_start"] == 2  # 'fresh' and the changed q2; the 15 others came from the table
+    assert data["train"]["steps"] > 0 and data["train"]["interactions_per_epoch"] > 0
     record = trained_on(settings, job["version"])
     assert record["last_logged_id"] == ids[-1] and record["mode"] == "incremental"
     assert len(record["gate_units"]) == 1  # 20% of 6 students

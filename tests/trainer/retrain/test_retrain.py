@@ -130,7 +130,7 @@ def test_retrain_promotes_warm_started_model(deployed):
     assert job["status"] == "succeeded", (job["error"], job["metrics"])
     assert job["base_version"] == first and job["version"] != first
     assert store.active_version("kt") == job["version"]
-    assert set(job["timings"]) == {"snapshot", "train", "gate", "export", "activate", "retire"}
+    assert set(job["timings"]) == {"snapshot", "train", "gate", "export", "table", "activate", "retire"}
     metrics = job["metrics"]
     assert metrics["promoted"] and metrics["new"] >= metrics["active"] - metrics["tolerance"]
     assert job["data"]["logged_interactions"] == 10
