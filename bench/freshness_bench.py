@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,7 @@ def main(argv=None) -> None:
     from gramrec.service.app import create_app
 
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server (finally blocks)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="freshness-"))
     texts, halves = kt_slices(args.codeworkout, 1)
     base = write_kt_base(work / "base", texts, halves[0])

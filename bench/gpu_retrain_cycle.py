@@ -123,7 +123,8 @@ def run_job(settings, store, task: str, mode: str) -> dict:
 
 
 def cycle(args, task: str, results: dict) -> None:
-    from gramrec.service.registry import ModelRegistry
+    from gramrec.service.activation import activate, bundle_loader
+    from gramrec.service.artifact import list_versions
     from gramrec.service.store import open_store
     from gramrec.trainer.bootstrap import train_and_export
 
@@ -137,7 +138,7 @@ def cycle(args, task: str, results: dict) -> None:
     mine["first_start_train_export_s"] = round(time.perf_counter() - started, 2)
     store = open_store(settings)
     started = time.perf_counter()
-    ModelRegistry(store, settings.artifacts_dir, [task]).activate(version)
+    activate(store, settings.artifacts_dir, version, load_bundle=bundle_loader(), list_versions=list_versions)
     mine["first_start_activate_s"] = round(time.perf_counter() - started, 2)
     write(args, results)
     for mode, records in zip(["full", "incremental"], logs, strict=True):

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -262,7 +263,9 @@ def run_mode(args, stream, mode: str, redis_url: str, work: Path, base: Path) ->
             ingest_s = time.perf_counter() - tick
             reply = client.post("/admin/retrain", json={"task": args.task, "mode": mode}, headers=AUTH)
             reply.raise_for_status()
+            cpu = time.process_time()
             job = worker.work_once()
+            cpu_s = time.process_time() - cpu  # this process's CPU seconds: less hostage to a shared CPU's load
             assert job is not None and job["id"] == reply.json()["id"], job
             after = redis_counters(redis_url, stream_key)
             if job["status"] != "succeeded":
@@ -275,6 +278,8 @@ def run_mode(args, stream, mode: str, redis_url: str, work: Path, base: Path) ->
                 "ingest_s": round(ingest_s, 2),
                 "timings": job["timings"],
                 "retrain_s": round(sum(job["timings"].get(p, 0.0) for p in PHASES), 2),
+                "retrain_cpu_s": round(cpu_s, 2),
+                "loadavg": Path("/proc/loadavg").read_text().split()[0],
                 "data": job["data"],
                 "gate": job["metrics"],
                 "redis_used_memory": after["used_memory"],
@@ -300,7 +305,7 @@ def run_mode(args, stream, mode: str, redis_url: str, work: Path, base: Path) ->
 def table(rows: list[dict], task: str) -> str:
     metric = "AUC" if task == "kt" else "mean impression AUC"
     head = (
-        f"| mode | chunk | history | retrain s | {' | '.join(PHASES)} | trained on | train steps | items encoded | "
+        f"| mode | chunk | history | retrain s | CPU s | load | {' | '.join(PHASES)} | trained on | train steps | items encoded | "
         f"next-chunk {metric} | Redis MB | stream length | MB in |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -308,7 +313,7 @@ def table(rows: list[dict], task: str) -> str:
         if r["chunk"] == 0:
             lines.append(
                 f"| {r['mode']} | base | {r['history']} |"
-                + " |" * (len(PHASES) + 4)
+                + " |" * (len(PHASES) + 6)
                 + f" {r['next_metric']:.4f} | | | |"
             )
             continue
@@ -324,7 +329,8 @@ def table(rows: list[dict], task: str) -> str:
         )
         nxt = f"{r['next_metric']:.4f}" if "next_metric" in r else "-"
         lines.append(
-            f"| {r['mode']} | {r['chunk']} | {r['history']} | {r['retrain_s']:.1f} | "
+            f"| {r['mode']} | {r['chunk']} | {r['history']} | {r['retrain_s']:.1f} | {r['retrain_cpu_s']:.1f} | "
+            f"{r['loadavg']} | "
             + " | ".join(f"{r['timings'].get(p, 0):.1f}" for p in PHASES)
             + f" | {trained} | {data.get('train', {}).get('steps', '-')} | {data.get('items_encoded_at_start')} | {nxt} | {r['redis_used_memory'] / 1e6:.1f} | "
             f"{r['stream_length']} | {r['redis_bytes_in'] / 1e6:.2f} |"
@@ -342,11 +348,18 @@ def figure(rows: list[dict], task: str, path: Path) -> None:
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]
         trained = [r for r in mine if r["chunk"] > 0]
-        left.plot([r["history"] for r in trained], [r["retrain_s"] for r in trained], marker="o", label=mode)
+        left.plot([r["history"] for r in trained], [r["retrain_s"] for r in trained], marker="o", label=f"{mode} wall")
+        left.plot(
+            [r["history"] for r in trained],
+            [r["retrain_cpu_s"] for r in trained],
+            ls="--",
+            marker="x",
+            label=f"{mode} CPU",
+        )
         scored = [r for r in mine if "next_metric" in r]
         right.plot([r["history"] for r in scored], [r["next_metric"] for r in scored], marker="o", label=mode)
     unit = "answers" if task == "kt" else "impressions"
-    left.set(xlabel=f"history ({unit})", ylabel="retrain wall time (s)", title=f"{task}: retrain time")
+    left.set(xlabel=f"history ({unit})", ylabel="retrain seconds (wall, CPU)", title=f"{task}: retrain time")
     right.set(xlabel=f"history ({unit})", ylabel="next-chunk AUC", title=f"{task}: served model on the next chunk")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -358,6 +371,7 @@ def figure(rows: list[dict], task: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server (finally blocks)
     stream_type = KTStream if args.task == "kt" else NRStream
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"replay-{args.task}-"))
     rows: list[dict] = []
