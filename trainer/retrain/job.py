@@ -178,8 +178,11 @@ class RetrainJob:
         if base_checkpoint is None:
             self.job["data"]["fallback"] = "no checkpoint of an active version to start from: full retrain"
             return None
-        trained_on = base_checkpoint / TRAINED_ON_FILE
-        record = json.loads(trained_on.read_text()) if trained_on.is_file() else {}  # none: base data only
+        try:
+            record = read_trained_on(base_checkpoint)
+        except ValueError as exc:
+            self.job["data"]["fallback"] = f"{exc}: full retrain"
+            return None
         after = record.get("last_logged_id")
         return Increment(
             after=after,
@@ -325,6 +328,25 @@ class RetrainJob:
             "no checkpoint for the active version; training from the pre-trained encoder", extra={"version": version}
         )
         return None
+
+
+def read_trained_on(checkpoint: Path) -> dict:
+    """A version's trained_on.json; {} when it has none (a first start's, trained on the base data only).
+    Raises ValueError naming the file when it is not what this module writes."""
+    path = checkpoint / TRAINED_ON_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    after = record.get("last_logged_id") if isinstance(record, dict) else None
+    units = record.get("gate_units", []) if isinstance(record, dict) else None
+    stream_id = after is None or (isinstance(after, str) and all(part.isdigit() for part in after.split("-")))
+    listed = isinstance(units, list) and all(isinstance(unit, str) for unit in units)
+    if not (isinstance(record, dict) and stream_id and listed):
+        raise ValueError(f"{path}: expected last_logged_id (a stream id or null) and gate_units (a list of ids)")
+    return record
 
 
 def train_summary(report: dict) -> dict:

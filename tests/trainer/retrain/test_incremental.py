@@ -179,3 +179,15 @@ def test_without_a_checkpoint_an_incremental_request_runs_full(small_replay):
     store.log_interactions("kt", mixed("n1", 6))
     job = run(settings, store, {"mode": "incremental"})
     assert job["data"]["mode"] == "full" and "no checkpoint" in job["data"]["fallback"]
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"last_logged_id": "12; DROP", "gate_units": []}',
+                                     '{"last_logged_id": "5-0", "gate_units": "u1"}', "[1, 2]"])
+def test_a_damaged_trained_on_record_makes_a_full_retrain_that_says_why(small_replay, content):
+    settings, store, _ = small_replay
+    store.log_interactions("kt", mixed("n1", 6) + mixed("n2", 6))
+    first = run(settings, store)
+    (Path(settings.artifacts_dir) / "checkpoints" / first["version"] / "trained_on.json").write_text(content)
+    store.log_interactions("kt", mixed("n3", 6))
+    job = run(settings, store)
+    assert job["data"]["mode"] == "full" and "trained_on.json" in job["data"]["fallback"]
