@@ -397,7 +397,7 @@ def _not_a_bool(value: object) -> object:
 
 
 class RetrainRequest(RequestModel):
-    """A GRAM-1E retrain of the task's active model on the base data plus everything logged since."""
+    """A GRAM-1E retrain of the task's active model: incremental (the log since it, plus a replay sample) or full."""
 
     task: Task
     epochs: Annotated[int, Field(ge=1, le=100), BeforeValidator(_not_a_bool)] | None = Field(
@@ -406,9 +406,14 @@ class RetrainRequest(RequestModel):
     time_budget_s: Annotated[float, Field(gt=0, le=86_400), BeforeValidator(_not_a_bool)] | None = Field(
         None, description="stop training after this long"
     )
+    mode: Literal["incremental", "full"] | None = Field(
+        None,
+        description="'incremental': the log since the active version plus a replay sample; 'full': all history. "
+        "Default: GRAMREC_RETRAIN__MODE (incremental)",
+    )
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"task": "kt", "epochs": 1, "time_budget_s": 600}]},
+        json_schema_extra={"examples": [{"task": "kt", "epochs": 1, "time_budget_s": 600, "mode": "incremental"}]},
     )
 
 
@@ -422,7 +427,7 @@ class Job(BaseModel):
     kind: Literal["retrain"] = "retrain"
     status: JobStatus
     task: Task
-    trigger: Literal["admin", "schedule"] = "admin"
+    trigger: Literal["admin", "schedule", "volume"] = "admin"
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None

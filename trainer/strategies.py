@@ -245,7 +245,7 @@ class GramMultiStep(Strategy):
 
     finetunes_encoder = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, initial_rows=None, **kwargs):  # initial_rows: see _starting_encoding
         super().__init__(*args, **kwargs)
         settings = self.settings
         self.period = settings.parsed_period
@@ -256,7 +256,7 @@ class GramMultiStep(Strategy):
         self.optimizers["encoder"] = make_optimizer(  # regression steps are not E2E steps: no warm-up
             settings.optimizer, trainable, settings.regress_lr, 0, self.device
         )
-        self.encoded = self._inference_encode(torch.arange(self.num_items))  # [N, D] each row's encoding
+        self.encoded = self._starting_encoding(initial_rows)  # [N, D] each row's encoding
         self.table = self.encoded.clone()  # [N, D] rows as CF training moved them
         self.row_version = torch.zeros(self.num_items, dtype=torch.long, device=self.device)
         self.touched = torch.zeros(self.num_items, dtype=torch.bool, device=self.device)
@@ -264,6 +264,22 @@ class GramMultiStep(Strategy):
         self.steps_since_regression = 0
         self.regressions = 0
         self._generator = torch.Generator().manual_seed(settings.seed)
+
+    def _starting_encoding(self, initial_rows: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Every item's encoding by the starting encoder. `initial_rows` = (item indices, rows) already encoded by
+        that very encoder (a warm start's exported table, for items whose text is unchanged): those rows are taken
+        as they are, so only the other items are encoded."""
+        if initial_rows is None:
+            return self._inference_encode(torch.arange(self.num_items))
+        known, rows = initial_rows
+        encoded = torch.empty(self.num_items, self.encoder.dim, device=self.device)
+        missing = torch.ones(self.num_items, dtype=torch.bool)
+        missing[known] = False
+        encoded[known.to(self.device)] = rows.to(self.device, torch.float32)
+        if bool(missing.any()):
+            fresh = missing.nonzero().squeeze(1)
+            encoded[fresh.to(self.device)] = self._inference_encode(fresh)
+        return encoded
 
     def _refresh(self, items: torch.Tensor) -> None:
         items = items.to(self.device)
@@ -467,12 +483,16 @@ def make_strategy(
     settings: TrainSettings,
     steps_per_epoch: int,
     world: World = SINGLE,
+    initial_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Strategy:
+    """`initial_rows`: GRAM's starting table for the items it covers (see GramMultiStep._starting_encoding)."""
     args = (encoder, tokens, head, settings, steps_per_epoch, world)
     if settings.strategy == "e2e":
         return EndToEnd(*args)
     if settings.strategy == "gram":
-        return GramSingleStep(*args) if settings.parsed_period.is_single_step else GramMultiStep(*args)
+        if settings.parsed_period.is_single_step:
+            return GramSingleStep(*args)
+        return GramMultiStep(*args, initial_rows=initial_rows)
     if settings.strategy == "nofinetune":
         return NoFinetune(*args)
     return NoContent(*args)

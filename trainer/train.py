@@ -39,6 +39,7 @@ from gramrec.trainer.distributed import (
     init_from_env,
 )
 from gramrec.trainer.graphed_step import StaticCFStep
+from gramrec.trainer.known_rows import KnownRows
 from gramrec.trainer.kt_task import KnowledgeTracingTask
 from gramrec.trainer.nr_task import NewsTask
 from gramrec.trainer.settings import TrainSettings
@@ -84,7 +85,12 @@ def static_step_for(strategy: Strategy, task, settings: TrainSettings, device: t
     return StaticCFStep(strategy, task, settings.batch_size, device, strategy.encoder.dim)
 
 
-def build_run(settings: TrainSettings, encoder_dir: Path | None = None, world: World = SINGLE) -> Run:
+def build_run(
+    settings: TrainSettings,
+    encoder_dir: Path | None = None,
+    world: World = SINGLE,
+    known_rows: KnownRows | None = None,
+) -> Run:
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
     task = make_task(settings)
@@ -98,7 +104,8 @@ def build_run(settings: TrainSettings, encoder_dir: Path | None = None, world: W
     if settings.max_steps_per_epoch:
         steps = min(steps, settings.max_steps_per_epoch)
     started = time.perf_counter()
-    strategy = make_strategy(encoder, tokens, head, settings, steps, world)  # multi-step/NoFinetune encode all items
+    initial = known_rows.aligned(task.items, encoder.dim) if known_rows is not None else None
+    strategy = make_strategy(encoder, tokens, head, settings, steps, world, initial)  # GRAM/NoFinetune encode items
     setup_s = time.perf_counter() - started
     static_step = static_step_for(strategy, task, settings, device)
     return Run(settings, device, task, tokenizer, encoder, tokens, head, strategy, setup_s, world, static_step)
@@ -170,7 +177,7 @@ def restore(run: Run, path: Path, with_optimizers: bool) -> dict:
     return config
 
 
-def warm_start(run: Run, checkpoint: Path) -> None:
+def warm_start(run: Run, checkpoint: Path, item_state: bool = True) -> None:
     """Takes the checkpoint's head (the encoder came with build_run) and, for the same catalog, its item state.
 
     A retrain's catalog usually grew (items added through the API), or the checkpoint came from another strategy:
@@ -179,7 +186,7 @@ def warm_start(run: Run, checkpoint: Path) -> None:
     tensors = load_weights(checkpoint, run.encoder, run.head)
     saved = read_config(checkpoint)["settings"]
     same_strategy = (saved["strategy"], saved["period"]) == (run.settings.strategy, run.settings.period)
-    if same_strategy and read_items(checkpoint).ids == run.task.items.ids:
+    if item_state and same_strategy and read_items(checkpoint).ids == run.task.items.ids:
         run.strategy.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("loop.")})
     log.info("warm start", extra={"from": str(checkpoint)})
 
@@ -201,16 +208,24 @@ class EncoderDrift:
         return float(moved.sum().sqrt()) / max(self.norm, 1e-30)
 
 
-def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None = None) -> dict:
+def train(
+    settings: TrainSettings,
+    on_epoch: Callable[[Run, int], None] | None = None,
+    known_rows: KnownRows | None = None,
+) -> dict:
     """Trains, early-stops on validation, evaluates the best checkpoint on test, writes report.json.
 
-    `on_epoch(run, epoch)` runs after each epoch's validation (benchmarks' diagnostics; it must not train)."""
+    `on_epoch(run, epoch)` runs after each epoch's validation (benchmarks' diagnostics; it must not train).
+    `known_rows`: with `init_from`, that checkpoint's exported item table, GRAM's starting rows (trainer/known_rows.py).
+    """
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     resume_config = read_config(settings.resume) if settings.resume else None
     world = init_from_env(resolve_device(settings.device))
     start_from = settings.resume or settings.init_from
-    run = build_run(settings, encoder_dir=(Path(start_from) / "encoder") if start_from else None, world=world)
+    encoder_dir = (Path(start_from) / "encoder") if start_from else None
+    run = build_run(settings, encoder_dir, world, known_rows if settings.init_from and not settings.resume else None)
+    setup_items_encoded = run.encoder.items_forward  # the starting table's encodings (see known_rows)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
 
@@ -222,7 +237,7 @@ def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None =
         bad_epochs = epochs_since_best(history, run.task.primary_metric)
         log.info("resumed", extra={"from": str(settings.resume), "epoch": start_epoch})
     elif settings.init_from:
-        warm_start(run, Path(settings.init_from))
+        warm_start(run, Path(settings.init_from), item_state=known_rows is None)
 
     interactions = run.task.interactions()
     metric = run.task.primary_metric
@@ -301,6 +316,7 @@ def train(settings: TrainSettings, on_epoch: Callable[[Run, int], None] | None =
         "checkpoint_io_s": io_seconds,
         "encoder_items_forward": run.encoder.items_forward,
         "encoder_items_backward": run.encoder.items_backward,
+        "setup_items_encoded": setup_items_encoded,
         "interactions_per_epoch": interactions,
         "items": len(run.task.items),
         "peak_memory_bytes": peak_memory_bytes(run.device),

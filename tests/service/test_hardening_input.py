@@ -221,6 +221,7 @@ def test_accepted_writes_touch_only_their_own_keys(client, keyspace):
         b"gramrec:meta:kt",  # metadata for /recommend's filters
         b"gramrec:changes:kt",  # the change log other workers' catalog indexes read
         b"gramrec:changeseq:kt",
+        f"gramrec:table-texts:{KT1}".encode(),  # what each row was encoded from, for activation's re-encoding
     }
     before = keyspace()
     body = {"task": "nr", "user_id": "u.1", "impressions": [{"item_id": "nr1", "clicked": 1}]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import redis
@@ -207,6 +209,13 @@ def test_admin_is_off_without_a_configured_token(make_client, method, path, body
     client = make_client("embedded", admin_token=None)
     response = client.request(method, path, json=body, headers=AUTH)
     assert response.status_code == 403 and "GRAMREC_ADMIN_TOKEN" in response.json()["detail"]
+
+
+def test_retrain_mode_is_validated_and_recorded(client):
+    response = client.post("/admin/retrain", json={"task": "kt", "mode": "full"}, headers=AUTH)
+    assert response.status_code == 202 and response.json()["params"] == {"mode": "full"}
+    bad = client.post("/admin/retrain", json={"task": "nr", "mode": "partial"}, headers=AUTH)
+    assert bad.status_code == 422 and "mode" in json.dumps(bad.json())
 
 
 def test_retrain_is_queued(client, backend):

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
-from gramrec.service.activation import ActivationConflict, activate, bundle_loader
+from gramrec.service.activation import ActivationConflict, activate, bundle_loader, prepare
 from gramrec.service.artifact import list_versions
 from gramrec.service.errors import GramrecError
 from gramrec.service.settings import Task
@@ -31,6 +31,7 @@ log = logging.getLogger("gramrec.retrain")
 CHECKPOINTS_DIR = "checkpoints"  # artifacts/checkpoints/<version>/: the PyTorch checkpoint a version came from
 JOBS_DIR = "jobs"  # artifacts/jobs/<job id>/: a running job's snapshot and training run, removed at its end
 RETIRED_FILE = "retired.json"  # version -> when it left the last `keep_versions`; deleted after the grace period
+TRAINED_ON_FILE = "trained_on.json"  # in a version's checkpoint: the last logged id it trained on, its gate units
 
 
 class InjectedFault(GramrecError, RuntimeError):
@@ -119,6 +120,7 @@ class RetrainJob:
 
         base_checkpoint = self._checkpoint_of(self.job["base_version"])
         base_settings = self._base_settings(task, base_checkpoint)
+        increment = self._increment(base_checkpoint)
         snapshot = self._phase(
             "snapshot",
             lambda: build_snapshot(
@@ -128,9 +130,11 @@ class RetrainJob:
                 self.workdir / "data",
                 self.retrain.gate_fraction,
                 use_abstract=base_settings.get("use_abstract", False),
+                increment=increment,
             ),
         )
-        self.job["data"] = snapshot.summary()
+        self.job["data"] = snapshot.summary() | self.job.get("data", {})
+        self._snapshot = snapshot
         report = self._phase("train", lambda: self._train(base_settings, snapshot.folder, base_checkpoint))
         metric = primary_metric(task)
         new = report["metrics"].get(metric)
@@ -141,7 +145,8 @@ class RetrainJob:
             return
         version_dir = self._phase("export", lambda: self._export(task, report))
         self.job["version"] = version_dir.name
-        self._phase("activate", lambda: self._activate(version_dir.name, snapshot.texts))
+        bundle = self._phase("table", lambda: self._table(version_dir.name, snapshot.texts))
+        self._phase("activate", lambda: self._activate(bundle, snapshot.texts))
         self._phase(
             "retire",
             lambda: retire_old_versions(
@@ -162,12 +167,52 @@ class RetrainJob:
         return result
 
     # -- phases ------------------------------------------------------------------------------------------------------
+    def _increment(self, base_checkpoint: Path | None):
+        """What an incremental job trains on beyond the new log (None: a full retrain, asked for or needed)."""
+        from gramrec.trainer.retrain.increment import Increment
+
+        requested = self.job.get("params", {}).get("mode") or self.retrain.mode
+        self.job["data"] = {"requested_mode": requested}
+        if requested == "full":
+            return None
+        if base_checkpoint is None:
+            self.job["data"]["fallback"] = "no checkpoint of an active version to start from: full retrain"
+            return None
+        try:
+            record = read_trained_on(base_checkpoint)
+        except ValueError as exc:
+            self.job["data"]["fallback"] = f"{exc}: full retrain"
+            return None
+        after = record.get("last_logged_id")
+        return Increment(
+            after=after,
+            carried=frozenset(record.get("gate_units", [])),
+            replay_ratio=self.retrain.replay_ratio,
+            replay_min=self.retrain.replay_min,
+            replay_max=self.retrain.replay_max,
+            context_answers=self.retrain.context_answers,
+            seed=f"{self.retrain.replay_seed}:{after}",
+        )
+
     def _base_settings(self, task: str, base_checkpoint: Path | None) -> dict:
         """The training settings a retrain keeps: the active version's (else those of a first start)."""
         from gramrec.trainer.checkpoint import read_config
 
         saved = read_config(base_checkpoint)["settings"] if base_checkpoint else self.settings.bootstrap_train
         return {k: v for k, v in saved.items() if k in KEPT_SETTINGS} | {"task": task}
+
+    def _known_rows(self):
+        """The active version's exported table: an incremental run's starting rows (items not re-encoded)."""
+        from gramrec.trainer.known_rows import KnownRows
+
+        version = self.job["base_version"]
+        if version is None or self.job["data"].get("mode") != "incremental":
+            return None
+        try:
+            return KnownRows.from_artifact(self.artifacts / version)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("no item table to start from; encoding every item", extra={"error": repr(exc)})
+            return None
 
     def _train(self, base_settings: dict, data: Path, base_checkpoint: Path | None) -> dict:
         from gramrec.trainer import train as train_module
@@ -187,7 +232,10 @@ class RetrainJob:
             device=self.retrain.device,
             progress=False,
         )
-        return train_module.train(settings)
+        report = train_module.train(settings, known_rows=self._known_rows())
+        self.job["data"]["items_encoded_at_start"] = report.get("setup_items_encoded")
+        self.job["data"]["train"] = train_summary(report)
+        return report
 
     def _active_metric(self, base_checkpoint: Path | None, data: Path, metric: str) -> float | None:
         """The active model's metric on the same held-out slice; None when there is no active model."""
@@ -216,6 +264,7 @@ class RetrainJob:
         checkpoint = self.artifacts / CHECKPOINTS_DIR / version
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(best), checkpoint)  # kept: the next retrain warm-starts from it
+        self._write_trained_on(checkpoint)
         try:
             return export_checkpoint(
                 checkpoint,
@@ -229,13 +278,29 @@ class RetrainJob:
             shutil.rmtree(checkpoint, ignore_errors=True)
             raise
 
-    def _activate(self, version: str, trained_texts: dict[str, str]) -> None:
+    def _write_trained_on(self, checkpoint: Path) -> None:
+        """What the next incremental retrain starts after: this snapshot's last logged id, and its gate units
+        (held out now, trained on next time; for news only logged impressions, L<entry id>, need it)."""
+        snapshot = self._snapshot
+        units = snapshot.gate_units if snapshot.task == "kt" else [u for u in snapshot.gate_units if u.startswith("L")]
+        record = {"mode": snapshot.mode, "last_logged_id": snapshot.last_logged_id, "gate_units": units}
+        (checkpoint / TRAINED_ON_FILE).write_text(json.dumps(record))
+
+    def _table(self, version: str, trained_texts: dict[str, str]):
+        """Loads the new bundle, checks its golden answer and writes its item table to the store (timed apart
+        from the switch itself)."""
+        bundle = bundle_loader(threads=self.settings.ort_threads)(self.artifacts, version)
+        bundle.self_check()
+        prepare(self.store, bundle, trained_texts)
+        return bundle
+
+    def _activate(self, bundle, trained_texts: dict[str, str]) -> None:
         try:
             activate(
                 self.store,
                 self.artifacts,
-                version,
-                load_bundle=bundle_loader(threads=self.settings.ort_threads),
+                bundle.version,
+                load_bundle=lambda _root, _version: bundle,
                 list_versions=list_versions,
                 lease=self.lease,
                 known_texts=trained_texts,
@@ -263,6 +328,38 @@ class RetrainJob:
             "no checkpoint for the active version; training from the pre-trained encoder", extra={"version": version}
         )
         return None
+
+
+def read_trained_on(checkpoint: Path) -> dict:
+    """A version's trained_on.json; {} when it has none (a first start's, trained on the base data only).
+    Raises ValueError naming the file when it is not what this module writes."""
+    path = checkpoint / TRAINED_ON_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    after = record.get("last_logged_id") if isinstance(record, dict) else None
+    units = record.get("gate_units", []) if isinstance(record, dict) else None
+    stream_id = after is None or (isinstance(after, str) and all(part.isdigit() for part in after.split("-")))
+    listed = isinstance(units, list) and all(isinstance(unit, str) for unit in units)
+    if not (isinstance(record, dict) and stream_id and listed):
+        raise ValueError(f"{path}: expected last_logged_id (a stream id or null) and gate_units (a list of ids)")
+    return record
+
+
+def train_summary(report: dict) -> dict:
+    """Where a retrain's training time went: steps, the whole run, checkpoint writes, GRAM's regressions."""
+    regressions = [r for epoch in report.get("history", []) for r in epoch.get("regressions", [])]
+    return {
+        "steps": report.get("steps"),
+        "interactions_per_epoch": report.get("interactions_per_epoch"),
+        "wall_s": round(float(report.get("wall_time_s") or 0.0), 3),
+        "checkpoint_io_s": round(float(report.get("checkpoint_io_s") or 0.0), 3),
+        "regression_s": round(sum(float(r.get("seconds", 0.0)) for r in regressions), 3),
+        "regression_rows": sum(int(r.get("rows", 0)) for r in regressions),
+    }
 
 
 # -- retention -------------------------------------------------------------------------------------------------------

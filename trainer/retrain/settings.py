@@ -27,6 +27,29 @@ class RetrainSettings(BaseModel):
     tasks: Annotated[list[Task], NoDecode] = Field(
         default_factory=lambda: list(TASKS), description="tasks retrained on schedule"
     )
+    mode: Literal["incremental", "full"] = Field(
+        "incremental",
+        description="retrains on schedule, by volume, and by POST /admin/retrain unless it names one: 'incremental' "
+        "(warm start, the log since the active version plus a replay sample) or 'full' (all history)",
+    )
+    full_cron: str | None = Field(
+        None, description="crontab schedule in UTC ('0 3 * * *') of full retrains, beside the regular schedule"
+    )
+    volume_trigger: int | None = Field(
+        None, ge=1, description="also retrain once this many interactions were logged since the last retrain"
+    )
+    volume_check_s: float = Field(5.0, gt=0, le=3600, description="how often the volume trigger counts new entries")
+    replay_ratio: float = Field(
+        1.0, ge=0, le=100, description="incremental: older users (kt) or impressions (nr) replayed per new one"
+    )
+    replay_min: int = Field(
+        200, ge=0, description="incremental: at least this many replayed users or impressions (if there are)"
+    )
+    replay_max: int = Field(10_000, ge=0, description="incremental: at most this many replayed users or impressions")
+    replay_seed: int = Field(0, description="incremental: seed of the replay sample (varied per retrain with its data)")
+    context_answers: int = Field(
+        100, ge=0, description="incremental kt: older answers kept before a student's new ones (and per replayed one)"
+    )
     epochs: int = Field(1, ge=1, le=100, description="GRAM-1E epochs per retrain")
     time_budget_s: float | None = Field(None, gt=0, description="stop a retrain's training after this many seconds")
     device: str = Field("auto", description="training device ('auto': CUDA if available)")
@@ -70,15 +93,17 @@ class RetrainSettings(BaseModel):
     def _has_a_schedule(self) -> RetrainSettings:
         if self.interval_s is None and self.cron is None:
             raise ValueError("set retrain.interval_s or retrain.cron")
+        if self.replay_min > self.replay_max:
+            raise ValueError(f"retrain.replay_min ({self.replay_min}) exceeds retrain.replay_max ({self.replay_max})")
         return self
 
-    @field_validator("cron", "interval_s", mode="before")
+    @field_validator("cron", "interval_s", "full_cron", "volume_trigger", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         """Compose writes an unset variable as an empty string."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("cron")
+    @field_validator("cron", "full_cron")
     @classmethod
     def _cron_parses(cls, value: str | None) -> str | None:
         if value is not None:

@@ -24,6 +24,7 @@ from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.kt_data import load_kt_data
 from gramrec.trainer.mind_data import BEHAVIORS_FILE, NEWS_FILE, load_mind
 from gramrec.trainer.retrain.interaction_segments import SegmentError, entry_key, list_segments, read_segment
+from gramrec.trainer.retrain.increment import Increment, select_kt, select_nr
 from gramrec.trainer.split_file import write_split
 
 log = logging.getLogger("gramrec.retrain")
@@ -42,26 +43,40 @@ class Snapshot:
     dropped_interactions: int = 0
     last_logged_id: str | None = None
     gate_units: list[str] = field(default_factory=list)  # users (kt) or impression ids (nr) of the gate slice
+    mode: str = "full"
+    increment: dict = field(default_factory=dict)  # incremental mode: after which id, and new/replay counts
 
     def summary(self) -> dict:
         return {
+            "mode": self.mode,
             "items": len(self.texts),
             "base_interactions": self.base_interactions,
             "logged_interactions": self.logged_interactions,
             "dropped_interactions": self.dropped_interactions,
             "last_logged_id": self.last_logged_id,
             "gate_units": len(self.gate_units),
-        }
+        } | ({"increment": self.increment} if self.mode == "incremental" else {})
+
+    def select(self, selection_counts: dict, increment: Increment) -> None:
+        self.mode = "incremental"
+        self.increment = {"after": increment.after, "through": self.last_logged_id} | selection_counts
 
 
 def build_snapshot(
-    task: str, base_data: Path, store: Store, folder: Path, gate_fraction: float, use_abstract: bool = False
+    task: str,
+    base_data: Path,
+    store: Store,
+    folder: Path,
+    gate_fraction: float,
+    use_abstract: bool = False,
+    increment: Increment | None = None,
 ) -> Snapshot:
+    """All history (full mode), or with `increment` only what an incremental retrain trains on (increment.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     if task == "kt":
-        snapshot = _kt_snapshot(Path(base_data), store, folder, gate_fraction)
+        snapshot = _kt_snapshot(Path(base_data), store, folder, gate_fraction, increment)
     else:
-        snapshot = _nr_snapshot(Path(base_data), store, folder, gate_fraction, use_abstract)
+        snapshot = _nr_snapshot(Path(base_data), store, folder, gate_fraction, use_abstract, increment)
     log.info("snapshot", extra={"task": task, "folder": str(folder)} | snapshot.summary())
     return snapshot
 
@@ -107,7 +122,9 @@ def recent_split(units_by_recency: list[str], gate_fraction: float) -> tuple[lis
 
 
 # -- knowledge tracing ---------------------------------------------------------------------------------------------
-def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: float) -> Snapshot:
+def _kt_snapshot(
+    base_data: Path, store: Store, folder: Path, gate_fraction: float, increment: Increment | None
+) -> Snapshot:
     base = load_kt_data(base_data)
     texts = merged_catalog(base.items, store.texts("kt"))
     snapshot = Snapshot(folder, "kt", texts)
@@ -117,7 +134,7 @@ def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
         for item, correct in zip(sequence.items, sequence.correct, strict=True):
             rows.append((sequence.user_id, base.items.ids[item], int(correct)))
     snapshot.base_interactions = len(rows)
-    logged: list[tuple[float, str, str, int]] = []  # (answered at, user, item, correct) in arrival order
+    logged: list[tuple[float, str, str, int, str]] = []  # (answered at, user, item, correct, entry id), arrival order
     answered_at = -math.inf
     for entry_id, fields in logged_entries(store, "kt"):
         snapshot.last_logged_id = entry_id
@@ -125,10 +142,16 @@ def _kt_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
             snapshot.dropped_interactions += 1
             continue
         answered_at = _answer_time(fields.get("timestamp"), answered_at)
-        logged.append((answered_at, fields["user_id"], fields["item_id"], int(fields["correct"])))
+        logged.append((answered_at, fields["user_id"], fields["item_id"], int(fields["correct"]), entry_id))
         snapshot.logged_interactions += 1
     logged.sort(key=lambda row: row[0])  # stable: ties keep their arrival order
-    rows += [(user, item, correct) for _, user, item, correct in logged]
+    rows += [(user, item, correct) for _, user, item, correct, _ in logged]
+    entry_ids: list[str | None] = [None] * snapshot.base_interactions  # each row's logged entry id (None: base data)
+    entry_ids += [entry_id for *_, entry_id in logged]
+    if increment is not None:
+        selection = select_kt([row[0] for row in rows], entry_ids, increment)
+        rows = [rows[i] for i in selection.keep]
+        snapshot.select(selection.counts, increment)
 
     with open(folder / "items.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -164,7 +187,9 @@ def _answer_time(timestamp: str | None, previous: float) -> float:
 
 
 # -- news ------------------------------------------------------------------------------------------------------------
-def _nr_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: float, use_abstract: bool) -> Snapshot:
+def _nr_snapshot(
+    base_data: Path, store: Store, folder: Path, gate_fraction: float, use_abstract: bool, increment: Increment | None
+) -> Snapshot:
     base = load_mind(base_data, use_abstract=use_abstract)
     texts = merged_catalog(base.items, store.texts("nr"))
     snapshot = Snapshot(folder, "nr", texts)
@@ -183,6 +208,11 @@ def _nr_snapshot(base_data: Path, store: Store, folder: Path, gate_fraction: flo
             continue
         behaviors.append(impression)
         snapshot.logged_interactions += 1
+    if increment is not None:
+        entry_ids = [unit[1][1:] if unit[1].startswith("L") else None for unit in behaviors]  # L<entry id>: logged
+        selection = select_nr([unit[1] for unit in behaviors], entry_ids, increment)
+        behaviors = [behaviors[i] for i in selection.keep]
+        snapshot.select(selection.counts, increment)
 
     with open(folder / NEWS_FILE, "w", encoding="utf-8") as f:
         meta = dict(zip(ids, base.items.metadata or [{}] * len(ids), strict=True))  # the base catalog's categories

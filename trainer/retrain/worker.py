@@ -1,10 +1,14 @@
 """`gramrec trainer`: the process that runs retrain jobs, on schedule and on demand.
 
-    API (POST /admin/retrain) ──┐
-    APScheduler tick (each task)┴─> job queue ──> the trainer holding the retrain lease ──> RetrainJob
+    API (POST /admin/retrain) ─────────┐
+    APScheduler tick (each task) ──────┤
+    full-retrain cron tick (each task) ┤
+    volume check (each task) ──────────┴─> job queue ──> the trainer holding the retrain lease ──> RetrainJob
 
 Any number of trainer replicas may run. Each one's scheduler fires at the same aligned instants; the first replica
-to claim a tick queues its job, the others see the claim and do nothing. A job is taken only by the holder of the
+to claim a tick queues its job, the others see the claim and do nothing. The volume check queues a job once
+`volume_trigger` interactions were logged after the newest job's snapshot; its claim names that job, so each
+position in the log triggers once across replicas. A job is taken only by the holder of the
 retrain lease (a Redis lock that the holder renews every ttl/3): exactly one retrain runs at a time. If the holder
 dies, its lease expires; the next holder finds the dead one's job still marked current and records it as failed.
 """
@@ -17,6 +21,7 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -45,6 +50,11 @@ def make_trigger(settings: WorkerSettings):
     return IntervalTrigger(seconds=retrain.interval_s, start_date=_ALIGNED_START, timezone=UTC)
 
 
+def make_full_trigger(settings: WorkerSettings) -> CronTrigger | None:
+    cron = settings.retrain.full_cron
+    return CronTrigger.from_crontab(cron, timezone=UTC) if cron else None
+
+
 def latest_fire_time(trigger, now: datetime, lookback: timedelta) -> datetime | None:
     """The trigger's last fire time at or before `now` (within lookback): the tick a late run belongs to."""
     latest, fire = None, trigger.get_next_fire_time(None, now - lookback)
@@ -60,6 +70,7 @@ class TrainerWorker:
         self.store = store or open_store(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.trigger = make_trigger(settings)
+        self.full_trigger = make_full_trigger(settings)
         self.scheduler: BackgroundScheduler | None = None
         self.stop_event = threading.Event()
         self.started_at = now_iso()
@@ -89,29 +100,52 @@ class TrainerWorker:
 
     # -- schedule ----------------------------------------------------------------------------------------------------
     def start_schedule(self) -> None:
+        retrain = self.settings.retrain
         self.scheduler = BackgroundScheduler(timezone=UTC)
-        for task in self.settings.retrain.tasks:
-            self.scheduler.add_job(
-                self.tick,
-                self.trigger,
-                args=[task],
-                id=f"retrain-{task}",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=int(self.settings.retrain.misfire_grace_s),
-            )
+        grace = int(retrain.misfire_grace_s)
+        for task in retrain.tasks:
+            once = {"max_instances": 1, "coalesce": True, "misfire_grace_time": grace}
+            self.scheduler.add_job(self.tick, self.trigger, args=[task], id=f"retrain-{task}", **once)
+            if self.full_trigger is not None:
+                self.scheduler.add_job(self.tick, self.full_trigger, args=[task, True], id=f"full-{task}", **once)
+            if retrain.volume_trigger:
+                every = IntervalTrigger(seconds=retrain.volume_check_s, timezone=UTC)
+                self.scheduler.add_job(self.check_volume, every, args=[task], id=f"volume-{task}", **once)
         self.scheduler.start()
 
-    def tick(self, task: str) -> dict | None:
-        """Queues the task's scheduled job, once per tick across all replicas; returns the job if this one did."""
+    def tick(self, task: str, full: bool = False) -> dict | None:
+        """Queues the task's scheduled job (`full`: of the full-retrain schedule), once per tick across all
+        replicas; returns the job if this one did."""
+        trigger = self.full_trigger if full and self.full_trigger is not None else self.trigger
         now = datetime.now(UTC)
         grace = timedelta(seconds=self.settings.retrain.misfire_grace_s)
-        fired = latest_fire_time(self.trigger, now, grace) or now
+        fired = latest_fire_time(trigger, now, grace) or now
         ttl = max(2 * grace.total_seconds(), 3600.0)
-        if not self.store.claim_tick(task, fired.strftime("%Y%m%dT%H%M%S"), ttl):
+        if not self.store.claim_tick(task, ("full-" if full else "") + fired.strftime("%Y%m%dT%H%M%S"), ttl):
             return None
-        job = self.store.enqueue_job(Job.queued(task, "schedule", {}))
+        job = self.store.enqueue_job(Job.queued(task, "schedule", {"mode": "full"} if full else {}))
         log.info("scheduled retrain queued", extra={"task": task, "job": job["id"], "tick": fired.isoformat()})
+        return job
+
+    def check_volume(self, task: str) -> dict | None:
+        """Queues a job once `volume_trigger` entries were logged after the newest job's snapshot (none yet: after
+        the start of the log); nothing while a job of the task waits or runs. Returns the job if this one did."""
+        from gramrec.trainer.retrain.snapshot import logged_entries
+
+        threshold = self.settings.retrain.volume_trigger
+        if not threshold:
+            return None
+        jobs = [job for job in self.store.list_jobs(limit=500) if job.get("task") == task]
+        if jobs and jobs[0].get("status") in ("queued", "running"):
+            return None
+        after = next((j["data"]["last_logged_id"] for j in jobs if j.get("data", {}).get("last_logged_id")), None)
+        if sum(1 for _ in islice(logged_entries(self.store, task, after), threshold)) < threshold:
+            return None
+        claim = f"volume-after-{jobs[0]['id'] if jobs else 'start'}"
+        if not self.store.claim_tick(task, claim, 7 * 86_400.0):
+            return None
+        job = self.store.enqueue_job(Job.queued(task, "volume", {}))
+        log.info("volume retrain queued", extra={"task": task, "job": job["id"], "after": after})
         return job
 
     # -- jobs --------------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_kt_snapshot_merges_base_log_and_api_items(settings_for, kt_base, tmp_pa
     snapshot = build_snapshot("kt", kt_base, store, tmp_path / "snap", gate_fraction=0.05)
 
     assert snapshot.summary() | {"last_logged_id": None} == {
-        "items": 17, "base_interactions": 600, "logged_interactions": 7, "dropped_interactions": 2,
+        "mode": "full", "items": 17, "base_interactions": 600, "logged_interactions": 7, "dropped_interactions": 2,
         "last_logged_id": None, "gate_units": 2,
     }
     assert snapshot.texts["fresh"] == "A brand new question about queues"
@@ -130,7 +130,7 @@ def test_retrain_promotes_warm_started_model(deployed):
     assert job["status"] == "succeeded", (job["error"], job["metrics"])
     assert job["base_version"] == first and job["version"] != first
     assert store.active_version("kt") == job["version"]
-    assert set(job["timings"]) == {"snapshot", "train", "gate", "export", "activate", "retire"}
+    assert set(job["timings"]) == {"snapshot", "train", "gate", "export", "table", "activate", "retire"}
     metrics = job["metrics"]
     assert metrics["promoted"] and metrics["new"] >= metrics["active"] - metrics["tolerance"]
     assert job["data"]["logged_interactions"] == 10
@@ -272,6 +272,87 @@ def test_each_tick_queues_one_job_across_replicas(settings_for):
     assert [job["id"] for job in workers[0].store.list_jobs()] == [jobs[0]["id"]]
     for worker in workers:
         worker.store.close()
+
+
+def concurrently(workers, call) -> list:
+    """Each worker makes the call at the same moment (a barrier); the results, in worker order."""
+    barrier = threading.Barrier(len(workers))
+    results: list = [None] * len(workers)
+
+    def one(i, worker):
+        barrier.wait()
+        results[i] = call(worker)
+
+    threads = [threading.Thread(target=one, args=(i, w)) for i, w in enumerate(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def finish(store, job: dict) -> None:
+    """Records a queued job as taken and finished, as a trainer does."""
+    assert store.next_job()["id"] == job["id"]
+    store.update_job(job)
+    store.finish_current_job(job["id"])
+
+
+def test_the_volume_trigger_queues_one_job_per_n_new_interactions_across_replicas(settings_for):
+    settings = settings_for("redis", retrain={"tasks": ["kt"], "volume_trigger": 5})
+    workers = [TrainerWorker(settings) for _ in range(4)]
+    store = workers[0].store
+    store.log_interactions("kt", answers("s1", n=4))
+    assert concurrently(workers, lambda w: w.check_volume("kt")) == [None] * 4  # 4 < 5
+    ids = store.log_interactions("kt", answers("s2", n=1))
+    jobs = [job for job in concurrently(workers, lambda w: w.check_volume("kt")) if job is not None]
+    assert len(jobs) == 1 and jobs[0]["trigger"] == "volume" and jobs[0]["params"] == {}
+    assert workers[1].check_volume("kt") is None  # a job waits: nothing more is queued
+    # The job ran (here: recorded as run) with a snapshot up to the last id: counting starts again after it.
+    finish(store, jobs[0] | {"status": "rejected", "data": {"last_logged_id": ids[-1]}})
+    store.log_interactions("kt", answers("s3", n=4))
+    assert concurrently(workers, lambda w: w.check_volume("kt")) == [None] * 4
+    store.log_interactions("kt", answers("s3", n=1))
+    again = [job for job in concurrently(workers, lambda w: w.check_volume("kt")) if job is not None]
+    assert len(again) == 1 and again[0]["id"] != jobs[0]["id"]
+    # A job that failed before its snapshot trained on nothing: counting goes on from the newest one that did, so
+    # the same interactions trigger one retry.
+    finish(store, again[0] | {"status": "failed"})
+    retry = [job for job in concurrently(workers, lambda w: w.check_volume("kt")) if job is not None]
+    assert len(retry) == 1 and retry[0]["id"] not in (jobs[0]["id"], again[0]["id"])
+    for worker in workers:
+        worker.store.close()
+
+
+def test_the_full_retrain_schedule_is_its_own_trigger(settings_for):
+    settings = settings_for("redis", retrain={"tasks": ["kt"], "interval_s": 60, "full_cron": "* * * * *"})
+    workers = [TrainerWorker(settings) for _ in range(3)]
+    full = [job for job in concurrently(workers, lambda w: w.tick("kt", full=True)) if job is not None]
+    assert len(full) == 1 and full[0]["params"] == {"mode": "full"} and full[0]["trigger"] == "schedule"
+    # The regular tick of the same minute claims its own tick (and joins the job already waiting for the task).
+    regular = [job for job in concurrently(workers, lambda w: w.tick("kt")) if job is not None]
+    assert len(regular) == 1 and regular[0]["id"] == full[0]["id"]
+    scheduled = {job.id for job in workers[0].scheduler.get_jobs()} if workers[0].scheduler else set()
+    assert scheduled == set()  # not started here; start_schedule adds retrain-kt, full-kt (and volume-kt when set)
+    workers[0].start_schedule()
+    assert {job.id for job in workers[0].scheduler.get_jobs()} == {"retrain-kt", "full-kt"}
+    workers[0].scheduler.shutdown(wait=False)
+    for worker in workers:
+        worker.store.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"volume_trigger": 0}, {"volume_trigger": "many"}, {"full_cron": "nightly"}, {"mode": "partial"},
+     {"replay_ratio": -1}, {"replay_min": 10, "replay_max": 5}, {"volume_check_s": 0}],
+)
+def test_bad_trigger_and_replay_settings_are_refused(bad):
+    from pydantic import ValidationError
+
+    from gramrec.trainer.retrain.settings import RetrainSettings
+
+    with pytest.raises(ValidationError, match="|".join(bad)):
+        RetrainSettings(**bad)
 
 
 def test_interval_ticks_are_aligned_and_late_runs_find_their_tick(settings_for):
@@ -468,7 +549,7 @@ def test_a_retrain_reads_no_training_variable_from_the_environment(deployed, mon
 
     seen = []
     real = train_module.train
-    monkeypatch.setattr(train_module, "train", lambda settings: seen.append(settings) or real(settings))
+    monkeypatch.setattr(train_module, "train", lambda settings, **kw: seen.append(settings) or real(settings, **kw))
     monkeypatch.setenv("GRAMREC_TRAIN_MAX_STEPS_PER_EPOCH", "1")
     monkeypatch.setenv("GRAMREC_TRAIN_LR_CF", "0.5")
     settings, store, _ = deployed
