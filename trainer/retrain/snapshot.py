@@ -23,8 +23,8 @@ from gramrec.service.store import Store
 from gramrec.trainer.items import ItemCatalog
 from gramrec.trainer.kt_data import load_kt_data
 from gramrec.trainer.mind_data import BEHAVIORS_FILE, NEWS_FILE, load_mind
-from gramrec.trainer.retrain.interaction_segments import SegmentError, entry_key, list_segments, read_segment
 from gramrec.trainer.retrain.increment import Increment, select_kt, select_nr
+from gramrec.trainer.retrain.interaction_segments import SegmentError, entry_key, list_segments, read_segment
 from gramrec.trainer.split_file import write_split
 
 log = logging.getLogger("gramrec.retrain")
