@@ -73,14 +73,15 @@ def measure(encoder: ContentEncoder, tokens: ItemTokens, step: dict[str, torch.T
     bf16_before, fp32_before = encode(encoder, tokens, True), encode(encoder, tokens, False)
     cast_before = [w.detach().to(torch.bfloat16).float() for w in linear_weights(encoder)]
     ties = tie_share(linear_weights(encoder))
+    saved = {name: params[name].detach().clone() for name in step}
     with torch.no_grad():
         for name, delta in step.items():
             params[name].add_(delta)
     bf16_after, fp32_after = encode(encoder, tokens, True), encode(encoder, tokens, False)
     cast_after = [w.detach().to(torch.bfloat16).float() for w in linear_weights(encoder)]
-    with torch.no_grad():
-        for name, delta in step.items():
-            params[name].sub_(delta)
+    with torch.no_grad():  # the exact start back (a subtraction would round)
+        for name, value in saved.items():
+            params[name].copy_(value)
     noise = float((bf16_before - fp32_before).norm())
     flat = torch.cat([w.detach().reshape(-1) for w in linear_weights(encoder)])
     cast_change = torch.cat([(a - b).reshape(-1) for a, b in zip(cast_after, cast_before)])
