@@ -358,15 +358,20 @@ class SqliteItems:
         return self._query("SELECT COUNT(*) FROM vectors WHERE version = ?", (version,))[0][0]
 
     def get_vectors(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
-        found: dict[str, bytes] = {}
+        sql = "SELECT item_id, vector FROM vectors WHERE version = ? AND item_id IN ({marks})"
+        found: dict[str, bytes] = dict(self._rows_for_ids(sql, version, ids))
+        return [found.get(item_id) for item_id in ids]
+
+    def _rows_for_ids(self, sql: str, key: str, ids: Sequence[str]) -> list[tuple]:
+        """Rows of `sql` (`... WHERE <column> = ? AND item_id IN ({marks})`, bound to `key` and the ids) for the
+        unique ids, in chunks under sqlite's parameter limit, all read under one hold of the lock."""
         unique = list(dict.fromkeys(ids))
+        rows: list[tuple] = []
         with self._lock:
             for start in range(0, len(unique), _MAX_PARAMS):
                 chunk = unique[start : start + _MAX_PARAMS]
-                marks = ",".join("?" * len(chunk))
-                sql = f"SELECT item_id, vector FROM vectors WHERE version = ? AND item_id IN ({marks})"
-                found.update(self._db.execute(sql, (version, *chunk)).fetchall())
-        return [found.get(item_id) for item_id in ids]
+                rows += self._db.execute(sql.format(marks=",".join("?" * len(chunk))), (key, *chunk)).fetchall()
+        return rows
 
     def add_vectors(
         self, version: str, ids: Sequence[str], vectors: np.ndarray, dim: int, texts: Sequence[str] | None = None
@@ -385,14 +390,8 @@ class SqliteItems:
         self._transaction(add)
 
     def text_digests(self, version: str, ids: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), _MAX_PARAMS):
-            chunk = unique[start : start + _MAX_PARAMS]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT item_id, digest FROM vector_texts WHERE version = ? AND item_id IN ({marks})"
-            found.update(self._query(sql, (version, *chunk)))
-        return found
+        sql = "SELECT item_id, digest FROM vector_texts WHERE version = ? AND item_id IN ({marks})"
+        return dict(self._rows_for_ids(sql, version, ids))
 
     def texts(self, task: str) -> dict[str, str]:
         return dict(self._query("SELECT item_id, text FROM texts WHERE task = ?", (task,)))
@@ -446,14 +445,8 @@ class SqliteItems:
         if ids is None:
             rows = self._query("SELECT item_id, meta FROM item_meta WHERE task = ?", (task,))
             return {item_id: _decode_metadata(meta) for item_id, meta in rows}
-        found: dict[str, dict] = {}
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), _MAX_PARAMS):
-            chunk = unique[start : start + _MAX_PARAMS]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT item_id, meta FROM item_meta WHERE task = ? AND item_id IN ({marks})"
-            found.update((i, _decode_metadata(m)) for i, m in self._query(sql, (task, *chunk)))
-        return found
+        sql = "SELECT item_id, meta FROM item_meta WHERE task = ? AND item_id IN ({marks})"
+        return {item_id: _decode_metadata(meta) for item_id, meta in self._rows_for_ids(sql, task, ids)}
 
     def item_changes(self, task: str, after: int) -> tuple[int, list[str]]:
         rows = self._query(
