@@ -34,6 +34,7 @@ from gramrec.service.store.beacons import TRAINERS
 from gramrec.trainer.retrain.job import RetrainJob, now_iso
 from gramrec.trainer.retrain.log_compaction import compact_log
 from gramrec.trainer.retrain.settings import WorkerSettings
+from gramrec.trainer.retrain.snapshot import logged_entries
 
 log = logging.getLogger("gramrec.trainer")
 
@@ -130,8 +131,6 @@ class TrainerWorker:
     def check_volume(self, task: str) -> dict | None:
         """Queues a job once `volume_trigger` entries were logged after the newest job's snapshot (none yet: after
         the start of the log); nothing while a job of the task waits or runs. Returns the job if this one did."""
-        from gramrec.trainer.retrain.snapshot import logged_entries
-
         threshold = self.settings.retrain.volume_trigger
         if not threshold:
             return None
