@@ -1,13 +1,11 @@
 """Multi-step GRAM's regression: fit the content encoder to the item table's rows, and measure how well it fitted.
 
 Between regressions the CF loss moves each touched row away from its encoding, so `row - CE(c)` is the move the
-CF loss asks of that item's embedding. The regression minimises the pseudo-loss 0.5 * sum ||row - CE(c)||^2 over
-the touched rows, pass after pass over them in shuffled batches of `regress_batch_size`, until the pseudo-loss has
-fallen by `regress_fit` (measured exactly after each pass), or `regress_max_passes` passes, or the
-time cap. A single pass of one Adam step per batch moves the encoder a fixed distance per step whatever the
-targets' size: too little when they are far, pure noise when they are near. Passing until the pseudo-loss has
-fallen, undoing any pass that raised it and retrying at a lower rate, makes the encoder go where the rows are, and
-the report says how far it got.
+CF loss asks of that item's embedding. The regression lowers the pseudo-loss 0.5 * sum ||row - CE(c)||^2 over the
+touched rows: a pass of Adam steps over them in shuffled batches of `regress_batch_size` proposes a parameter move,
+a line search on a fixed sample of the rows (float32) scales it to the length the rows ask for, and a pass that
+still raised the loss is undone. Passes repeat until the pseudo-loss has fallen by `regress_fit`, or
+`regress_max_passes` passes (default 1: the paper's one pass), or the time cap. The report says how far it got.
 """
 
 from __future__ import annotations
@@ -27,19 +25,23 @@ UNTOUCHED_SAMPLE = 512  # untouched items encoded before and after, to see how f
 
 @dataclass
 class RegressionReport:
-    """What one regression did. Losses are 0.5 * sum ||row - CE(c)||^2 over the touched rows."""
+    """What one regression did. Losses are 0.5 * sum ||row - CE(c)||^2 over the check rows (all touched rows, or a
+    fixed random sample of them), with the encoder in float32: the measurement every accept/reject decision used."""
 
     rows: int  # touched rows regressed onto
+    check_rows: int  # rows the decisions were measured on
     passes: int
     steps: int  # encoder optimizer steps, those of undone passes included
     rejected: int  # passes undone because they did not lower the pseudo-loss
+    scale: float  # the last accepted pass's line-search scale (1: kept as the optimizer left it; 0: none accepted)
     loss_before: float
     loss_after: float
     fit: float  # 1 - after / before: share of the pseudo-loss removed
     toward: float  # <move made, move wanted> / ||move wanted||^2: share of the wanted distance covered along it
-    cosine: float  # cosine between the encodings' move and the wanted move (all touched rows as one vector)
-    untouched_move: float  # mean ||CE_new - CE_old|| of untouched items / mean ||row - CE_old|| of touched ones
+    cosine: float  # cosine between the encodings' move and the wanted move (the check rows as one vector)
+    untouched_move: float  # mean ||CE_new - CE_old|| of untouched items / mean ||row - CE_old|| of checked ones
     param_change: float  # ||theta_new - theta_old|| / ||theta_old|| over the trained parameters
+    lr_next: float  # the learning rate the next regression starts at
     seconds: float
     stopped: str  # "fit" (pseudo-loss fell by regress_fit), "passes" (regress_max_passes) or "time"
 
@@ -51,13 +53,15 @@ class RegressionReport:
 class RegressionPlan:
     """The regression's settings (see TrainSettings.regress_*)."""
 
-    lr: float  # the encoder optimizer's learning rate at the start of each regression
+    lr: float  # the encoder optimizer's learning rate (a regression whose passes all failed quarters it for the next)
     batch_items: int  # items per encoder optimizer step
     micro_items: int  # items per encoder call inside a step (the encoder's own caps apply too)
     fit: float
     max_passes: int
     max_seconds: float | None
-    backtrack: bool = True  # undo a pass that raised the pseudo-loss, retry at lr / 4
+    backtrack: bool = True  # undo a pass that raised the pseudo-loss
+    line_search: bool = True  # scale each pass's parameter move to the length its check rows ask for
+    check_items: int = 4096  # rows the decisions are measured on (0: every touched row)
     deadline: float | None = None  # time.perf_counter() value: the training run's own budget
 
 
@@ -71,20 +75,26 @@ def regress(
     optimizer: torch.optim.Optimizer,
     optimizer_step: Callable[[], None],
     encode: Callable[[torch.Tensor], torch.Tensor],
+    check_encode: Callable[[torch.Tensor], torch.Tensor],
     generator: torch.Generator,
     world: World = SINGLE,
     progress: bool = False,
-) -> tuple[torch.Tensor, RegressionReport]:
+) -> tuple[torch.Tensor | None, RegressionReport]:
     """Fits `encoder` (in eval mode) to `targets` for `items`.
 
     items [K] (CPU) touched item indices; targets [K, D] their rows; untouched [M] (CPU) a sample of other items;
     `optimizer_step` sums the ranks' gradients and steps `optimizer`; `encode` is the deterministic (eval, no grad)
-    encoder pass. Returns the items' new encodings [K, D] and the report.
+    encoder pass that made the table's encodings, `check_encode` the same in float32. Returns the items' new
+    encodings [K, D] (None when no pass was kept: the encoder is then exactly as it was) and the report.
 
-    Each pass is followed by an exact measurement of the pseudo-loss. A pass that did not lower it is undone
-    (parameters restored, optimizer state cleared) and retried at a quarter of the learning rate: an adaptive
-    optimizer's step has a fixed size whatever the targets' distance, so rows only slightly moved need a smaller
-    rate than rows far away, and the regression never leaves its fit worse than it found it.
+    Each pass's Adam steps give a direction in parameter space; its length is then chosen on the check rows: the
+    encodings' move `made` is measured, and the parameters are set to start + s * (pass's move) with
+    s = <wanted, made> / ||made||^2 (at most 1), the minimum of the pseudo-loss along that move to first order.
+    Measured on an H200 (BENCHMARKS.md §3), an Adam pass at a fixed rate moves the encodings 0.8-6.6x as far as the
+    rows ask, so it raised the pseudo-loss and was undone, pass after pass. The scaled pass is verified (float32,
+    on the check rows) and undone if it still raised the loss; then the rate is quartered, for later passes and
+    regressions. The check is float32 because bf16 autocast re-draws its rounding at every weight change, which
+    hid gains under 1% (same section); a fixed sample keeps it cheap.
     """
     started = time.perf_counter()
     end = min(
@@ -93,15 +103,13 @@ def regress(
         if t is not None
     )
     params = [p for p in encoder.parameters() if p.requires_grad]
-    # The starting point is measured with the same `encode(items)` call as every pass's result: same batches, so
-    # the same rounding. The rows' own encodings were computed in other batches, and under bf16 autocast that
-    # difference alone can exceed a small step's gain, which would reject every pass (seen on an H200).
-    start = _Start.measure(params, items, targets, untouched, encode)
+    checked = _check_positions(len(items), plan.check_items, generator)
+    check_items, check_targets = items[checked], targets[checked.to(targets.device)]
+    start = _Start.measure(params, check_items, check_targets, untouched, check_encode)
     accepted = [p.detach().clone() for p in params]
-    loss_before = start.loss
-    best, best_loss = start.encoded, loss_before
+    current, current_loss = start.encoded, start.loss
     lr = plan.lr
-    passes, steps, rejected, stopped = 0, 0, 0, "passes"
+    passes, steps, rejected, kept, scale, stopped = 0, 0, 0, 0, 0.0, "passes"
     bar = tqdm(total=len(items) * plan.max_passes, desc="regression", unit="item", disable=not progress, leave=False)
     while passes < plan.max_passes:
         for group in optimizer.param_groups:
@@ -115,31 +123,83 @@ def regress(
             steps += 1
             bar.update(min(plan.batch_items, len(items)))
         passes += 1
-        current = encode(items)  # every rank encodes every item: the same decision everywhere
-        loss = float(0.5 * (targets - current).pow(2).sum())
-        if loss < best_loss or not plan.backtrack:
-            best, best_loss = current, loss
+        moved = check_encode(check_items)
+        pass_scale = 1.0
+        if plan.line_search:
+            pass_scale = _line_search(
+                params, accepted, check_targets - current, current, moved, check_encode, check_items
+            )
+        if 0.0 < pass_scale < 1.0:
+            moved = check_encode(check_items)
+        loss = float(0.5 * (check_targets - moved).pow(2).sum())
+        if pass_scale > 0.0 and (loss < current_loss or not plan.backtrack):
+            current, current_loss, scale = moved, loss, min(pass_scale, 1.0)
+            kept += 1
             for saved, param in zip(accepted, params):
                 saved.copy_(param.detach())
-        else:  # this pass made the fit worse: undo it, and retry more gently
+        else:  # this pass made the fit worse even scaled: undo it, and retry more gently
             with torch.no_grad():
                 for saved, param in zip(accepted, params):
                     param.copy_(saved)
             optimizer.state.clear()
             rejected += 1
             lr /= 4
-        bar.set_postfix(fit=f"{1 - best_loss / max(loss_before, 1e-30):.2f}", lr=f"{lr:.1e}")
+        bar.set_postfix(fit=f"{1 - current_loss / max(start.loss, 1e-30):.2f}", lr=f"{lr:.1e}")
         if stopped == "time":
             break
-        if best_loss <= (1.0 - plan.fit) * loss_before:
+        if current_loss <= (1.0 - plan.fit) * start.loss:
             stopped = "fit"
             break
     bar.close()
     for group in optimizer.param_groups:
         group["lr"] = plan.lr
+    new = encode(items) if kept else None  # the table's encodings, made as the table's were
     seconds = time.perf_counter() - started
-    report = start.report(params, best, targets, encode, passes, steps, rejected, seconds, stopped)
-    return best, report
+    report = start.report(
+        params, current, check_targets, check_encode, passes, steps, rejected, scale, lr, seconds, stopped, len(items)
+    )
+    return new, report
+
+
+def _check_positions(count: int, check_items: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions into the touched rows that decisions are measured on: all of them, or a fixed random sample."""
+    if check_items <= 0 or check_items >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=generator)[:check_items].sort().values
+
+
+def _line_search(params, start, wanted, encoded, moved, check_encode, check_items) -> float:
+    """Scales the pass's parameter move (params - start) to the least-squares length for the check rows, measured
+    in the linear regime: when the whole pass moved the encodings further than half the wanted distance, the
+    direction's effect is probed at a fraction of the move that keeps it short. Leaves params at the chosen point
+    (start + scale * move, scale < 1) or where the pass left them (scale >= 1); 0: no length helps."""
+    made = moved - encoded
+    wanted_norm, made_norm = float(wanted.norm()), float(made.norm())
+    scale = _line_search_scale(wanted, made)
+    probe = 0.5 * wanted_norm / made_norm if made_norm > 0 else 1.0
+    if probe < 1.0:  # the pass overshot: its own length says little about its direction near the start
+        _scale_move(params, start, probe)
+        scale = probe * _line_search_scale(wanted, check_encode(check_items) - encoded)
+        _scale_move(params, start, scale / probe if scale > 0 else 0.0)
+    elif 0.0 < scale < 1.0:
+        _scale_move(params, start, scale)
+    return scale
+
+
+def _line_search_scale(wanted: torch.Tensor, made: torch.Tensor) -> float:
+    """argmin_s ||wanted - s * made||^2 = <wanted, made> / ||made||^2; 0 when the move points away (or is none)."""
+    made_sq = float(made.double().pow(2).sum())
+    along = float((wanted.double() * made.double()).sum())
+    if made_sq <= 0.0 or along <= 0.0:
+        return 0.0
+    return along / made_sq
+
+
+@torch.no_grad()
+def _scale_move(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor], scale: float) -> None:
+    """Parameters to start + scale * (parameters - start)."""
+    for param, origin in zip(params, start):
+        param.sub_(origin).mul_(scale).add_(origin)
 
 
 def _shuffled_chunks(
@@ -173,11 +233,11 @@ def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class _Start:
-    """What the regression measured before its first step, for the report."""
+    """What the regression measured before its first step, on the check rows, for its decisions and report."""
 
     flat_params: torch.Tensor  # the trained parameters, flattened
-    encoded: torch.Tensor  # [K, D] the touched items' encodings
-    wanted: torch.Tensor  # [K, D] targets - encoded: the move the CF loss asks of each
+    encoded: torch.Tensor  # [C, D] the check rows' encodings
+    wanted: torch.Tensor  # [C, D] targets - encoded: the move the CF loss asks of each
     untouched: torch.Tensor  # [M] a sample of other items
     untouched_encoded: torch.Tensor | None  # [M, D]
 
@@ -190,9 +250,11 @@ class _Start:
     def loss(self) -> float:
         return float(0.5 * self.wanted.pow(2).sum())
 
-    def report(self, params, best, targets, encode, passes, steps, rejected, seconds, stopped) -> RegressionReport:
-        wanted, made = self.wanted, best - self.encoded
-        loss_after = float(0.5 * (targets - best).pow(2).sum())
+    def report(
+        self, params, current, targets, encode, passes, steps, rejected, scale, lr_next, seconds, stopped, rows
+    ) -> RegressionReport:
+        wanted, made = self.wanted, current - self.encoded
+        loss_after = float(0.5 * (targets - current).pow(2).sum())
         wanted_sq = float(wanted.pow(2).sum())
         along = float((made * wanted).sum())
         untouched_move = 0.0
@@ -201,10 +263,12 @@ class _Start:
             untouched_move = float(moved) / max(float(wanted.norm(dim=1).mean()), 1e-30)
         change = float((_flat(params) - self.flat_params).norm()) / max(float(self.flat_params.norm()), 1e-30)
         return RegressionReport(
-            rows=len(wanted),
+            rows=rows,
+            check_rows=len(wanted),
             passes=passes,
             steps=steps,
             rejected=rejected,
+            scale=scale,
             loss_before=self.loss,
             loss_after=loss_after,
             fit=1.0 - loss_after / max(self.loss, 1e-30),
@@ -212,6 +276,7 @@ class _Start:
             cosine=along / max(float(made.norm()) * wanted_sq**0.5, 1e-30),
             untouched_move=untouched_move,
             param_change=change,
+            lr_next=lr_next,
             seconds=seconds,
             stopped=stopped,
         )

@@ -103,11 +103,26 @@ class TrainSettings(BaseSettings):
         description="multi-step GRAM: a regression passes over the "
         "touched rows until its pseudo-loss has fallen by this fraction",
     )
-    regress_max_passes: int = Field(4, ge=1, description="multi-step GRAM: most passes of one regression")
+    regress_max_passes: int = Field(
+        1,
+        ge=1,
+        description="multi-step GRAM: most passes of one regression (1: the paper's one pass over the touched rows)",
+    )
     regress_backtrack: bool = Field(
         True,
         description="multi-step GRAM: undo a regression pass that raised the "
         "pseudo-loss and retry it at a quarter of the learning rate",
+    )
+    regress_line_search: bool = Field(
+        True,
+        description="multi-step GRAM: scale each regression pass's parameter move to the length the rows ask for "
+        "(a least-squares line search on the check rows)",
+    )
+    regress_check_items: int = Field(
+        4096,
+        ge=0,
+        description="multi-step GRAM: touched rows (a fixed random sample) on which each regression pass is measured "
+        "in float32 to scale, keep or undo it; 0: all touched rows",
     )
     regress_max_s: float | None = Field(None, gt=0, description="multi-step GRAM: most seconds of one regression")
 

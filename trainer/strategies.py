@@ -180,6 +180,15 @@ class Strategy:
         self.encoder.train(was_training)
         return out
 
+    @torch.no_grad()
+    def _check_encode(self, items: torch.Tensor) -> torch.Tensor:
+        """Eval-mode encoding in float32: what a regression measures its passes with (no bf16 rounding noise)."""
+        was_training = self.encoder.training
+        self.encoder.eval()
+        out = self.encoder.encode(self.tokens, items, self.settings.encoder_batch_size, autocast=False)
+        self.encoder.train(was_training)
+        return out
+
     def _encoded_table(self, items: torch.Tensor) -> torch.Tensor:
         table = torch.zeros(self.num_items, self.encoder.dim, device=self.device)
         if len(items):
@@ -263,6 +272,7 @@ class GramMultiStep(Strategy):
         self.encoder_version = 0
         self.steps_since_regression = 0
         self.regressions = 0
+        self.regress_lr = float(settings.regress_lr or 0.0)  # quartered after a regression whose passes all failed
         self._generator = torch.Generator().manual_seed(settings.seed)
 
     def _starting_encoding(self, initial_rows: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -360,13 +370,15 @@ class GramMultiStep(Strategy):
                 self.optimizers["encoder"][0],
                 lambda: self._step("encoder", schedule=False),  # the regression sets its own learning rate
                 self._inference_encode,
+                self._check_encode,
                 self._generator,
                 self.world,
                 progress=self.settings.progress and self.world.is_main,
             )
             self.reports.append(report)
             log.info("regression", extra={"regression": self.regressions, **report.as_dict()})
-            if report.steps:
+            self.regress_lr = report.lr_next
+            if new is not None:  # else no pass was kept: the encoder, and so every encoding, is as it was
                 self.encoder_version += 1
                 self._set_encoding(touched, new)
         self.encoder.train(was_training)
@@ -378,13 +390,15 @@ class GramMultiStep(Strategy):
     def _plan(self) -> RegressionPlan:
         s = self.settings
         return RegressionPlan(
-            lr=float(s.regress_lr or 0.0),  # filled per task by TrainSettings
+            lr=self.regress_lr,
             batch_items=s.regress_batch_size,
             micro_items=s.encoder_batch_size,
             fit=s.regress_fit,
             max_passes=s.regress_max_passes,
             max_seconds=s.regress_max_s,
             backtrack=s.regress_backtrack,
+            line_search=s.regress_line_search,
+            check_items=s.regress_check_items,
             deadline=self.deadline,
         )
 
@@ -407,6 +421,7 @@ class GramMultiStep(Strategy):
             "row_version": self.row_version,
             "touched": self.touched,
             "counters": torch.tensor(counters, dtype=torch.long),
+            "regress_lr": torch.tensor([self.regress_lr], dtype=torch.float64),
         }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -414,6 +429,8 @@ class GramMultiStep(Strategy):
         self.row_version.copy_(tensors["row_version"])
         self.touched.copy_(tensors["touched"])
         self.encoder_version, self.steps_since_regression, self.regressions = tensors["counters"].tolist()
+        if "regress_lr" in tensors:  # checkpoints from before the adaptive rate start at the configured one
+            self.regress_lr = float(tensors["regress_lr"][0])
         if "encoded" in tensors:
             self.encoded.copy_(tensors["encoded"])
         else:  # a checkpoint from before `encoded` existed: its rows' encodings are unknown, so re-encode them

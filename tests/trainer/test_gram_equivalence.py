@@ -71,15 +71,16 @@ def test_encoder_passes_unique_items_vs_interactions(task):
 
 # The settings under which one regression is exactly one 1S encoder step: a table step of lr 1 on the mean loss
 # (so the residual is -dL/dh), one pass of one optimizer step over all touched rows, at the 1S learning rate, kept
-# whatever it does to the fit.
-AS_SINGLE_STEP = dict(table_lr=1 / 32, batch_size=32, regress_max_passes=1, regress_backtrack=False, regress_lr=1e-2, warmup_steps=0)
+# whatever it does to the fit and at its full length (no line search).
+AS_SINGLE_STEP = dict(table_lr=1 / 32, batch_size=32, regress_max_passes=1, regress_backtrack=False,
+                      regress_line_search=False, regress_lr=1e-2, warmup_steps=0)
 
 
 @pytest.mark.parametrize("task", ["kt", "nr"])
 def test_multi_step_gram_with_period_one_and_one_pass_is_single_step(task):
     """Period 1, table_lr 1 and one regression pass reduce multi-step GRAM to 1S: the re-encoded table is moved
     by -dL/dh and regressed onto, the 1S pseudo-target. (Its defaults differ by design: a table step of the batch
-    size, regressions that pass until the pseudo-loss has fallen by regress_fit.)"""
+    size, and a line search that scales each regression pass's move.)"""
     one = make_run(GramSingleStep, task, "sgd", **AS_SINGLE_STEP)
     multi = make_run(GramMultiStep, task, "sgd", period="1s", **AS_SINGLE_STEP)
     assert isinstance(multi.strategy, GramMultiStep) and multi.strategy.period_steps == 1
@@ -136,17 +137,18 @@ def test_regression_removes_the_documented_share_of_its_pseudo_loss():
 
 
 def test_regression_undoes_a_pass_that_worsens_its_fit():
-    """At a learning rate far too large for targets this near, a pass raises the pseudo-loss: it is undone and
-    retried at a quarter of the rate, so the regression ends no worse than it began, and usually better."""
+    """At a learning rate far too large for targets this near, a full-length pass (no line search) raises the
+    pseudo-loss: it is undone and retried at a quarter of the rate, so the regression ends no worse than it began, and usually better."""
     run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=0.3, regress_batch_size=4,
-                   regress_max_passes=12, table_lr=1 / 32, progress=False)
+                   regress_max_passes=12, regress_line_search=False, table_lr=1 / 32, progress=False)
     for batch in kt_batches(3):
         train_step(run, copy.deepcopy(batch))
     report = run.strategy.regress()
     assert report.rejected >= 1 and report.loss_after <= report.loss_before
     assert report.fit > 0, "a gentler retry must have found a pass that helps"
     unguarded = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=0.3, regress_batch_size=4,
-                         regress_max_passes=1, regress_backtrack=False, table_lr=1 / 32, progress=False)
+                         regress_max_passes=1, regress_backtrack=False, regress_line_search=False, table_lr=1 / 32,
+                         progress=False)
     for batch in kt_batches(3):
         train_step(unguarded, copy.deepcopy(batch))
     assert unguarded.strategy.regress().fit < 0, "the same rate without backtracking makes the fit worse"
