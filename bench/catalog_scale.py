@@ -1,0 +1,114 @@
+"""The /recommend catalog index at scale: build time, memory, recall@10 against exact, search latency.
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/catalog_scale.py --items 1000000 --vectors clustered random
+
+Builds the service's own `CatalogIndex` (service/catalog.py: an exact float32 matrix, and above the ANN threshold
+the usearch HNSW graph in f16, built with every core) over synthetic unit vectors of MiniLM's dimension, then
+times `top_k` (what POST /recommend nr runs after the head: graph search, exact rescoring of the found rows,
+ranking) single-threaded, on queries shaped like a reader vector (the mean of 50 random items). Recall@10 is
+against an exact scan of the whole matrix.
+
+Two catalogs: `random` (independent Gaussian directions: every item almost equally far from a query, the graph's
+worst case; BENCHMARKS.md §5 measured recall 0.41 at 51k) and `clustered` (items around n/50 topic centres with
+noise 0.8, as bench/ann_probe.py: text embeddings cluster by topic). --expansions also times larger search
+expansions than the service's, to show what recall on random vectors costs. Prints one JSON object per catalog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 384  # all-MiniLM-L6-v2
+
+
+def synthetic_vectors(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, DIM] float32 unit vectors, generated in chunks to bound the peak memory."""
+    out = np.empty((n, DIM), np.float32)
+    centres = rng.standard_normal((max(n // 50, 10), DIM), dtype=np.float32) if kind == "clustered" else None
+    for lo in range(0, n, 100_000):
+        hi = min(lo + 100_000, n)
+        if centres is None:
+            chunk = rng.standard_normal((hi - lo, DIM), dtype=np.float32)
+        else:
+            chunk = centres[rng.integers(0, len(centres), hi - lo)]
+            chunk += rng.standard_normal((hi - lo, DIM), dtype=np.float32) * 0.8
+        out[lo:hi] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out
+
+
+def measure(kind: str, args, rng: np.random.Generator) -> dict:
+    from gramrec.service.catalog import HNSW_EXPANSION_SEARCH, CatalogIndex
+
+    vectors = synthetic_vectors(kind, args.items, rng)
+    ids = [f"s{i}" for i in range(args.items)]
+    start = time.perf_counter()
+    index = CatalogIndex("bench", "nr", DIM, max_bytes=1 << 40, ann_threshold=args.ann_threshold, capacity=args.items)
+    index.upsert(ids, vectors, [{}] * len(ids))
+    upsert_s = time.perf_counter() - start
+    if args.items >= args.ann_threshold:
+        index._build_ann()
+    build_s = time.perf_counter() - start
+    queries = np.stack([vectors[rng.integers(0, args.items, 50)].mean(0) for _ in range(args.queries)])
+    exact = [set(np.argpartition(-(vectors @ q), 10)[:10].tolist()) for q in queries]
+    report = {
+        "catalog": kind,
+        "items": args.items,
+        "approximate": index.approximate,
+        "build_s": round(build_s, 1),
+        "of_which_matrix_s": round(upsert_s, 1),
+        "index_mb": round(index.nbytes() / 2**20, 1),
+        "searches": [],
+    }
+    expansions = [HNSW_EXPANSION_SEARCH] + [e for e in args.expansions if e != HNSW_EXPANSION_SEARCH]
+    for expansion in expansions if index.approximate else [None]:
+        if expansion is not None:
+            index._ann.expansion_search = expansion
+        times, recall = [], []
+        for query, truth in zip(queries, exact):
+            begin = time.perf_counter()
+            rows, _ = index.top_k(query, 10, None, [])
+            times.append(time.perf_counter() - begin)
+            recall.append(len(truth & set(rows.tolist())) / 10)
+        ms = np.array(times[5:]) * 1000
+        report["searches"].append({
+            "expansion": expansion,
+            "service_setting": expansion in (None, HNSW_EXPANSION_SEARCH),
+            "recall_at_10": round(float(np.mean(recall)), 3),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        })
+    begin = time.perf_counter()
+    for query in queries[:20]:
+        np.argpartition(-(vectors @ query), 10)[:10]
+    report["exact_scan_ms"] = round((time.perf_counter() - begin) / 20 * 1000, 1)
+    report["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--vectors", nargs="+", choices=["clustered", "random"], default=["clustered", "random"])
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--expansions", type=int, nargs="*", default=[1024, 4096])
+    parser.add_argument("--ann-threshold", type=int, default=20_000)
+    args = parser.parse_args()
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")  # as each service worker runs
+    rng = np.random.default_rng(0)
+    for kind in args.vectors:
+        print(json.dumps(measure(kind, args, rng)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
