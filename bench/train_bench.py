@@ -257,6 +257,7 @@ def base_settings(args, task: str, batch_size: int, device: torch.device, **extr
         task=task, data=extra.pop("data", Path(".")), strategy="e2e", period="1e", batch_size=batch_size,
         encoder_batch_size=args.encoder_batch_size,
         **({"regress_batch_size": args.regress_batch_size} if args.regress_batch_size else {}),
+        **({"regress_max_passes": args.regress_max_passes} if args.regress_max_passes else {}),
         encoder_batch_tokens=args.encoder_batch_tokens, attention=args.attention, cf_step=args.cf_step,
         device=str(device), progress=False, seed=args.seed, **extra,
     )
@@ -1046,6 +1047,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cut whole epochs (and real-data training epochs) to this many steps; extrapolated")
     parser.add_argument("--encoder-batch-size", type=int, default=4096)
     parser.add_argument("--regress-batch-size", type=int, default=None, help="default: TrainSettings'")
+    parser.add_argument("--regress-max-passes", type=int, default=None, help="default: TrainSettings' (4)")
     parser.add_argument("--encoder-batch-tokens", type=int, default=65536,
                         help="cap on tokens per encoder batch (TrainSettings.encoder_batch_tokens)")
     parser.add_argument("--cf-step", choices=["auto", "eager", "graphed"], default="auto",
@@ -1123,6 +1125,7 @@ def _main(args: argparse.Namespace, device: torch.device, out: Path, deadline: f
         "encoder": source.description, "encoder_params": source.params, "time_budget_s": args.time_budget_s,
         "steady_steps": args.steady_steps, "warmup_steps": args.warmup_steps,
         "encoder_batch_size": args.encoder_batch_size, "regress_batch_size": args.regress_batch_size,
+        "regress_max_passes": args.regress_max_passes,
         "encoder_batch_tokens": args.encoder_batch_tokens, "attention": args.attention, "cf_step": args.cf_step,
         "freeze_bottom_layers": args.freeze_bottom_layers,
         "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled() if hasattr(torch.backends.cuda, "cudnn_sdp_enabled") else None,
