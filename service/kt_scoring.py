@@ -65,8 +65,8 @@ class KTCalibration:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KTCalibration:
-        """Reads kt_calibration.json; raises ValueError for anything but {"method": "platt", "a": >0, "b": finite}
-        (NaN and Infinity included, which Python's JSON reader would otherwise accept)."""
+        """Reads kt_calibration.json: {"method": "platt", "a": > 0, "b": finite}, other keys (how it was fitted)
+        ignored; raises ValueError for anything else, NaN and Infinity included (Python's JSON reader takes them)."""
 
         def refuse(constant: str) -> float:
             raise ValueError(f"{constant} is not a number")
