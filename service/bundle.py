@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from gramrec.service.artifact import (
     resolve_version_dir,
     verified_files,
 )
-from gramrec.service.kt_scoring import KTOutputLayer
+from gramrec.service.kt_scoring import IDENTITY, KTCalibration, KTOutputLayer
 
 log = logging.getLogger("gramrec.bundle")
 
@@ -140,9 +141,18 @@ def _kt_output(contents: dict[str, bytes], directory: Path, parts: object, dim: 
         raise ArtifactError(directory / parts["output"], f"unreadable kt output layer: {exc}") from None
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """Overflow-free logistic function."""
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+def _kt_calibration(contents: dict[str, bytes], directory: Path, name: object) -> KTCalibration:
+    """The manifest's kt_calibration file; absent (a version exported before calibration): the identity."""
+    if name is None:
+        return IDENTITY
+    if not isinstance(name, str):
+        raise ArtifactError(directory / MANIFEST, "kt_calibration must name its file")
+    try:
+        return KTCalibration.from_bytes(_required(contents, directory, name))
+    except ArtifactError:
+        raise
+    except ValueError as exc:
+        raise ArtifactError(directory / name, f"invalid kt calibration: {exc}") from None
 
 
 def _matrix(name: str, array: np.ndarray, dim: int) -> np.ndarray:
@@ -180,6 +190,7 @@ class ModelBundle:
         item_texts: list[str] | None = None,
         kt_state: ort.InferenceSession | None = None,
         kt_output: KTOutputLayer | None = None,
+        kt_calibration: KTCalibration = IDENTITY,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -197,7 +208,9 @@ class ModelBundle:
         self._item_meta = item_meta
         self._item_texts = dict(zip(item_ids, item_texts, strict=True)) if item_texts else {}
         self._kt_state = kt_state
-        self.kt_output = kt_output  # kt exported with its head split: catalog-wide scoring (service/kt_scoring.py)
+        self.kt_calibration = kt_calibration  # applied to every kt probability served, by both paths below
+        # kt exported with its head split: catalog-wide scoring (service/kt_scoring.py), with the same calibration
+        self.kt_output = replace(kt_output, calibration=kt_calibration) if kt_output is not None else None
         # An empty history runs as one padding step (mask False): the head then uses its start state (kt) or a
         # zero user vector (nr), exactly as PyTorch does for an all-padding row. Built once, reused per call.
         self._no_history = np.zeros((1, 1, self.dim), np.float32)  # [1, 1, D]
@@ -231,6 +244,7 @@ class ModelBundle:
         head_model = _required(contents, directory, HEAD_FILE)
         parts = manifest.get("kt_parts")
         kt_output = _kt_output(contents, directory, parts, manifest["dim"]) if parts else None
+        kt_calibration = _kt_calibration(contents, directory, manifest.get("kt_calibration"))
         try:
             encoder = _session(encoder_model, providers, threads) if encoder_model is not None else None
             head = _session(head_model, providers, threads)
@@ -252,6 +266,7 @@ class ModelBundle:
             item_texts,
             kt_state=kt_state,
             kt_output=kt_output,
+            kt_calibration=kt_calibration,
         )
 
     # -- inference -----------------------------------------------------------------------------------------
@@ -280,10 +295,14 @@ class ModelBundle:
         return self._encoder.run(["embedding"], feed)[0]  # type: ignore[union-attr]
 
     def predict_kt(self, history: np.ndarray, history_correct: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """P(correct) for answering each target next, after the answered history.
+        """Calibrated P(correct) for answering each target next, after the answered history.
 
         history: [T, D] (T may be 0), history_correct: [T] (0/1), targets: [K, D] -> probabilities [K] float32.
         """
+        return self.kt_calibration.probabilities(self.kt_logits(history, history_correct, targets))
+
+    def kt_logits(self, history: np.ndarray, history_correct: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """The head's logits before calibration (predict_kt's arguments) -> [K] float32."""
         self._require_task("kt")
         history = _matrix("history", history, self.dim)
         targets = _matrix("targets", targets, self.dim)
@@ -297,7 +316,7 @@ class ModelBundle:
         else:
             steps, correct, mask = history[None], correct[None], np.ones((1, history.shape[0]), np.bool_)
         feed = {"history": steps, "history_correct": correct, "history_mask": mask, "targets": targets[None]}
-        return _sigmoid(self._head.run(["logits"], feed)[0][0])  # [K]
+        return self._head.run(["logits"], feed)[0][0]  # [K]
 
     def kt_state(self, history: np.ndarray, history_correct: np.ndarray) -> np.ndarray:
         """The LSTM state after the answered history ([T, D], [T]; T may be 0) -> [H], for kt_output's scoring."""
@@ -362,7 +381,8 @@ class ModelBundle:
         """Answers the manifest's golden request and compares with what PyTorch answered at export.
 
         Raises ArtifactError on a difference beyond `tolerance` (relative to max(1, |expected|)) or a non-finite
-        output. A bundle exported before golden requests existed passes if its outputs are finite.
+        output. A bundle exported before golden requests existed passes if its outputs are finite. kt's expected
+        probabilities are the calibrated ones, so a calibration file that loads but differs never serves either.
         """
         golden = self.manifest.get("golden")
         if not golden:

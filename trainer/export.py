@@ -8,6 +8,8 @@ than the dynamo exporter (about 1 s for all-MiniLM-L6-v2), needs no onnxscript, 
 history and candidate axes dynamic. The backbone is switched to eager attention for the export only: its graph
 is smaller than the SDPA one (no NaN guards) and just as fast in ONNX Runtime; the weights are the same.
 Every export is checked against PyTorch on inputs shaped unlike the tracing example before it is published.
+A kt export also fits the calibration of the head's probabilities on the checkpoint's validation split
+(trainer/calibration.py) and stores it beside the head's split output layer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gramrec.service.artifact import (
     HEAD_FILE,
     ITEMS_EMBEDDINGS_FILE,
     ITEMS_INDEX_FILE,
+    KT_CALIBRATION_FILE,
     KT_OUTPUT_FILE,
     KT_STATE_FILE,
     TOKENIZER_DIR,
@@ -44,7 +47,9 @@ from gramrec.service.artifact import (
     write_manifest,
 )
 from gramrec.service.errors import GramrecError
+from gramrec.service.kt_scoring import KTCalibration
 from gramrec.service.settings import VERSION_PATTERN
+from gramrec.trainer.calibration import kt_calibration
 from gramrec.trainer.checkpoint import TrainedModel, load_trained_model
 
 log = logging.getLogger("gramrec.export")
@@ -94,6 +99,7 @@ def export_checkpoint(
     """Writes `out_root/<version>/` from a checkpoint and returns its path.
 
     metrics default to the checkpoint's validation metrics; data_fingerprint to `training_data_fingerprint`.
+    A kt version's metrics also get the validation ECE before and after its calibration (val_ece_before/after).
     device runs the item-table encoding ("auto": CUDA if available); the ONNX export itself runs on CPU.
     Raises ExportError if the version is invalid or already exists (artifacts are immutable).
     """
@@ -117,6 +123,9 @@ def export_checkpoint(
         embeddings = _item_table(model, has_encoder, _resolve_device(device), progress)
         _write_items(tmp, model, embeddings)
         log.info("items encoded", extra={"items": len(model.items), "seconds": time.perf_counter() - started})
+        calibration, calibration_fit = kt_calibration(model, embeddings) if model.task == "kt" else (None, {})
+        if calibration is not None:
+            _write_calibration(tmp, calibration, calibration_fit)
         onnx_started = time.perf_counter()
         if has_encoder:
             model.encoder.backbone.set_attn_implementation("eager")  # export only; see the module docstring
@@ -128,7 +137,9 @@ def export_checkpoint(
             parity["kt_parts"] = _export_kt_parts(model, tmp)
         log.info("onnx exported", extra={"parity": parity, "seconds": time.perf_counter() - onnx_started})
         manifest = _manifest(model, checkpoint, version, now, has_encoder, parity, metrics, data_fingerprint)
-        manifest["golden"] = _golden(model, embeddings, has_encoder)
+        if model.task == "kt":
+            manifest |= _calibration_entries(calibration, calibration_fit, manifest["metrics"])
+        manifest["golden"] = _golden(model, embeddings, has_encoder, calibration)
         _make_world_readable(tmp)
         write_manifest(tmp, manifest)
         if target.exists():  # created meanwhile by a concurrent export
@@ -251,6 +262,21 @@ def _export_kt_parts(model: TrainedModel, directory: Path) -> float:
     return error
 
 
+def _write_calibration(directory: Path, calibration: KTCalibration, fit: dict) -> None:
+    """kt_calibration.json: the config the service reads (method, a, b) and how it was fitted (answers, ECE)."""
+    record = calibration.to_dict() | {k: v for k, v in fit.items() if k not in ("method", "a", "b")}
+    (directory / KT_CALIBRATION_FILE).write_text(json.dumps(record, indent=1, allow_nan=False))
+
+
+def _calibration_entries(calibration: KTCalibration | None, fit: dict, metrics: dict) -> dict:
+    """The manifest's kt_calibration (its file, or None: served uncalibrated), the fit's record (with the reason
+    when there is none), and metrics with the validation ECE before and after."""
+    entries = {"kt_calibration": KT_CALIBRATION_FILE if calibration is not None else None, "kt_calibration_fit": fit}
+    if calibration is not None:
+        entries["metrics"] = metrics | {"val_ece_before": fit["val_ece_before"], "val_ece_after": fit["val_ece_after"]}
+    return entries
+
+
 def _export_encoder(encoder: ContentEncoder, path: Path) -> float:
     """encoder.onnx: input_ids, attention_mask [batch, sequence] int64 -> embedding [batch, D] (pooled)."""
     vocab = encoder.backbone.config.vocab_size
@@ -316,9 +342,12 @@ def _export_head(model: TrainedModel, path: Path) -> float:
 GOLDEN_ITEMS = 4
 
 
-def _golden(model: TrainedModel, embeddings: torch.Tensor, has_encoder: bool) -> dict:
+def _golden(
+    model: TrainedModel, embeddings: torch.Tensor, has_encoder: bool, calibration: KTCalibration | None = None
+) -> dict:
     """A fixed request and PyTorch's answer to it: a server checks a freshly loaded bundle against it before
-    swapping it in, so an artifact that loads but computes something else never serves (see ModelBundle)."""
+    swapping it in, so an artifact that loads but computes something else never serves (see ModelBundle).
+    kt's answer is the calibrated probability, as served."""
     n = min(GOLDEN_ITEMS, len(model.items))
     items = list(range(n))
     table = embeddings.float()
@@ -329,6 +358,8 @@ def _golden(model: TrainedModel, embeddings: torch.Tensor, has_encoder: bool) ->
         if model.task == "kt":
             correct = torch.tensor([[i % 2 for i in items]])
             logits = KnowledgeTracingServing(model.head).eval().float()(history, correct, mask, history)
+            if calibration is not None:
+                logits = calibration.a * logits + calibration.b
             golden |= {"history_correct": correct[0].tolist(), "expected": torch.sigmoid(logits)[0].tolist()}
         else:
             golden["expected"] = model.head.eval().float()(history, mask, history)[0].tolist()

@@ -147,16 +147,25 @@ class KnowledgeTracingTask:
     @torch.no_grad()
     def evaluate(self, head: nn.Module, table: torch.Tensor, split: str) -> dict:
         """table: [N, D] embedding of every item (rows for eval_items(split) must be current)."""
+        labels, logits, cold = self.logits(head, table, split)
+        return kt_metrics(labels, torch.sigmoid(torch.from_numpy(logits).float()).numpy(), cold)
+
+    @torch.no_grad()
+    def logits(self, head: nn.Module, table: torch.Tensor, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, head logits float64, is-cold) of every answer of the split, each predicted from the answers
+        before it; table as evaluate's. The export fits the served calibration on the validation ones."""
         device = table.device
-        labels, scores, cold = [], [], []
+        labels, logits, cold = [], [], []
         seqs = self.eval_sequences(split)
         for start in range(0, len(seqs), self.settings.batch_size):
             rows = seqs[start : start + self.settings.batch_size]
             batch = make_batch(rows).to(device)
             occurrence_table = torch.cat([table[batch.occurrences], table.new_zeros(1, table.shape[1])])
-            logits = head(gather(occurrence_table, batch.items), batch.correct)
+            out = head(gather(occurrence_table, batch.items), batch.correct)
             mask = batch.items.mask
             labels.append(batch.correct[mask].cpu().numpy())
-            scores.append(torch.sigmoid(logits[mask].float()).cpu().numpy())
+            logits.append(out[mask].double().cpu().numpy())
             cold.append(self.cold[batch.occurrences.cpu().numpy()])
-        return kt_metrics(np.concatenate(labels), np.concatenate(scores), np.concatenate(cold))
+        if not labels:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, bool)
+        return np.concatenate(labels), np.concatenate(logits), np.concatenate(cold)

@@ -122,3 +122,34 @@ def kt_metrics(labels: np.ndarray, scores: np.ndarray, is_cold: np.ndarray) -> d
         "n": int(y.size),
         "n_cold": int(cold.sum()),
     }
+
+
+def reliability_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 20) -> list[dict]:
+    """The populated ones of `bins` equal-width bins of [0, 1]: edges, count, mean predicted, observed rate."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    y, p = _as_pair(labels, probabilities)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            out.append(
+                {
+                    "bin": [float(edges[b]), float(edges[b + 1])],
+                    "n": int(mask.sum()),
+                    "mean_predicted": float(p[mask].mean()),
+                    "observed": float(y[mask].mean()),
+                }
+            )
+    return out
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 20) -> float:
+    """ECE: |mean predicted - observed rate| per equal-width bin, weighted by the bin's share of the answers."""
+    n = np.asarray(labels).size
+    gaps = (
+        b["n"] / n * abs(b["mean_predicted"] - b["observed"]) for b in reliability_bins(labels, probabilities, bins)
+    )
+    return float(sum(gaps))

@@ -19,8 +19,10 @@ ITEM_TEXTS = {
 }
 
 
-def tiny_checkpoint(path: Path, encoder_dir: Path, task: str) -> Path:
-    settings = TrainSettings(task=task, data=Path("data/tiny"), hidden_dim=16, max_tokens=16)
+def tiny_checkpoint(path: Path, encoder_dir: Path, task: str, data: Path | None = None) -> Path:
+    """data: a kt data folder whose items the checkpoint is of (its validation split calibrates the export);
+    default a folder that does not exist, with 12 made-up items."""
+    settings = TrainSettings(task=task, data=data or Path("data/tiny"), hidden_dim=16, max_tokens=16)
     torch.manual_seed(0)
     encoder = ContentEncoder.from_pretrained(encoder_dir, pooling=settings.pooling).float()
     head = build_head(task, encoder.dim, hidden_dim=16)
@@ -29,6 +31,10 @@ def tiny_checkpoint(path: Path, encoder_dir: Path, task: str) -> Path:
             parameter.add_(0.3 * torch.randn_like(parameter))  # not a trivial (all-0.5) model
     texts = ITEM_TEXTS[task]
     items = ItemCatalog(ids=[f"{task}-item-{i}" for i in range(len(texts))], texts=texts)
+    if data is not None:
+        from gramrec.trainer.kt_data import load_kt_data
+
+        items = load_kt_data(data).items
     meta = CheckpointMeta(json.loads(settings.model_dump_json()), 0, 1, 0.7, {"auc": 0.7})
     save_checkpoint(path, meta, encoder, load_tokenizer(encoder_dir), head, items, {})
     return path

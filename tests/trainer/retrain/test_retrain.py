@@ -137,6 +137,8 @@ def test_retrain_promotes_warm_started_model(deployed):
     assert store.count_items(job["version"]) == 16
     manifest = next(m for m in list_versions(settings.artifacts_dir) if m["version"] == job["version"])
     assert Path(manifest["source_checkpoint"]) == (settings.artifacts_dir / "checkpoints" / job["version"]).resolve()
+    # calibrated on the validation split of the job's data snapshot, read before the work dir goes
+    assert manifest["kt_calibration"] == "kt_calibration.json", manifest["kt_calibration_fit"]
     assert not (settings.artifacts_dir / "jobs" / job["id"]).exists()  # the job's work dir is cleaned up
     # The next retrain warm-starts from this version's checkpoint.
     assert run_one(settings, store)["base_version"] == job["version"]
