@@ -82,6 +82,15 @@ class TrainSettings(BaseSettings):
         description="freeze the embeddings and this many bottom encoder layers and cache their outputs for "
         "all items once (IISAN-style); re-encodes and regressions then run only the top layers",
     )
+    encoder_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory (GiB) the encoder's calls may take with the fixed part (weights, gradients, Adam "
+        "moments, item tables): the token caps of every inference encode and regression micro-batch are chosen "
+        "to fit it (trainer/memory_budget.py), never above --encoder-batch-tokens; a budget that cannot hold the "
+        "fixed part stops the run. E2E and GRAM-1S keep a whole step's graph, so it bounds only their inference "
+        "encodes. Unset: the fixed caps",
+    )
     # Multi-step GRAM (trainer/strategies.py GramMultiStep, trainer/regression.py)
     table_lr: float | None = Field(
         None,
