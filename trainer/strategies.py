@@ -95,11 +95,11 @@ class Strategy:
         self.encoder.train(self.encoder_train_mode)
         self.head.train()
         self.optimizers: Optimizers = {
-            "cf": make_optimizer(
+            "cf": make_optimizer(  # lr and warm-up scaled with the CF batch by settings.cf_lr_scaling
                 settings.optimizer,
                 self.cf_parameters(),
-                settings.lr_cf,
-                settings.warmup_steps,
+                settings.cf_lr,
+                settings.cf_warmup_steps,
                 self.device,
                 capturable=self.static_step and self.device.type == "cuda",
             )
@@ -293,7 +293,9 @@ class GramMultiStep(Strategy):
         settings = self.settings
         self.period = settings.parsed_period
         self.period_steps = self.period.steps(self.steps_per_epoch)
-        # The loss is the batch's mean; the table step is on the loss summed over the batch's users (Eq. 8).
+        # The loss is the batch's mean; the table step is on the loss summed over the batch's users (Eq. 8). So it
+        # already follows the linear rule: each user's gradient moves its rows by table_lr once an epoch at any CF
+        # batch, and the regression sees targets as far away as at the tuned batch (cf_lr_scaling leaves it alone).
         self.table_lr = settings.table_lr * settings.batch_size
         trainable = [p for p in self.encoder.parameters() if p.requires_grad]
         self.optimizers["encoder"] = make_optimizer(  # regression steps are not E2E steps: no warm-up

@@ -62,6 +62,8 @@ KEPT_SETTINGS = {
     "freeze_bottom_layers",
     "hidden_dim",
     "batch_size",
+    "cf_lr_scaling",
+    "cf_lr_reference_batch",
     "max_seq_len",
     "history_len",
     "negatives",
