@@ -118,6 +118,11 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def allocated_memory(device: torch.device) -> int | None:
+    """GPU memory still allocated before a run starts (the peak includes it: a run's own share is the difference)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
 def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -407,6 +412,7 @@ def measure_steady(workload: Workload, label: str, source: EncoderSource, device
     timed = [next(stream) for _ in range(args.steady_steps)]
     occurrences = sum(len(b.occurrences) for b in timed)
     reset_memory(device)
+    baseline = allocated_memory(device)
     run, _ = build_run(workload, label, source, device)
     if run.static_step is not None:  # padded and on the device before the loop, as train() does per epoch
         warm, timed = run.static_step.prepare(warm), run.static_step.prepare(timed)
@@ -437,7 +443,8 @@ def measure_steady(workload: Workload, label: str, source: EncoderSource, device
         "encoder_items_forward": encoder.items_forward - f0, "encoder_items_backward": encoder.items_backward - b0,
         "fwd_items_per_s": (encoder.items_forward - f0) / elapsed,
         "bwd_items_per_s": (encoder.items_backward - b0) / elapsed,
-        "peak_memory_bytes": peak_memory(device), **graph_stats(run), **memory_plan(run.strategy),
+        "peak_memory_bytes": peak_memory(device), "memory_baseline_bytes": baseline, **graph_stats(run),
+        **memory_plan(run.strategy),
     }
     if done < args.steady_steps:
         result["short"] = f"time cap {cap_s:.0f}s hit after {done}/{args.steady_steps} steps"
@@ -455,6 +462,7 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
     steps = len(batches)
     limit = min(steps, args.max_epoch_steps or steps)
     reset_memory(device)
+    baseline = allocated_memory(device)
     run, init_s = build_run(workload, label, source, device)
     t_start = time.perf_counter() - init_s
     strategy, encoder = run.strategy, run.encoder
@@ -520,8 +528,8 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
         "epoch_s": epoch_s, "measured_s": elapsed,
         "encoder_items_forward": encoder.items_forward, "encoder_items_backward": encoder.items_backward,
         "fwd_items_per_s": encoder.items_forward / elapsed, "bwd_items_per_s": encoder.items_backward / elapsed,
-        "cf_step_s": steps_s / max(done, 1), "peak_memory_bytes": peak_memory(device), **graph_stats(run),
-        **memory_plan(strategy),
+        "cf_step_s": steps_s / max(done, 1), "peak_memory_bytes": peak_memory(device),
+        "memory_baseline_bytes": baseline, **graph_stats(run), **memory_plan(strategy),
         "regression_reports": [r.as_dict() for r in getattr(strategy, "reports", [])],
     })
     strategy.__dict__.pop("regress", None)  # break the strategy <-> wrapper cycle
@@ -946,7 +954,8 @@ def targets(results: dict) -> list[dict]:
                     f"{r['peak_memory_bytes'] / GIB:.2f} GiB", f"{r['memory_budget_bytes'] / GIB:.2f} GiB",
                     r["peak_memory_bytes"] <= r["memory_budget_bytes"] if bounded else None,
                     f"estimate: fixed {r['memory_plan']['fixed_bytes'] / GIB:.2f} GiB + {r['memory_plan']['forward_bytes_per_token']:,} B "
-                    f"(forward) / {r['memory_plan']['backward_bytes_per_token']:,} B (backward) per token"
+                    f"(forward) / {r['memory_plan']['backward_bytes_per_token']:,} B (backward) per token; allocated "
+                    f"before the run {fmt(r.get('memory_baseline_bytes') and r['memory_baseline_bytes'] / GIB)} GiB"
                     + ("" if bounded else "; the training step's graph is not bounded by the caps"))
         floor = rec.get("floor") or {}
         if "gram_1e_over_floor" in floor:
