@@ -2,12 +2,13 @@
 
     python bench/strategy_table.py --data-root ../shared/data [--encoder-dir DIR] [--seeds 0 1 2 3] [--jobs 6]
         [--strategies e2e gram-1s gram-10s gram-0.5e gram-1e nofinetune] [--variant NAME:key=value,...]
-        [--out bench/results/strategies]
+        [--epochs 5 | --epochs kt=5 nr=3] [--out bench/results/strategies]
 
 Each (task, strategy, seed) is one `trainer.train.train` run in its own process (`--jobs` at a time: on a GPU the
 small runs are launch-bound, so several share it well; their wall times are then comparable only within one
 call). `--variant t8:table_lr=8,regress_lr=3e-4` adds a multi-step GRAM run with those settings (period 1e unless
-given), for sweeps. Test metrics are also recorded after every epoch, for the early-stopping check only: selection
+given), for sweeps; any TrainSettings field, e.g. `--variant b128:batch_size=128,cf_lr_scaling=sqrt` (a larger CF
+batch with the learning-rate rule; the table's "time to best" column is per label, variants included). Test metrics are also recorded after every epoch, for the early-stopping check only: selection
 is always on validation.
 
 Prints, per task: each strategy's test metric per seed, the mean, the spread (max - min), the paired mean gain over
@@ -38,6 +39,19 @@ STRATEGIES = {
     "nocontent": {"strategy": "nocontent"},
 }
 DEFAULT_STRATEGIES = ["e2e", "gram-1s", "gram-10s", "gram-0.5e", "gram-1e", "nofinetune"]
+
+
+def parse_epochs(values: list[str]) -> dict[str, int]:
+    """['5'] -> {'kt': 5, 'nr': 5}; ['kt=5', 'nr=2'] -> per task (a task not named keeps a bare number, else 5)."""
+    bare = [int(v) for v in values if "=" not in v]
+    out = dict.fromkeys(DATASETS, bare[-1] if bare else 5)
+    for value in values:
+        if "=" in value:
+            task, _, number = value.partition("=")
+            if task not in DATASETS:
+                raise SystemExit(f"--epochs: unknown task {task!r} (kt, nr)")
+            out[task] = int(number)
+    return out
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -93,7 +107,7 @@ def specs(args) -> list[dict]:
     for task in args.tasks:
         for seed in args.seeds:
             for label, config in configs.items():
-                settings = {"task": task, "data": str(Path(args.data_root) / DATASETS[task]), "epochs": args.epochs,
+                settings = {"task": task, "data": str(Path(args.data_root) / DATASETS[task]), "epochs": args.epochs[task],
                             "patience": args.patience, "seed": seed, "progress": False,
                             "out": str(Path(args.out) / "runs" / f"{task}-{label}-s{seed}"), **config}
                 if args.encoder_dir:
@@ -220,13 +234,14 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES))
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (a GRAM sweep point)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", nargs="+", default=["5"], help="5, or per task: kt=5 nr=3")
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results" / "strategies"))
     parser.add_argument("--from-dir", help="only print the table of the reports in an earlier --out")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.epochs = parse_epochs(args.epochs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.one:
         run_one(json.loads(args.one))

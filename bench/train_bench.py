@@ -58,6 +58,7 @@ import torch
 
 from bench.workloads import SPECS, build_synthetic
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
+from gramrec.trainer.memory_budget import MemoryBudgetError
 from gramrec.trainer.settings import TrainSettings
 from gramrec.trainer.static_batches import StaticBatch
 from gramrec.trainer.strategies import GramMultiStep, make_strategy
@@ -117,6 +118,11 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def allocated_memory(device: torch.device) -> int | None:
+    """GPU memory still allocated before a run starts (the peak includes it: a run's own share is the difference)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
 def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -124,6 +130,24 @@ def peak_memory(device: torch.device) -> int | None:
 def is_oom(error: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(error, oom) or "out of memory" in str(error).lower()
+
+
+def failure_text(error: BaseException) -> str | None:
+    """What to record for a run that could not fit (out of memory, or a --encoder-memory-gib too small to hold the
+    run's fixed part); None for any other error, which propagates."""
+    if isinstance(error, MemoryBudgetError):
+        return f"memory budget: {error}"
+    if is_oom(error):
+        return f"out of memory: {str(error).splitlines()[0][:160]}"
+    return None
+
+
+def memory_plan(strategy) -> dict:
+    """The budget's caps and estimate (trainer/memory_budget.py), when --encoder-memory-gib is set."""
+    plan = getattr(strategy, "memory_plan", None)
+    if plan is None:
+        return {}
+    return {"memory_budget_bytes": plan.budget_bytes, "memory_plan": plan.as_dict()}
 
 
 class Budget:
@@ -252,9 +276,11 @@ def _parse_per_workload(values: list[str] | None, cast) -> dict[str, object]:
     return out
 
 
-def base_settings(args, task: str, batch_size: int, device: torch.device, **extra) -> TrainSettings:
+def base_settings(args, name: str, task: str, batch_size: int, device: torch.device, **extra) -> TrainSettings:
+    budgets = _parse_per_workload(args.encoder_memory_gib, float)
     return TrainSettings(
         task=task, data=extra.pop("data", Path(".")), strategy="e2e", period="1e", batch_size=batch_size,
+        encoder_memory_gib=budgets.get(name, budgets.get("*")),
         encoder_batch_size=args.encoder_batch_size,
         **({"regress_batch_size": args.regress_batch_size} if args.regress_batch_size else {}),
         **({"regress_max_passes": args.regress_max_passes} if args.regress_max_passes else {}),
@@ -273,7 +299,7 @@ def build_synthetic_workload(name: str, args, source: EncoderSource, device: tor
         scale = scales.get(name, scales.get("*", 3 * per_step / spec.interactions))
     else:
         scale = scales.get(name, scales.get("*", spec.default_scale))
-    settings = base_settings(args, spec.task, batch_size, device)
+    settings = base_settings(args, name, spec.task, batch_size, device)
     started = time.perf_counter()
     synth = build_synthetic(
         spec, settings, scale, vocab_size=source.config.vocab_size, seed=args.seed, exponent=args.zipf_exponent,
@@ -300,7 +326,7 @@ def build_real_workload(name: str, args, source: EncoderSource, tokenizer_dir: P
     task_name, folder = REAL[name]
     batches = _parse_per_workload(args.batch_size, int)
     batch_size = int(batches.get(name, batches.get("*", 8 if args.smoke else 32)))
-    settings = base_settings(args, task_name, batch_size, device, data=Path(args.data_root) / folder)
+    settings = base_settings(args, name, task_name, batch_size, device, data=Path(args.data_root) / folder)
     started = time.perf_counter()
     task = make_task(settings)
     tokenizer = load_tokenizer(tokenizer_dir or default_encoder_dir())
@@ -387,6 +413,7 @@ def measure_steady(workload: Workload, label: str, source: EncoderSource, device
     timed = [next(stream) for _ in range(args.steady_steps)]
     occurrences = sum(len(b.occurrences) for b in timed)
     reset_memory(device)
+    baseline = allocated_memory(device)
     run, _ = build_run(workload, label, source, device)
     if run.static_step is not None:  # padded and on the device before the loop, as train() does per epoch
         warm, timed = run.static_step.prepare(warm), run.static_step.prepare(timed)
@@ -417,7 +444,8 @@ def measure_steady(workload: Workload, label: str, source: EncoderSource, device
         "encoder_items_forward": encoder.items_forward - f0, "encoder_items_backward": encoder.items_backward - b0,
         "fwd_items_per_s": (encoder.items_forward - f0) / elapsed,
         "bwd_items_per_s": (encoder.items_backward - b0) / elapsed,
-        "peak_memory_bytes": peak_memory(device), **graph_stats(run),
+        "peak_memory_bytes": peak_memory(device), "memory_baseline_bytes": baseline, **graph_stats(run),
+        **memory_plan(run.strategy),
     }
     if done < args.steady_steps:
         result["short"] = f"time cap {cap_s:.0f}s hit after {done}/{args.steady_steps} steps"
@@ -435,6 +463,7 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
     steps = len(batches)
     limit = min(steps, args.max_epoch_steps or steps)
     reset_memory(device)
+    baseline = allocated_memory(device)
     run, init_s = build_run(workload, label, source, device)
     t_start = time.perf_counter() - init_s
     strategy, encoder = run.strategy, run.encoder
@@ -500,7 +529,8 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
         "epoch_s": epoch_s, "measured_s": elapsed,
         "encoder_items_forward": encoder.items_forward, "encoder_items_backward": encoder.items_backward,
         "fwd_items_per_s": encoder.items_forward / elapsed, "bwd_items_per_s": encoder.items_backward / elapsed,
-        "cf_step_s": steps_s / max(done, 1), "peak_memory_bytes": peak_memory(device), **graph_stats(run),
+        "cf_step_s": steps_s / max(done, 1), "peak_memory_bytes": peak_memory(device),
+        "memory_baseline_bytes": baseline, **graph_stats(run), **memory_plan(strategy),
         "regression_reports": [r.as_dict() for r in getattr(strategy, "reports", [])],
     })
     strategy.__dict__.pop("regress", None)  # break the strategy <-> wrapper cycle
@@ -678,19 +708,21 @@ def run_strategy(workload: Workload, label: str, source, device, args, cap_s: fl
     try:
         result = measure(workload, label, source, device, args, cap_s)
     except Exception as error:
-        if not is_oom(error):
+        error_text = failure_text(error)
+        if error_text is None:
             raise
-        error_text = f"out of memory: {str(error).splitlines()[0][:160]}"
         result = {"error": error_text, "peak_memory_bytes": peak_memory(device)}
     reset_memory(device)
     record[label] = result
     if error_text:
         say(f"{workload.name} {label}: FAILED {error_text}")
         return
-    mem = result["peak_memory_bytes"]
+    mem, budget = result["peak_memory_bytes"], result.get("memory_budget_bytes")
     say(f"{workload.name} {label}: epoch {result['epoch_s']:.2f}s ({result['method']}), encoder fwd "
         f"{result['fwd_items_per_s']:,.0f}/s bwd {result['bwd_items_per_s']:,.0f}/s"
         + (f", peak {mem / GIB:.2f} GiB" if mem is not None else "")
+        + (f" (budget {budget / GIB:.2f} GiB, caps {result['memory_plan']['forward_tokens']:,} / "
+           f"{result['memory_plan']['backward_tokens'] or '-'} tokens)" if budget else "")
         + (f" [{result.get('short') or result.get('partial_reason')}]" if result.get("short") or result.get("partial") else ""))
 
 
@@ -726,9 +758,9 @@ def train_runs(workload: Workload, args, encoder_dir: Path, device: torch.device
             with reuse_task(workload):
                 report = train(settings)
         except Exception as error:
-            if not is_oom(error):
+            error_text = failure_text(error)
+            if error_text is None:
                 raise
-            error_text = f"out of memory: {str(error).splitlines()[0][:160]}"
         shutil.rmtree(out, ignore_errors=True)
         reset_memory(device)
         if error_text:
@@ -916,6 +948,16 @@ def targets(results: dict) -> list[dict]:
             ratio = g1e["peak_memory_bytes"] / e2e["peak_memory_bytes"]
             add("GRAM-1E peak memory <= 25% of E2E", name, f"{ratio:.1%}", "25%", ratio <= 0.25,
                 f"{g1e['peak_memory_bytes'] / GIB:.2f} vs {e2e['peak_memory_bytes'] / GIB:.2f} GiB")
+        for label, r in s.items():
+            if r.get("memory_budget_bytes") and r.get("peak_memory_bytes"):
+                bounded = r["memory_plan"]["backward_tokens"] is not None or label == "nofinetune"
+                add(f"peak memory within --encoder-memory-gib ({label})", name,
+                    f"{r['peak_memory_bytes'] / GIB:.2f} GiB", f"{r['memory_budget_bytes'] / GIB:.2f} GiB",
+                    r["peak_memory_bytes"] <= r["memory_budget_bytes"] if bounded else None,
+                    f"estimate: fixed {r['memory_plan']['fixed_bytes'] / GIB:.2f} GiB + {r['memory_plan']['forward_bytes_per_token']:,} B "
+                    f"(forward) / {r['memory_plan']['backward_bytes_per_token']:,} B (backward) per token; allocated "
+                    f"before the run {fmt(r.get('memory_baseline_bytes') and r['memory_baseline_bytes'] / GIB)} GiB"
+                    + ("" if bounded else "; the training step's graph is not bounded by the caps"))
         floor = rec.get("floor") or {}
         if "gram_1e_over_floor" in floor:
             add("GRAM-1E epoch within 1.5x of the floor", name, f"{floor['gram_1e_over_floor']:.2f}x", "1.5x",
@@ -952,6 +994,18 @@ def fmt(value, spec: str = ".2f", missing: str = "-") -> str:
     return format(value, spec)
 
 
+def budget_cell(result: dict) -> str:
+    """'1.52: 1.31, 60,000 / 9,000' (budget: the plan's estimate of its largest call, its token caps) or '-'."""
+    plan = result.get("memory_plan")
+    if not plan:
+        return "-"
+    backward = plan["backward_tokens"]
+    largest = plan["fixed_bytes"] + max(plan["forward_tokens"] * plan["forward_bytes_per_token"],
+                                        (backward or 0) * plan["backward_bytes_per_token"])
+    return (f"{plan['budget_bytes'] / GIB:.2f}: {largest / GIB:.2f}, {plan['forward_tokens']:,} / "
+            f"{'-' if backward is None else f'{backward:,}'}")
+
+
 def tables(results: dict) -> str:
     lines = [f"## Training benchmark — {results['meta']['device_name']}, encoder: {results['meta']['encoder']}", ""]
     lines += [("| workload | task | items | scale | interactions | R | occurrences | R_occ | unique items | mean tokens "
@@ -969,7 +1023,8 @@ def tables(results: dict) -> str:
                      f"{fmt(fl.get('fwdbwd_items_per_s'), ',.0f')} ({fmt(fl.get('cold_fwdbwd_items_per_s'), ',.0f')}) | "
                      f"{fmt(fl.get('cf_head_epoch_s'))} | {fmt(fl.get('floor_s'))} |")
     lines += ["", ("| workload | strategy | epoch (s) | how | speedup vs E2E | step (ms) | R_step | enc fwd items/s "
-              "| enc bwd items/s | peak mem (GiB) | note |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| enc bwd items/s | peak mem (GiB) | budget (GiB): estimate, caps fwd / bwd tokens | note |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rec in results["workloads"].items():
         for label in STRATEGIES:
             r = rec.get("strategies", {}).get(label)
@@ -977,7 +1032,7 @@ def tables(results: dict) -> str:
                 continue
             if "error" in r:
                 lines.append(f"| {name} | {label} | - | - | - | - | - | - | - | "
-                             f"{fmt(r.get('peak_memory_bytes') and r['peak_memory_bytes'] / GIB)} | {r['error']} |")
+                             f"{fmt(r.get('peak_memory_bytes') and r['peak_memory_bytes'] / GIB)} | - | {r['error']} |")
                 continue
             how = (f"steady {r['steps_timed']} steps" if r["method"] == "steady"
                    else f"epoch {r['steps_run']}/{r['steps_per_epoch']} steps")
@@ -992,7 +1047,7 @@ def tables(results: dict) -> str:
             lines.append(f"| {name} | {label} | {r['epoch_s']:.2f} | {how} | {fmt(r.get('speedup_vs_e2e'), '.1f')}x | "
                          f"{fmt(step_ms and step_ms * 1000, '.1f')} | {fmt(r.get('R_step'))} | "
                          f"{r['fwd_items_per_s']:,.0f} | {r['bwd_items_per_s']:,.0f} | "
-                         f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / GIB)} | {note} |")
+                         f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / GIB)} | {budget_cell(r)} | {note} |")
     proj = [(n, r["full_scale_projection"]) for n, r in results["workloads"].items() if r.get("full_scale_projection")]
     if proj:
         lines += ["", ("| workload | full-scale interactions | R (full) | E2E epoch (s, projected) | GRAM-1E epoch (s, projected) "
@@ -1050,6 +1105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--regress-max-passes", type=int, default=None, help="default: TrainSettings' (4)")
     parser.add_argument("--encoder-batch-tokens", type=int, default=65536,
                         help="cap on tokens per encoder batch (TrainSettings.encoder_batch_tokens)")
+    parser.add_argument("--encoder-memory-gib", nargs="*",
+                        help="TrainSettings.encoder_memory_gib of every strategy: 1.5 or mind-title=1.52 nr-mind=1.55 "
+                             "(token caps chosen to fit; the report shows each peak next to it)")
     parser.add_argument("--cf-step", choices=["auto", "eager", "graphed"], default="auto",
                         help="CF step of every strategy (TrainSettings.cf_step; auto = graphed on one GPU)")
     parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
@@ -1127,7 +1185,7 @@ def _main(args: argparse.Namespace, device: torch.device, out: Path, deadline: f
         "encoder_batch_size": args.encoder_batch_size, "regress_batch_size": args.regress_batch_size,
         "regress_max_passes": args.regress_max_passes,
         "encoder_batch_tokens": args.encoder_batch_tokens, "attention": args.attention, "cf_step": args.cf_step,
-        "freeze_bottom_layers": args.freeze_bottom_layers,
+        "freeze_bottom_layers": args.freeze_bottom_layers, "encoder_memory_gib": args.encoder_memory_gib,
         "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled() if hasattr(torch.backends.cuda, "cudnn_sdp_enabled") else None,
         "smoke": args.smoke, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -1215,7 +1273,14 @@ def run_workload(name, args, source, tokenizer_dir, train_encoder_dir, device, c
     save()
     check_cap = stages.take("graph_check")
     if check_cap >= (0.5 if args.smoke else 3.0):
-        record["graph_check"] = check_graphed(workload, source, device, args, check_cap)
+        try:
+            record["graph_check"] = check_graphed(workload, source, device, args, check_cap)
+        except Exception as error:
+            text = failure_text(error)
+            if text is None:
+                raise
+            record["graph_check"] = {"error": text}
+            skipped.append(f"{name} graph check: {text}")
         save()
     else:
         skipped.append(f"{name} graph check: only {check_cap:.1f}s left")

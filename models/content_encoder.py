@@ -30,6 +30,10 @@ Attention = Literal["auto", "packed", "padded"]
 # small share, and packing's extra host work made training steps equal or slower.
 PACK_MIN_TOKENS = 64
 
+# Padded batches are as wide as their longest text rounded up to this (tensor-core friendly, and far fewer distinct
+# shapes, each of which costs the attention backend a new plan on the GPU); token caps count that width.
+PAD_MULTIPLE = 8
+
 # cuDNN's attention builds a plan for every new (batch, length) shape, which costs more than the attention itself
 # when each encoder batch has its own width; the memory-efficient and flash kernels have no such cost.
 _SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -67,9 +71,7 @@ class ItemTokens:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask for items `idx`, padded to the longest of them. -> ([B, L], [B, L])"""
         lengths = self.lengths[idx]
-        # Round the width up to a multiple of 8: tensor-core friendly, and far fewer distinct shapes, each of
-        # which costs the attention backend a new plan on the GPU.
-        width = min(self.input_ids.shape[1], -(-int(lengths.max()) // 8) * 8)
+        width = min(self.input_ids.shape[1], -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
         input_ids = self.input_ids[idx, :width]
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return input_ids, attention_mask
@@ -116,10 +118,13 @@ class ContentEncoder(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.attention = attention
-        # Optional cap on tokens per encoder batch (padded: B x L, packed: sum of lengths), on top of the
-        # item count: lets short texts go in large batches (the pass is launch-bound below ~10k tokens) while
-        # long ones stay within memory.
-        self.batch_tokens: int | None = None
+        # Optional caps on tokens per encoder batch (padded: B x the padded width, packed: sum of lengths), on top
+        # of the item count: lets short texts go in large batches (the pass is launch-bound below ~10k tokens)
+        # while long ones stay within memory. A call whose graph is kept for a backward holds its activations until
+        # then, so it may have its own, smaller cap (trainer/memory_budget.py sets both); `batch_tokens` reads the
+        # one that applies.
+        self.forward_tokens: int | None = None
+        self.backward_tokens: int | None = None  # None: the forward cap
         self.frozen_layers = 0  # embeddings + this many bottom layers frozen (see freeze_bottom)
         self.bottom_cache: BottomCache | None = None
         self.dim = backbone.config.hidden_size
@@ -128,6 +133,19 @@ class ContentEncoder(nn.Module):
         # Item passes through the encoder, the quantity GRAM saves; read by the trainer's report and tests.
         self.items_forward = 0
         self.items_backward = 0
+
+    @property
+    def batch_tokens(self) -> int | None:
+        """Token cap of an encoder call made now: the backward cap while autograd records, else the forward cap."""
+        if torch.is_grad_enabled() and self.backward_tokens is not None:
+            return self.backward_tokens
+        return self.forward_tokens
+
+    @batch_tokens.setter
+    def batch_tokens(self, value: int | None) -> None:
+        """One cap for every call."""
+        self.forward_tokens = value
+        self.backward_tokens = None
 
     @classmethod
     def from_pretrained(
@@ -326,8 +344,8 @@ def batch_bounds(
     sorted_lengths: torch.Tensor, batch_size: int, batch_tokens: int | None, packed: bool
 ) -> list[tuple[int, int]]:
     """Splits items sorted by length (ascending) into [start, end) batches of at most `batch_size` items and,
-    if set, `batch_tokens` tokens: the sum of lengths when packed, B x the longest length when padded.
-    A batch always holds at least one item."""
+    if set, `batch_tokens` tokens: the sum of lengths when packed, B x the padded width (the longest length rounded
+    up to PAD_MULTIPLE, as ItemTokens.batch lays it out) when padded. A batch always holds at least one item."""
     n = len(sorted_lengths)
     bounds = []
     start = 0
@@ -338,7 +356,8 @@ def batch_bounds(
             if packed:
                 cost = torch.cumsum(window, 0)
             else:
-                cost = window * torch.arange(1, len(window) + 1)
+                width = (window + PAD_MULTIPLE - 1) // PAD_MULTIPLE * PAD_MULTIPLE
+                cost = width * torch.arange(1, len(window) + 1)
             end = start + max(1, int(torch.searchsorted(cost, batch_tokens, right=True)))
         bounds.append((start, end))
         start = end

@@ -82,6 +82,15 @@ class TrainSettings(BaseSettings):
         description="freeze the embeddings and this many bottom encoder layers and cache their outputs for "
         "all items once (IISAN-style); re-encodes and regressions then run only the top layers",
     )
+    encoder_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory (GiB) the encoder's calls may take with the fixed part (weights, gradients, Adam "
+        "moments, item tables): the token caps of every inference encode and regression micro-batch are chosen "
+        "to fit it (trainer/memory_budget.py), never above --encoder-batch-tokens; a budget that cannot hold the "
+        "fixed part stops the run. E2E and GRAM-1S keep a whole step's graph, so it bounds only their inference "
+        "encodes. Unset: the fixed caps",
+    )
     # Multi-step GRAM (trainer/strategies.py GramMultiStep, trainer/regression.py)
     table_lr: float | None = Field(
         None,
@@ -129,7 +138,17 @@ class TrainSettings(BaseSettings):
 
     # CF head and data
     hidden_dim: int = Field(128, ge=8, description="CF head width (KT: LSTM hidden size)")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="CF batch: users (kt: answer windows, nr: clicks) per step")
+    cf_lr_scaling: Literal["none", "sqrt", "linear"] = Field(
+        "none",
+        description="scale the CF head's learning rate (--lr-cf) with the CF batch, relative to "
+        "--cf-lr-reference-batch: by sqrt(batch / reference) (Adam's rule) or batch / reference; under either rule "
+        "the head's warm-up counts the same samples (--warmup-steps x reference / batch steps). --table-lr, a step "
+        "on the loss summed over the batch, already scales linearly and is left alone (README)",
+    )
+    cf_lr_reference_batch: int = Field(
+        32, ge=1, description="the CF batch at which --lr-cf and --warmup-steps were tuned (cf_lr_scaling)"
+    )
     max_seq_len: int = Field(100, ge=2, description="kt: sequences are cut into windows of this many answers")
     history_len: int = Field(50, ge=1, description="nr: clicked news the user encoder sees")
     negatives: int = Field(4, ge=1, description="nr: non-clicked candidates per click")
@@ -178,6 +197,25 @@ class TrainSettings(BaseSettings):
     @property
     def parsed_period(self) -> Period:
         return Period.parse(self.period)
+
+    @property
+    def cf_lr_factor(self) -> float:
+        """How much larger the CF head's learning rate is than --lr-cf at this CF batch (1 at the reference)."""
+        ratio = self.batch_size / self.cf_lr_reference_batch
+        return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.cf_lr_scaling]
+
+    @property
+    def cf_lr(self) -> float:
+        """The CF head's learning rate after warm-up."""
+        return self.lr_cf * self.cf_lr_factor
+
+    @property
+    def cf_warmup_steps(self) -> int:
+        """The CF head's warm-up in steps: under a scaling rule it spans the samples --warmup-steps spans at the
+        reference batch (a batch 16x larger warms up in 16x fewer steps), rounded up."""
+        if self.cf_lr_scaling == "none":
+            return self.warmup_steps
+        return math.ceil(self.warmup_steps * self.cf_lr_reference_batch / self.batch_size)
 
     @property
     def label(self) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
+from gramrec.trainer.memory_budget import MemoryPlan, plan_for_strategy
 from gramrec.trainer.regression import UNTOUCHED_SAMPLE, RegressionPlan, RegressionReport, regress
 from gramrec.trainer.settings import TrainSettings
 
@@ -59,6 +60,12 @@ class Strategy:
     # returns the backbone in eval mode while a new ContentEncoder says training, so without it the first
     # inference encode would silently switch dropout on halfway through the first epoch.
     encoder_train_mode = False
+    # For the memory budget (trainer/memory_budget.py): [N, D] item tables the strategy keeps, and whether its
+    # training encodes can be bounded (multi-step GRAM's regression back-propagates micro-batch by micro-batch; an
+    # E2E or GRAM-1S step keeps the graph of all its items until the loss's backward, whatever the caps).
+    item_tables = 0
+    bounded_backward = False
+    uses_encoder = True
 
     def __init__(
         self,
@@ -88,11 +95,11 @@ class Strategy:
         self.encoder.train(self.encoder_train_mode)
         self.head.train()
         self.optimizers: Optimizers = {
-            "cf": make_optimizer(
+            "cf": make_optimizer(  # lr and warm-up scaled with the CF batch by settings.cf_lr_scaling
                 settings.optimizer,
                 self.cf_parameters(),
-                settings.lr_cf,
-                settings.warmup_steps,
+                settings.cf_lr,
+                settings.cf_warmup_steps,
                 self.device,
                 capturable=self.static_step and self.device.type == "cuda",
             )
@@ -104,13 +111,46 @@ class Strategy:
             )
 
     def _configure_encoder(self) -> None:
-        """Applies the encoder settings: batch layout and token cap; for strategies that fine-tune it, the frozen
-        bottom layers, whose outputs are cached once for every item (before the optimizer sees the parameters)."""
+        """Applies the encoder settings: batch layout and token caps (from the memory budget, if set); for
+        strategies that fine-tune it, the frozen bottom layers, whose outputs are cached once for every item (before
+        the optimizer sees the parameters)."""
         self.encoder.attention = self.settings.attention
         self.encoder.batch_tokens = self.settings.encoder_batch_tokens
-        if self.finetunes_encoder and self.settings.freeze_bottom_layers:
-            self.encoder.freeze_bottom(self.settings.freeze_bottom_layers)
+        freeze = self.settings.freeze_bottom_layers if self.finetunes_encoder else 0
+        if freeze:
+            self.encoder.freeze_bottom(freeze)
+        self.memory_plan = self._memory_plan(cache_tokens=int(self.tokens.lengths.sum()) if freeze else 0)
+        if freeze:
             self.encoder.cache_bottom(self.tokens, self.settings.encoder_batch_size)
+
+    def _memory_plan(self, cache_tokens: int) -> MemoryPlan | None:
+        """The encoder's token caps from settings.encoder_memory_gib (None, caps unchanged, when it is unset)."""
+        budget = self.settings.encoder_memory_gib
+        if budget is None or not self.uses_encoder:
+            return None
+        plan = plan_for_strategy(
+            budget,
+            self.encoder,
+            self.tokens,
+            self.device,
+            self.head,
+            tables=self.item_tables,
+            regresses=self.bounded_backward,
+            max_tokens=self.settings.encoder_batch_tokens,
+            cache_tokens=cache_tokens,
+            finetunes=self.finetunes_encoder,
+        )
+        self.encoder.forward_tokens = plan.forward_tokens
+        # A step whose graph the caps cannot bound keeps the fixed cap: smaller calls would only be slower.
+        self.encoder.backward_tokens = plan.backward_tokens or self.settings.encoder_batch_tokens
+        log.info("encoder memory plan", extra={"memory_plan": plan.as_dict()})
+        if not self.bounded_backward and self.finetunes_encoder:
+            log.warning(
+                "encoder_memory_gib bounds only this strategy's inference encodes: its training step keeps the "
+                "graph of all the step's items until the loss's backward",
+                extra={"strategy": self.settings.label},
+            )
+        return plan
 
     # -- hooks for subclasses -------------------------------------------------------------------------
     def cf_parameters(self):
@@ -201,6 +241,7 @@ class EndToEnd(Strategy):
 
     finetunes_encoder = True
     encoder_train_mode = True
+    item_tables = 1  # evaluation's table
 
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(self.tokens, occurrences, self.settings.encoder_batch_size)
@@ -253,13 +294,17 @@ class GramMultiStep(Strategy):
     """
 
     finetunes_encoder = True
+    item_tables = 2  # table, encoded
+    bounded_backward = True
 
     def __init__(self, *args, initial_rows=None, **kwargs):  # initial_rows: see _starting_encoding
         super().__init__(*args, **kwargs)
         settings = self.settings
         self.period = settings.parsed_period
         self.period_steps = self.period.steps(self.steps_per_epoch)
-        # The loss is the batch's mean; the table step is on the loss summed over the batch's users (Eq. 8).
+        # The loss is the batch's mean; the table step is on the loss summed over the batch's users (Eq. 8). So it
+        # already follows the linear rule: each user's gradient moves its rows by table_lr once an epoch at any CF
+        # batch, and the regression sees targets as far away as at the tuned batch (cf_lr_scaling leaves it alone).
         self.table_lr = settings.table_lr * settings.batch_size
         trainable = [p for p in self.encoder.parameters() if p.requires_grad]
         self.optimizers["encoder"] = make_optimizer(  # regression steps are not E2E steps: no warm-up
@@ -442,6 +487,8 @@ class GramMultiStep(Strategy):
 class NoFinetune(Strategy):
     """Frozen pre-trained encoder: items are encoded once and only the CF head learns."""
 
+    item_tables = 1
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.table = self._inference_encode(torch.arange(self.num_items))  # [N, D]
@@ -465,6 +512,8 @@ class NoFinetune(Strategy):
 
 class NoContent(Strategy):
     """No text at all: a learned embedding per item id (cold-start items keep their random init)."""
+
+    uses_encoder = False
 
     def __init__(self, encoder, tokens, head, settings, steps_per_epoch, world: World = SINGLE):
         self.id_embedding = nn.Embedding(len(tokens), encoder.dim).to(next(head.parameters()).device)

@@ -48,3 +48,27 @@ def test_train_bench_smoke_covers_every_strategy_and_the_floor(tmp_path):
         assert set(runs) == set(STRATEGIES)
         assert all(run["history"] and run["history"][0]["elapsed_s"] > 0 for run in runs.values())
         assert any(t["target"].startswith("GRAM-1E test auc") for t in data["targets"])
+
+
+def test_train_bench_passes_the_memory_budget_through_and_reports_it(tmp_path):
+    """--encoder-memory-gib reaches every strategy's settings: GRAM-1E's run carries the plan's caps (within the
+    fixed cap), the table shows them next to the peak, and a budget too small for the fixed part is recorded as
+    that strategy's error instead of stopping the benchmark."""
+    common = ["--smoke", "--device", "cpu", "--workloads", "mind-title", "--strategies", "gram-1e", "nofinetune",
+              "--time-budget-s", "60", "--encoder-batch-tokens", "4096"]
+    main([*common, "--encoder-memory-gib", "mind-title=0.03", "--out", str(tmp_path / "fits")])
+    data = json.loads((tmp_path / "fits" / "train_bench.json").read_text())
+    assert data["meta"]["encoder_memory_gib"] == ["mind-title=0.03"]
+    g1e = data["workloads"]["mind-title"]["strategies"]["gram-1e"]
+    plan = g1e["memory_plan"]
+    assert g1e["memory_budget_bytes"] == round(0.03 * 2**30) == plan["budget_bytes"]
+    assert 0 < plan["backward_tokens"] < plan["forward_tokens"] <= 4096
+    assert plan["fixed_bytes"] + plan["backward_tokens"] * plan["backward_bytes_per_token"] <= plan["budget_bytes"]
+    assert data["workloads"]["mind-title"]["strategies"]["nofinetune"]["memory_plan"]["backward_tokens"] is None
+    assert f"{plan['forward_tokens']:,} / {plan['backward_tokens']:,}" in (tmp_path / "fits" / "train_bench.md").read_text()
+
+    main([*common, "--encoder-memory-gib", "0.001", "--out", str(tmp_path / "too-small")])
+    data = json.loads((tmp_path / "too-small" / "train_bench.json").read_text())
+    for label in ("gram-1e", "nofinetune"):
+        assert data["workloads"]["mind-title"]["strategies"][label]["error"].startswith("memory budget: "), label
+        assert "encoder_memory_gib" in data["workloads"]["mind-title"]["strategies"][label]["error"]

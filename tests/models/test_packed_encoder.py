@@ -101,8 +101,9 @@ def test_batch_bounds_cap_items_and_tokens():
     lengths = torch.tensor([1, 2, 2, 3, 5, 8, 9])
     assert batch_bounds(lengths, 3, None, True) == [(0, 3), (3, 6), (6, 7)]
     assert batch_bounds(lengths, 4, 6, True) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7)]  # sums <= 6; 8, 9 alone
-    assert batch_bounds(lengths, 4, 6, False) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7)]  # B x longest <= 6
-    assert batch_bounds(lengths, 10, 12, False) == [(0, 4), (4, 5), (5, 6), (6, 7)]  # 4 x 3; 2 x 8 > 12
+    # Padded: B x the width ItemTokens.batch builds, the longest length rounded up to 8 (9 -> 16).
+    assert batch_bounds(lengths, 4, 6, False) == [(i, i + 1) for i in range(7)]  # 8 wide > 6: one item each
+    assert batch_bounds(lengths, 10, 16, False) == [(0, 2), (2, 4), (4, 6), (6, 7)]  # 2 x 8; 9 is 16 wide
     assert batch_bounds(lengths, 10, 13, True) == [(0, 5), (5, 6), (6, 7)]  # 1+2+2+3+5 = 13
 
 

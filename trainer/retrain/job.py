@@ -43,7 +43,7 @@ class GateError(GramrecError, RuntimeError):
 
 
 # The settings of the active version that its retrain keeps (the encoder pass, the head's shape, the optimiser,
-# the item text); data, strategy, epochs, budget, device and output are the job's own.
+# the item text); data, strategy, epochs, budget, device (and its encoder_memory_gib) and output are the job's own.
 KEPT_SETTINGS = {
     "encoder_dir",
     "max_tokens",
@@ -62,6 +62,8 @@ KEPT_SETTINGS = {
     "freeze_bottom_layers",
     "hidden_dim",
     "batch_size",
+    "cf_lr_scaling",
+    "cf_lr_reference_batch",
     "max_seq_len",
     "history_len",
     "negatives",
