@@ -63,7 +63,9 @@ PHASES = ["snapshot", "train", "gate", "export", "table", "activate"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["kt", "nr"], default="kt")
-    parser.add_argument("--chunks", type=int, default=6, help="kt: slices after the base; nr: days after the base")
+    parser.add_argument(
+        "--chunks", type=int, default=None, help="kt: slices after the base (6); nr: days after the base (all left)"
+    )
     parser.add_argument("--per-day", type=int, default=150, help="nr: impressions per day")
     parser.add_argument("--base-days", type=int, default=3, help="nr: days of the base data from 11/9 (>= 3)")
     parser.add_argument("--modes", nargs="+", choices=["incremental", "full"], default=["incremental", "full"])
@@ -89,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON results")
     parser.add_argument("--figure", type=Path, default=None, help="PNG: time and metric against history size")
     parser.add_argument("--workdir", type=Path, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.chunks is None:
+        args.chunks = 6 if args.task == "kt" else 6 - args.base_days
+    return args
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
@@ -302,6 +307,7 @@ def run_mode(
             tick = time.perf_counter()
             stream.feed(client, k)
             ingest_s = time.perf_counter() - tick
+            ingested = store.count_interactions(args.task)  # the stream before this retrain's compaction
             reply = client.post("/admin/retrain", json={"task": args.task, "mode": mode}, headers=AUTH)
             reply.raise_for_status()
             cpu = time.process_time()
@@ -325,7 +331,8 @@ def run_mode(
                 "gate": job["metrics"],
                 "store": "redis" if settings.redis_url else "sqlite",
                 "redis_used_memory": after["used_memory"],  # sqlite: the store file's bytes
-                "stream_length": after["stream_length"],
+                "stream_after_ingest": ingested,
+                "stream_length": after["stream_length"],  # after the retrain (it compacts before its snapshot)
                 "segments": after["segments"],
                 "segment_bytes": after["segment_bytes"],
                 "redis_bytes_in": (
@@ -353,7 +360,7 @@ def table(rows: list[dict], task: str) -> str:
     metric = "AUC" if task == "kt" else "mean impression AUC"
     head = (
         f"| mode | chunk | history | retrain s | CPU s | load | {' | '.join(PHASES)} | trained on | train steps | items encoded | "
-        f"next-chunk {metric} | store MB | stream length | segments | MB in |"
+        f"next-chunk {metric} | store MB | stream length: ingested → retrained | segments | MB in |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -382,7 +389,7 @@ def table(rows: list[dict], task: str) -> str:
             f"{r['loadavg']} | "
             + " | ".join(f"{r['timings'].get(p, 0):.1f}" for p in PHASES)
             + f" | {trained} | {data.get('train', {}).get('steps', '-')} | {data.get('items_encoded_at_start')} | {nxt} | {r['redis_used_memory'] / 1e6:.1f} | "
-            f"{r['stream_length']} | {r.get('segments', '-')} | {bytes_in} |"
+            f"{r.get('stream_after_ingest', '-')} → {r['stream_length']} | {r.get('segments', '-')} | {bytes_in} |"
         )
     return "\n".join(lines)
 
@@ -393,7 +400,7 @@ def figure(rows: list[dict], task: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, log) = plt.subplots(1, 3, figsize=(15, 4))
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]
         trained = [r for r in mine if r["chunk"] > 0]
@@ -407,10 +414,14 @@ def figure(rows: list[dict], task: str, path: Path) -> None:
         )
         scored = [r for r in mine if "next_metric" in r]
         right.plot([r["history"] for r in scored], [r["next_metric"] for r in scored], marker="o", label=mode)
+        log.plot([r["history"] for r in trained], [r["stream_length"] for r in trained], marker="o", label=mode)
     unit = "answers" if task == "kt" else "impressions"
     left.set(xlabel=f"history ({unit})", ylabel="retrain seconds (wall, CPU)", title=f"{task}: retrain time")
     right.set(xlabel=f"history ({unit})", ylabel="next-chunk AUC", title=f"{task}: served model on the next chunk")
-    for ax in (left, right):
+    log.plot([r["history"] for r in rows], [r["history"] for r in rows], ls=":", color="grey", label="history")
+    log.set(xlabel=f"history ({unit})", ylabel="entries in the store", title=f"{task}: stream after each retrain")
+    log.set_ylim(bottom=0)
+    for ax in (left, right, log):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
