@@ -3,14 +3,14 @@ and full mode side by side.
 
     .venv/bin/python bench/replay_bench.py --task kt --chunks 6
     .venv/bin/python bench/replay_bench.py --task nr --chunks 3 --per-day 150 --time-budget-s 120
-    .venv/bin/python bench/replay_bench.py --task kt --chunks 4 --segment-entries 500 --stream-retention-s 5
+    .venv/bin/python bench/replay_bench.py --task kt --chunks 4 --segment-entries 1000 --stream-retention-s 5
     python3 bench/replay_bench.py --task nr --store sqlite --device cuda --encoder-dir .carry/minilm   # GPU host
 
 Data (bench/replay_data.py): kt: CodeWorkout in assignment order, base = the first of `chunks + 1` equal slices;
-nr: the MIND subset by day, base = the first --base-days days (at least 3: a first start splits
-its data by day into train, validation and test), one chunk per later day (11/12, 11/13, 11/14 by default). Each mode gets its own private redis-server
-(bench/private_redis.py: INFO counts this run alone; or with --store sqlite the embedded store, one file per
-mode, as on a host without Redis) and artifacts folder, and the same start: a first version
+nr: the MIND subset by day, base = the first --base-days days (at least 3: a first start splits its data by day
+into train, validation and test), one chunk per later day (11/12, 11/13, 11/14 by default). Each mode gets its
+own private redis-server (bench/private_redis.py: INFO counts this run alone; or with --store sqlite the embedded
+store, one file per mode, as on a host without Redis) and artifacts folder, and the same start: a first version
 trained on the base data (GRAM-1E for kt, NoFinetune for nr, as a first start does) with all-MiniLM-L6-v2.
 Then, per chunk: the chunk goes in through POST /interactions (the app in process, FastAPI's TestClient), then
 POST /admin/retrain {mode}, then the trainer runs that job (TrainerWorker.work_once, in process: the same code
