@@ -97,7 +97,7 @@ class RetrainSettings(BaseModel):
             raise ValueError(f"retrain.replay_min ({self.replay_min}) exceeds retrain.replay_max ({self.replay_max})")
         return self
 
-    @field_validator("cron", "interval_s", "full_cron", "volume_trigger", mode="before")
+    @field_validator("cron", "interval_s", "full_cron", "volume_trigger", "time_budget_s", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         """Compose writes an unset variable as an empty string."""
