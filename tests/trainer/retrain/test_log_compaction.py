@@ -308,3 +308,7 @@ def test_the_id_floor_never_goes_down(store_and_settings):
     store.trim_interactions("kt", logged[-1][0])  # an empty stream: Redis' XSETID would move its last id back
     store.raise_id_floor("kt", logged[0][0])
     assert entry_key(acknowledged(store, answers(3, 1))[0][0]) > entry_key(logged[-1][0])
+    assert store.id_floor("kt") is None
+    store.settle_id_floor("kt", logged[-1][0])
+    store.settle_id_floor("kt", logged[0][0])  # the checked floor stays the highest one recorded
+    assert store.id_floor("kt") == logged[-1][0]
