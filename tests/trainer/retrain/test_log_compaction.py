@@ -295,6 +295,9 @@ def test_a_store_restored_from_an_older_backup_reissues_no_compacted_id(store_an
     new = acknowledged(store, answers(100, 6))  # the restored counter hands out ids the second segment holds
     with pytest.raises(SegmentError, match="not yet checked against the compacted log"):
         full_log(store)  # a reader refuses rather than skip them as compacted
+    store.raise_id_floor("kt", list_segments(tmp_path / "log" / "kt")[-1].last)  # as a run killed in its guard
+    with pytest.raises(SegmentError, match="not yet checked against the compacted log"):
+        full_log(store)
     stats = compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
     assert stats.renumbered == 6  # the 2 restored entries the first segment holds were kept as they are
     assert_log_holds(store, logged[:20] + new)
