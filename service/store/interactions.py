@@ -33,8 +33,8 @@ class InteractionLog(Protocol):
     def log_segments_dir(self) -> str | None: ...
     def set_log_segments_dir(self, directory: str) -> None: ...
     def id_floor(self, task: str) -> str | None: ...
-    def raise_id_floor(self, task: str, floor: str) -> None: ...
-    def settle_id_floor(self, task: str, floor: str, reissue: Sequence[str] = ()) -> list[str]: ...
+    def raise_id_floor(self, task: str, floor: str, checked: bool = False) -> None: ...
+    def reissue_interactions(self, task: str, entry_ids: Sequence[str]) -> list[str]: ...
 
 
 def next_stream_id(entry_id: str) -> str:
@@ -64,22 +64,13 @@ local function raise(stream, floor)
   end
 end
 """
-# KEYS[1] stream; ARGV[1] floor
-_RAISE_FLOOR = _FLOOR + "raise(KEYS[1], ARGV[1])"
-# KEYS[1] stream; ARGV[1] floor, ARGV[2..] ids to move past it. The checked floor is the last delivered id of the
-# stream's consumer group `compacted` (nothing reads through it): it lives and dies with the stream.
-_SETTLE_FLOOR = (
+# KEYS[1] stream; ARGV[1] floor, ARGV[2] "1" to record it as checked: the last delivered id of the stream's
+# consumer group `compacted` (nothing reads through it), so the record lives and dies with the stream.
+_RAISE_FLOOR = (
     _FLOOR
     + """
 raise(KEYS[1], ARGV[1])
-local moved = {}
-for i = 2, #ARGV do
-  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
-  if entry then
-    moved[#moved + 1] = redis.call('XADD', KEYS[1], '*', unpack(entry[2]))
-    redis.call('XDEL', KEYS[1], ARGV[i])
-  end
-end
+if ARGV[2] ~= '1' then return end
 local checked
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if field(group, 'name') == 'compacted' then checked = field(group, 'last-delivered-id') end
@@ -89,9 +80,20 @@ if not checked then
 elseif before(checked, ARGV[1]) then
   redis.call('XGROUP', 'SETID', KEYS[1], 'compacted', ARGV[1])
 end
-return moved
 """
 )
+# KEYS[1] stream; ARGV: ids of entries to move to new ids at the stream's end (same fields, same order)
+_REISSUE = """
+local moved = {}
+for i = 1, #ARGV do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
+  if entry then
+    moved[#moved + 1] = redis.call('XADD', KEYS[1], '*', unpack(entry[2]))
+    redis.call('XDEL', KEYS[1], ARGV[i])
+  end
+end
+return moved
+"""
 FLOOR_GROUP = "compacted"
 
 
@@ -99,7 +101,7 @@ class RedisInteractions:
     client: redis.Redis
     key: Callable[..., str]
     _raise_floor: Any
-    _settle_floor: Any
+    _reissue: Any
 
     def log_interactions(self, task: str, records: Sequence[dict[str, str]]) -> list[str]:
         pipe = self.client.pipeline(transaction=True)
@@ -143,14 +145,15 @@ class RedisInteractions:
         groups = self.client.xinfo_groups(stream)
         return next((g["last-delivered-id"].decode() for g in groups if g["name"].decode() == FLOOR_GROUP), None)
 
-    def raise_id_floor(self, task: str, floor: str) -> None:
-        """Every id XADD issues from now on is after `floor` (the stream's last id is moved up, never down)."""
-        self._raise_floor(keys=[self.key("interactions", task)], args=[floor])
+    def raise_id_floor(self, task: str, floor: str, checked: bool = False) -> None:
+        """Every id XADD issues from now on is after `floor` (the stream's last id is moved up, never down);
+        `checked`: also records `floor` as checked (id_floor; never moved down either). One script."""
+        self._raise_floor(keys=[self.key("interactions", task)], args=[floor, "1" if checked else "0"])
 
-    def settle_id_floor(self, task: str, floor: str, reissue: Sequence[str] = ()) -> list[str]:
-        """In one script: raises the floor, moves the `reissue` entries to new ids after it (same fields, same
-        order), and records `floor` as checked (id_floor). Returns the moved entries' new ids."""
-        moved = self._settle_floor(keys=[self.key("interactions", task)], args=[floor, *reissue])
+    def reissue_interactions(self, task: str, entry_ids: Sequence[str]) -> list[str]:
+        """Moves the entries to new ids at the stream's end (same fields, same order), in one script; returns the
+        new ids. Keep the batches small: the script blocks Redis while it runs."""
+        moved = self._reissue(keys=[self.key("interactions", task)], args=list(entry_ids))
         return [entry_id.decode() for entry_id in moved]
 
 
@@ -214,39 +217,37 @@ class SqliteInteractions:
         rows = self._query("SELECT value FROM flags WHERE name = ?", (f"id-floor:{task}",))
         return rows[0][0] if rows else None
 
-    def raise_id_floor(self, task: str, floor: str) -> None:
-        """Every id issued from now on is after `floor` (one counter for all tasks: AUTOINCREMENT's)."""
-        self._transaction(lambda cursor: _raise_sequence(cursor, int(floor)))
+    def raise_id_floor(self, task: str, floor: str, checked: bool = False) -> None:
+        """Every id issued from now on is after `floor` (one counter for all tasks: AUTOINCREMENT's, moved up,
+        never down); `checked`: also records `floor` as checked (id_floor; never moved down). One transaction."""
 
-    def settle_id_floor(self, task: str, floor: str, reissue: Sequence[str] = ()) -> list[str]:
-        """In one transaction: raises the floor, moves the `reissue` entries to new ids after it (same fields,
-        same logged_at, same order), and records `floor` as checked (id_floor). Returns the new ids."""
+        def raise_floor(cursor: sqlite3.Cursor) -> None:
+            cursor.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'interactions'", (int(floor),))
+            if cursor.rowcount == 0:  # sqlite_sequence is an ordinary table; the next id is above it and every id
+                cursor.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('interactions', ?)", (int(floor),))
+            if checked:
+                cursor.execute(
+                    "INSERT INTO flags (name, value, expires_at) VALUES (?, ?, NULL) ON CONFLICT (name) DO UPDATE"
+                    " SET value = excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                    (f"id-floor:{task}", floor),
+                )
 
-        def settle(cursor: sqlite3.Cursor) -> list[str]:
-            _raise_sequence(cursor, int(floor))
+        self._transaction(raise_floor)
+
+    def reissue_interactions(self, task: str, entry_ids: Sequence[str]) -> list[str]:
+        """Moves the entries to new ids at the log's end (same fields, same logged_at, same order), in one
+        transaction; returns the new ids."""
+
+        def reissue(cursor: sqlite3.Cursor) -> list[str]:
             moved = []
-            for entry_id in reissue:
+            for entry_id in entry_ids:
                 row = cursor.execute(
                     "SELECT logged_at, fields FROM interactions WHERE task = ? AND id = ?", (task, int(entry_id))
                 ).fetchone()
-                if row is None:
-                    continue
-                cursor.execute("DELETE FROM interactions WHERE id = ?", (int(entry_id),))
-                cursor.execute("INSERT INTO interactions (task, logged_at, fields) VALUES (?, ?, ?)", (task, *row))
-                moved.append(str(cursor.lastrowid))
-            cursor.execute(
-                "INSERT INTO flags (name, value, expires_at) VALUES (?, ?, NULL) ON CONFLICT (name) DO UPDATE"
-                " SET value = excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
-                (f"id-floor:{task}", floor),
-            )
+                if row is not None:
+                    cursor.execute("DELETE FROM interactions WHERE id = ?", (int(entry_id),))
+                    cursor.execute("INSERT INTO interactions (task, logged_at, fields) VALUES (?, ?, ?)", (task, *row))
+                    moved.append(str(cursor.lastrowid))
             return moved
 
-        return self._transaction(settle)
-
-
-def _raise_sequence(cursor: sqlite3.Cursor, floor: int) -> None:
-    """Moves the interactions table's AUTOINCREMENT counter up to `floor` (never down); sqlite_sequence is an
-    ordinary table, and the next id is always above both it and the largest id in the table."""
-    cursor.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'interactions'", (floor,))
-    if cursor.rowcount == 0:
-        cursor.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('interactions', ?)", (floor,))
+        return self._transaction(reissue)

@@ -41,7 +41,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from gramrec.service.store.beacons import RedisBeacons
-from gramrec.service.store.interactions import _RAISE_FLOOR, _SETTLE_FLOOR, RedisInteractions
+from gramrec.service.store.interactions import _RAISE_FLOOR, _REISSUE, RedisInteractions
 from gramrec.service.store.items import _CAS, _PUT_ITEMS, RedisItems
 from gramrec.service.store.jobs import _ENQUEUE, _FINISH_CURRENT, _NEXT_JOB, RedisJobs
 from gramrec.service.store.leases import RedisLeases
@@ -61,7 +61,7 @@ class RedisStore(RedisItems, RedisInteractions, RedisJobs, RedisLeases, RedisBea
         self._next_job = client.register_script(_NEXT_JOB)
         self._finish_current = client.register_script(_FINISH_CURRENT)
         self._raise_floor = client.register_script(_RAISE_FLOOR)
-        self._settle_floor = client.register_script(_SETTLE_FLOOR)
+        self._reissue = client.register_script(_REISSUE)
 
     @classmethod
     def from_url(

@@ -40,6 +40,7 @@ from gramrec.trainer.retrain.interaction_segments import (
 log = logging.getLogger("gramrec.retrain")
 
 READ_PAGE = 10_000  # entries per store round trip
+REISSUE_PAGE = 1_000  # entries moved per script / transaction (a Redis script blocks the server while it runs)
 
 # Phases a crash test can stop a run at: before a segment is written, after its bytes are written but before
 # fsync and rename, after the rename but before the trim, and while the trim runs.
@@ -102,7 +103,7 @@ def compact_task(
     full = store.count_interactions(task) >= segment_entries  # else no full segment can be waiting: skip the read
     while full and len(entries := _read_after(store, task, last, segment_entries)) == segment_entries:
         phase("read")
-        store.settle_id_floor(task, entries[-1][0])  # before the segment exists: readers check the floor covers it
+        store.raise_id_floor(task, entries[-1][0], checked=True)  # before the segment exists: readers check it
         segment = write_segment(folder, entries, after_write=lambda: phase("written"))
         phase("renamed")
         last = segment.last
@@ -125,7 +126,8 @@ def guard_ids(store: Store, task: str, segments: list[Segment]) -> int:
     The store records the compacted id it was last checked against (`id_floor`, set before each segment is
     written), so an intact store costs one read. Otherwise the floor is raised first (no new id lands below it
     while this looks), and the store's entries up to the last segment's last id are compared with the segments:
-    an entry a segment holds with the same id and fields is compacted; any other was reissued and is moved.
+    an entry a segment holds with the same id and fields is compacted; any other was reissued and is moved (in
+    batches), and only then is the floor recorded as checked.
     """
     if not segments:
         return 0
@@ -137,7 +139,10 @@ def guard_ids(store: Store, task: str, segments: list[Segment]) -> int:
     held = _read_through(store, task, checked, high)
     compacted = _compacted_fields(segments, {entry_id for entry_id, _ in held})
     reissued = [entry_id for entry_id, fields in held if compacted.get(entry_id) != fields]
-    moved = store.settle_id_floor(task, high, reissued)
+    moved: list[str] = []
+    for start in range(0, len(reissued), REISSUE_PAGE):  # killed in between: the next run moves the rest
+        moved += store.reissue_interactions(task, reissued[start : start + REISSUE_PAGE])
+    store.raise_id_floor(task, high, checked=True)
     if moved:
         log.warning(
             "interaction ids reissued at or below the compacted log (the store was lost or restored from an older "

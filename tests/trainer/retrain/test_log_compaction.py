@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gramrec.service.store import open_store
+from gramrec.trainer.retrain import log_compaction
 from gramrec.trainer.retrain.interaction_segments import SegmentError, entry_key, list_segments
 from gramrec.trainer.retrain.log_compaction import PHASES, compact_task
 from gramrec.trainer.retrain.snapshot import build_snapshot, logged_entries
@@ -264,7 +265,8 @@ def assert_log_holds(store, expected) -> None:
     assert keys == sorted(set(keys))
 
 
-def test_ids_issued_below_the_compacted_log_after_the_store_is_lost_are_kept(store_and_settings, tmp_path):
+def test_ids_issued_below_the_compacted_log_after_the_store_is_lost_are_kept(store_and_settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(log_compaction, "REISSUE_PAGE", 5)  # the 12 entries move in 3 batches
     store, settings = store_and_settings
     logged = acknowledged_ahead(store, answers(0, 25))
     compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
@@ -312,6 +314,6 @@ def test_the_id_floor_never_goes_down(store_and_settings):
     store.raise_id_floor("kt", logged[0][0])
     assert entry_key(acknowledged(store, answers(3, 1))[0][0]) > entry_key(logged[-1][0])
     assert store.id_floor("kt") is None
-    store.settle_id_floor("kt", logged[-1][0])
-    store.settle_id_floor("kt", logged[0][0])  # the checked floor stays the highest one recorded
+    store.raise_id_floor("kt", logged[-1][0], checked=True)
+    store.raise_id_floor("kt", logged[0][0], checked=True)  # the checked floor stays the highest one recorded
     assert store.id_floor("kt") == logged[-1][0]
