@@ -12,7 +12,9 @@ Redis layout ({p} is the key prefix, "gramrec:" by default; versions, tasks and 
     {p}texts:{task}            hash   item_id -> text, of items added through the API (re-encoded at retrains
                                       and when another version is activated)
     {p}interactions:{task}     stream logged answers (kt) and impressions (nr), the feed of future retrains;
-                                      its compacted head is trimmed (the entries live on in Parquet segments)
+                                      its compacted head is trimmed (the entries live on in Parquet segments);
+                                      its consumer group `compacted` (never read through) holds, as its last
+                                      delivered id, the compacted id the stream was checked against (id floor)
     {p}log-segments            string the folder of the interaction log's Parquet segments (set by the trainer)
     {p}jobs                    hash   job_id -> JSON job record
     {p}retrain-queue           list   job ids waiting for the trainer worker (LPUSH by the API and the scheduler,
@@ -39,7 +41,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from gramrec.service.store.beacons import RedisBeacons
-from gramrec.service.store.interactions import RedisInteractions
+from gramrec.service.store.interactions import _RAISE_FLOOR, _REISSUE, RedisInteractions
 from gramrec.service.store.items import _CAS, _PUT_ITEMS, RedisItems
 from gramrec.service.store.jobs import _ENQUEUE, _FINISH_CURRENT, _NEXT_JOB, RedisJobs
 from gramrec.service.store.leases import RedisLeases
@@ -58,6 +60,8 @@ class RedisStore(RedisItems, RedisInteractions, RedisJobs, RedisLeases, RedisBea
         self._enqueue = client.register_script(_ENQUEUE)
         self._next_job = client.register_script(_NEXT_JOB)
         self._finish_current = client.register_script(_FINISH_CURRENT)
+        self._raise_floor = client.register_script(_RAISE_FLOOR)
+        self._reissue = client.register_script(_REISSUE)
 
     @classmethod
     def from_url(

@@ -92,6 +92,13 @@ def logged_entries(store: Store, task: str, after: str | None = None) -> Iterato
         if not Path(directory).is_dir():
             raise SegmentError(f"the interaction log's segments folder {directory} is missing (the store names it)")
         segments = list_segments(folder)
+        checked = store.id_floor(task)  # read after the listing: it is recorded before a segment is written
+        if segments and (checked is None or entry_key(checked) < entry_key(segments[-1].last)):
+            raise SegmentError(
+                f"the store's {task} interaction ids are not yet checked against the compacted log (through "
+                f"{segments[-1].last}): the store was replaced or restored, and may have reissued compacted ids; "
+                "the trainer's next compaction moves such entries past the log"
+            )
     floor = entry_key(after) if after is not None else None
     for segment in segments:
         if floor is not None and entry_key(segment.last) <= floor:

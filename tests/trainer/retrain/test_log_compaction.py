@@ -4,17 +4,21 @@ duplicates nothing, on both stores and across a Redis restart with AOF."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from gramrec.service.store import open_store
+from gramrec.trainer.retrain import log_compaction
 from gramrec.trainer.retrain.interaction_segments import SegmentError, entry_key, list_segments
 from gramrec.trainer.retrain.log_compaction import PHASES, compact_task
 from gramrec.trainer.retrain.snapshot import build_snapshot, logged_entries
 from gramrec.trainer.retrain.worker import TrainerWorker
+from tests.helpers.fakes import drop_prefix
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.retrain_data import write_kt_data
 
@@ -188,3 +192,128 @@ def test_compacted_log_survives_a_redis_restart_with_aof(tmp_path):
         store.close()
     finally:
         server.close()
+
+
+# -- a store lost or restored while its segments remain --------------------------------------------------------------
+# sqlite numbers entries from a counter in its file: a new file restarts it at 1, an older backup rewinds it. Redis
+# stamps stream ids with its clock: a flushed stream restarts at the clock, a restored older RDB rewinds the
+# stream's last id. For Redis the entries before the loss are logged as by a server clock an hour ahead (explicit
+# ids `<ms>-*`); after it the clock is right again, so new ids fall below the compacted ones.
+AHEAD_MS = 3_600_000
+
+
+def acknowledged_ahead(store, records) -> list[tuple[str, dict[str, str]]]:
+    from gramrec.service.store.redis_store import RedisStore
+
+    if not isinstance(store, RedisStore):
+        return acknowledged(store, records)
+    seconds, _ = store.client.time()
+    ms = (int(seconds) + 3600) * 1000  # the same ms on every call: ids go on as <ms>-<seq + 1>
+    pipe = store.client.pipeline(transaction=True)
+    for record in records:
+        pipe.xadd(store.key("interactions", "kt"), record, id=f"{ms}-*")
+    return list(zip((i.decode() for i in pipe.execute()), records, strict=True))
+
+
+def reopened(store, settings):
+    if settings.redis_url:
+        return store
+    store.close()
+    return open_store(settings)
+
+
+def lose(store, settings):
+    """The store's data is gone (a new sqlite file, the Redis keys flushed); the segment folder remains."""
+    if settings.redis_url:
+        drop_prefix(store.client, settings.redis_key_prefix)
+        return store
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{settings.embedded_store_path}{suffix}").unlink(missing_ok=True)
+    return open_store(settings)
+
+
+def backup(store, settings, folder):
+    if settings.redis_url:
+        keys = list(store.client.scan_iter(match=settings.redis_key_prefix + "*"))
+        return {key: store.client.dump(key) for key in keys}
+    import sqlite3
+
+    copy = sqlite3.connect(folder / "backup.sqlite3")
+    store._db.backup(copy)
+    copy.close()
+    return folder / "backup.sqlite3"
+
+
+def restore(store, settings, saved):
+    """The store is replaced by an older backup of itself."""
+    store = lose(store, settings)
+    if settings.redis_url:
+        for key, dumped in saved.items():
+            store.client.restore(key, 0, dumped)
+        return store
+    store.close()
+    shutil.copyfile(saved, settings.embedded_store_path)
+    return open_store(settings)
+
+
+def assert_log_holds(store, expected) -> None:
+    """Every acknowledged entry once, in order of ids (the ids of entries moved past the compacted log changed)."""
+    entries = full_log(store)
+    assert [fields for _, fields in entries] == [fields for _, fields in expected]
+    keys = [entry_key(i) for i, _ in entries]
+    assert keys == sorted(set(keys))
+
+
+def test_ids_issued_below_the_compacted_log_after_the_store_is_lost_are_kept(store_and_settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(log_compaction, "REISSUE_PAGE", 5)  # the 12 entries move in 3 batches
+    store, settings = store_and_settings
+    logged = acknowledged_ahead(store, answers(0, 25))
+    compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
+    compacted_through = entry_key(list_segments(tmp_path / "log" / "kt")[-1].last)
+    store = lose(store, settings)
+
+    new = acknowledged(store, answers(100, 12))  # the API goes on logging into the new, empty store
+    assert entry_key(new[0][0]) <= compacted_through  # the bug's premise: ids restarted below the compacted log
+    stats = compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
+    assert_log_holds(store, logged[:20] + new)  # the uncompacted tail (5) went with the store
+    assert stats.renumbered == len([i for i, _ in new if entry_key(i) <= compacted_through])
+
+    later = acknowledged(store, answers(200, 3))
+    assert entry_key(later[0][0]) > max(entry_key(i) for i, _ in full_log(store)[:-3])
+    compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)  # segments stay apart (list_segments checks)
+    assert_log_holds(store, logged[:20] + new + later)
+
+
+def test_a_store_restored_from_an_older_backup_reissues_no_compacted_id(store_and_settings, tmp_path):
+    store, settings = store_and_settings
+    logged = acknowledged_ahead(store, answers(0, 12))
+    compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)  # one segment; 2 entries stay in the store
+    saved = backup(store, settings, tmp_path)
+    logged += acknowledged_ahead(store, answers(12, 13))
+    compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)  # a second segment
+    store = restore(store, settings, saved)
+
+    new = acknowledged(store, answers(100, 6))  # the restored counter hands out ids the second segment holds
+    with pytest.raises(SegmentError, match="not yet checked against the compacted log"):
+        full_log(store)  # a reader refuses rather than skip them as compacted
+    store.raise_id_floor("kt", list_segments(tmp_path / "log" / "kt")[-1].last)  # as a run killed in its guard
+    with pytest.raises(SegmentError, match="not yet checked against the compacted log"):
+        full_log(store)
+    stats = compact_task(store, tmp_path / "log", "kt", SEGMENT, retention_s=0)
+    assert stats.renumbered == 6  # the 2 restored entries the first segment holds were kept as they are
+    assert_log_holds(store, logged[:20] + new)
+    store = reopened(store, settings)
+    assert_log_holds(store, logged[:20] + new)
+
+
+def test_the_id_floor_never_goes_down(store_and_settings):
+    store, _ = store_and_settings
+    logged = acknowledged_ahead(store, answers(0, 3))
+    store.trim_interactions("kt", logged[-1][0])  # an empty stream: Redis' XSETID would move its last id back
+    store.raise_id_floor("kt", logged[0][0])
+    assert entry_key(acknowledged(store, answers(3, 1))[0][0]) > entry_key(logged[-1][0])
+    assert store.id_floor("kt") is None
+    store.raise_id_floor("kt", logged[-1][0], checked=True)
+    store.raise_id_floor("kt", logged[0][0], checked=True)  # the checked floor stays the highest one recorded
+    assert store.id_floor("kt") == logged[-1][0]
