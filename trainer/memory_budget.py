@@ -12,8 +12,9 @@ The estimate, in bytes (every term from the encoder's config and the run's sizes
                autocast
              + item tensors: the strategy's [N, D] tables (multi-step GRAM: table and encodings), and the larger of
                an inference encode of all N items (its chunks, their concatenation, the reordered copy: 3 [N, D]) and
-               a regression's live rows (targets, start, wanted move, best, current, and that encode's 3: 8 [K, D],
-               bounded by K <= N); the bottom-layer cache when layers are frozen
+               a regression's live rows (its targets, and the re-encode of the touched rows that ends it, whose 3
+               are alive at once: 4 [K, D], bounded by K <= N; its float32 checks hold [C, D] with C the
+               check sample, a margin); the bottom-layer cache when layers are frozen
              + the CF head with its gradients and Adam moments
     forward  = tokens x (bytes alive at once inside one layer, no graph kept: the layer's input, the attention
                phase or the MLP phase, whichever is larger)
@@ -51,7 +52,7 @@ from torch import nn
 from gramrec.models.content_encoder import PACK_MIN_TOKENS, PAD_MULTIPLE, ContentEncoder, ItemTokens
 
 GIB = 2**30
-REGRESSION_ROWS = 8  # [K, D] float32 tensors alive at once in a regression (see the module docstring)
+REGRESSION_ROWS = 4  # [K, D] float32 tensors alive at once in a regression (see the module docstring)
 ENCODE_ROWS = 3  # [K, D] tensors an encode of K items holds at its end: chunks, concatenation, reordered copy
 IDS_AND_MASK = 16  # int64 token ids and attention mask of the padded batch
 
