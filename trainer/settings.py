@@ -115,8 +115,8 @@ class TrainSettings(BaseSettings):
     regress_max_passes: int = Field(
         4,
         ge=1,
-        description="multi-step GRAM: most passes of one regression (1: the paper's one pass; 4 fitted KT's rows 4x "
-        "closer and gained 1.3 AUC points more, measured: BENCHMARKS.md §1)",
+        description="multi-step GRAM: most passes of one regression (1: the paper's one pass; 4 fitted KT's rows 5x "
+        "closer and gained 1.7 AUC points more, measured: BENCHMARKS.md §1)",
     )
     regress_backtrack: bool = Field(
         True,
