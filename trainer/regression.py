@@ -94,9 +94,9 @@ def regress(
     (BENCHMARKS.md §3), an Adam pass at a fixed rate can move the encodings 0.8-6.6x as far as the rows ask, and
     was undone, pass after pass. A rescued pass still raising the loss is undone, and the rate quartered for later
     passes and regressions. The full pass goes first because a multi-step pass's curved path often ends where no
-    point of its straight chord does (one rescued pass alone fitted KT 4x less than four kept ones: §1). The check
-    is float32 because bf16 autocast re-draws its rounding at every weight change, which hid gains under 1% (§3);
-    a fixed sample keeps it cheap.
+    point of its straight chord does (a single pass scaled this way fitted KT's rows 3.6x less than four full
+    passes: BENCHMARKS.md §1). The check is float32 because bf16 autocast re-draws its rounding at every weight
+    change, which hid gains under 1% (§3); a fixed sample keeps it cheap.
     """
     started = time.perf_counter()
     end = min(
