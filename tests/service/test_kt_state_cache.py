@@ -203,3 +203,36 @@ def test_the_setting_is_validated(monkeypatch):
             ServiceSettings()
     with pytest.raises(ValueError, match="entries"):
         KTStateCache(VERSION, 0)
+
+
+def test_inline_texts_skip_the_cache_and_a_replaced_item_is_never_served_stale(exported_artifacts, tmp_path):
+    bundle = ModelBundle.load(exported_artifacts, VERSION, providers=CPU)
+    vectors = dict(zip(*bundle.item_embeddings(), strict=True))
+    history = [{"item_id": ITEMS[i], "correct": i % 2 == 0} for i in (1, 2, 3)]
+    body = {"task": "kt", "history": history, "targets": ITEMS[4:6]}
+
+    def expected() -> list[float]:
+        steps = np.stack([vectors[a["item_id"]] for a in history])
+        correct = np.array([a["correct"] for a in history])
+        return bundle.predict_kt(steps, correct, np.stack([vectors[i] for i in ITEMS[4:6]])).tolist()
+
+    with serve(exported_artifacts, tmp_path) as client:
+        cache = client.app.state.registry.get("kt").kt_cache  # type: ignore[attr-defined]
+        assert client.post("/predict", json=body).status_code == 200
+        assert (cache.misses, len(cache)) == (1, 1)
+        inline = {"task": "kt", "history": [*history, {"item_id": "kt-inline", "correct": True}], "targets": ITEMS[4:6]}
+        inline["items"] = [{"item_id": "kt-inline", "text": "Sum the digits of a number."}]
+        assert client.post("/predict", json=inline).status_code == 200
+        assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)  # encoded for that request only: not cached
+
+        text = "Print the largest of three integers."  # kt-item-2's vector replaced through the API
+        assert (
+            client.post("/items", json={"task": "kt", "items": [{"item_id": ITEMS[2], "text": text}]}).status_code
+            == 200
+        )
+        vectors[ITEMS[2]] = bundle.encode_texts([text])[0]
+        response = client.post("/predict", json=body)
+        assert response.status_code == 200
+        got = [p["probability"] for p in response.json()["predictions"]]
+        np.testing.assert_allclose(got, expected(), rtol=0, atol=1e-5)  # not the state of the old vector
+        assert (cache.hits, cache.misses) == (0, 2)
