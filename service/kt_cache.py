@@ -9,7 +9,9 @@ the middle has other digests, so it never hits; the version is the chain's root,
 version's state (and each ActiveModel has its own cache).
 
 Item ids, not vectors, are keyed: an item whose vector is replaced (POST /items on an existing id) clears the
-cache once the worker's catalog index sees the change (`invalidate_on`), within index_refresh_s.
+cache once the worker's catalog index sees the change (`invalidate_on`), within index_refresh_s (at once in the
+worker that took the POST). Not covered: a request that read the old vector just before the replacement and stores
+its state just after the clearing (a window of one request's own duration).
 
 Bounded LRU, one per worker and version, thread-safe (endpoints run in the threadpool). Bytes per entry, H = 128
 and 2 layers: 2,048 of float32 memory plus ~300 of key, array header and dict overhead.
