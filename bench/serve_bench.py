@@ -6,6 +6,9 @@
 Without --url it serves the versions in --artifacts, first training and exporting a short all-MiniLM-L6-v2 model
 per task (GRAM, period 1e, --train-steps steps) if the folder has none. Requests:
   predict kt: 100 answers of history, 5 targets; predict nr: 50 clicks, 20 candidates;
+  predict kt session: --session-students students, each request one more answer to its student's history (from
+  100 answers on, round-robin over the students), 5 targets, as a tutoring app resends a growing history (the
+  server's per-student state cache then runs one LSTM step per request; each student's first request misses);
   POST /items: one new item per request, a text of about 32 tokens.
   recommend kt: 100 answers, next 10 questions (target 0.7); recommend nr: 50 clicks, top 10 of the whole catalog.
 --synthetic-catalog N serves copies of the models whose catalogs are grown to N items by random unit vectors
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -45,7 +49,7 @@ WORDS = (
 ).split()
 
 
-SCENARIOS = ("predict kt", "predict nr", "POST /items", "recommend kt", "recommend nr")
+SCENARIOS = ("predict kt", "predict kt session", "predict nr", "POST /items", "recommend kt", "recommend nr")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="serve copies of the models whose catalogs are grown to this many items with random unit vectors",
     )
+    parser.add_argument("--session-students", type=int, default=100, help="students of 'predict kt session'")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
@@ -231,10 +236,20 @@ def item_ids(artifacts: Path, version: str) -> list[str]:
     return json.loads((artifacts / version / "items.json").read_text())["ids"]
 
 
-def payloads(ids: dict[str, list[str]], rng: random.Random):
+def payloads(ids: dict[str, list[str]], rng: random.Random, students: int = 100):
+    def answer() -> dict:
+        return {"item_id": rng.choice(ids["kt"]), "correct": rng.random() < 0.6}
+
     def kt() -> dict:
-        history = [{"item_id": rng.choice(ids["kt"]), "correct": rng.random() < 0.6} for _ in range(100)]
-        return {"task": "kt", "history": history, "targets": rng.sample(ids["kt"], 5)}
+        return {"task": "kt", "history": [answer() for _ in range(100)], "targets": rng.sample(ids["kt"], 5)}
+
+    histories = [[answer() for _ in range(99)] for _ in range(students)]
+    turns = itertools.cycle(histories)
+
+    def kt_session() -> dict:
+        history = next(turns)
+        history.append(answer())
+        return {"task": "kt", "history": list(history), "targets": rng.sample(ids["kt"], 5)}
 
     def nr() -> dict:
         chosen = rng.sample(ids["nr"], 70)
@@ -255,6 +270,7 @@ def payloads(ids: dict[str, list[str]], rng: random.Random):
 
     return {
         "predict kt": ("/predict", kt),
+        "predict kt session": ("/predict", kt_session),
         "predict nr": ("/predict", nr),
         "POST /items": ("/items", item),
         "recommend kt": ("/recommend", recommend_kt),
@@ -441,7 +457,7 @@ async def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dic
     )
     async with client_context as client:
         ids = {task: item_ids(args.artifacts, version) for task, version in models.items()}
-        scenarios = payloads(ids, random.Random(0))
+        scenarios = payloads(ids, random.Random(0), args.session_students)
         results = []
         for name in args.scenarios:
             path, make = scenarios[name]

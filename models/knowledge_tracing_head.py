@@ -64,12 +64,30 @@ class KnowledgeTracingHead(nn.Module):
     ) -> torch.Tensor:
         """The LSTM state after each row's (masked) history: [B, T, D], [B, T], [B, T] -> [B, H]; the learned start
         state for an all-padding row."""
+        return self.history_state_and_memory(history, history_correct, history_mask)[0]
+
+    def history_state_and_memory(
+        self, history: torch.Tensor, history_correct: torch.Tensor, history_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """history_state, and the LSTM's (h, c) of every layer after all T steps ([layers, B, H] each): what
+        continue_state needs to add answers one at a time. The memory includes padding steps, so serving keeps it
+        only for rows without padding."""
         steps = self.item_projection(history) + self.response_embedding(history_correct.long())  # [B, T, H]
-        states, _ = self.lstm(steps)  # [B, T, H]
+        states, (h, c) = self.lstm(steps)  # [B, T, H]
         start = self.start_state.expand(states.shape[0], 1, -1)  # [B, 1, H]
         states = torch.cat([start, states], dim=1)  # [B, T + 1, H]; index n = state after n answers
         seen = history_mask.long().sum(1)  # [B]
-        return states[torch.arange(states.shape[0], device=states.device), seen]  # [B, H]
+        return states[torch.arange(states.shape[0], device=states.device), seen], h, c  # [B, H]
+
+    def continue_state(
+        self, history: torch.Tensor, history_correct: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(state, h, c) after more answers [B, T >= 1, D], [B, T] (no padding), from the (h, c) [layers, B, H] after
+        the earlier ones. The state runs over the whole history (no window), so this equals history_state_and_memory
+        over the earlier and the new answers together."""
+        steps = self.item_projection(history) + self.response_embedding(history_correct.long())  # [B, T, H]
+        states, (h, c) = self.lstm(steps, (h, c))
+        return states[:, -1], h, c
 
     def output_parts(self) -> dict[str, torch.Tensor]:
         """The output layer split into a student part and a question part, so serving can score a whole catalog

@@ -61,6 +61,7 @@ def create_app(
             ort_threads=settings.ort_threads,
             index_max_bytes=settings.index_max_bytes,
             index_ann_threshold=settings.index_ann_threshold,
+            kt_cache_entries=settings.kt_cache_entries,
         )
         app.state.store, app.state.registry = store, registry
         try:

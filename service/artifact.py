@@ -31,6 +31,9 @@ ITEMS_INDEX_FILE = "items.json"
 # output layer's student and question parts (models/knowledge_tracing_head.py, output_parts).
 KT_STATE_FILE = "kt_state.onnx"
 KT_OUTPUT_FILE = "kt_output.safetensors"
+# kt only, named by kt_parts' "step" (versions without it serve without the per-student state cache): the LSTM
+# continued over new answers from the (h, c) that kt_state.onnx also outputs (service/kt_cache.py).
+KT_STEP_FILE = "kt_step.onnx"
 # kt only, named by the manifest's "kt_calibration": Platt scaling of the head's logit, fitted on validation at
 # export (service/kt_scoring.py, KTCalibration). Versions without it serve the head's own sigmoid.
 KT_CALIBRATION_FILE = "kt_calibration.json"

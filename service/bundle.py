@@ -191,6 +191,7 @@ class ModelBundle:
         kt_state: ort.InferenceSession | None = None,
         kt_output: KTOutputLayer | None = None,
         kt_calibration: KTCalibration = IDENTITY,
+        kt_step: ort.InferenceSession | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -208,6 +209,7 @@ class ModelBundle:
         self._item_meta = item_meta
         self._item_texts = dict(zip(item_ids, item_texts, strict=True)) if item_texts else {}
         self._kt_state = kt_state
+        self._kt_step = kt_step  # set: a student's state can be continued from its memory (service/kt_cache.py)
         self.kt_calibration = kt_calibration  # applied to every kt probability served, by both paths below
         # kt exported with its head split: catalog-wide scoring (service/kt_scoring.py), with the same calibration
         self.kt_output = replace(kt_output, calibration=kt_calibration) if kt_output is not None else None
@@ -245,10 +247,14 @@ class ModelBundle:
         parts = manifest.get("kt_parts")
         kt_output = _kt_output(contents, directory, parts, manifest["dim"]) if parts else None
         kt_calibration = _kt_calibration(contents, directory, manifest.get("kt_calibration"))
+        step = parts.get("step") if parts else None  # absent: exported before the state cache, served without it
+        if step is not None and not isinstance(step, str):
+            raise ArtifactError(directory / MANIFEST, "kt_parts' step must name its file")
         try:
             encoder = _session(encoder_model, providers, threads) if encoder_model is not None else None
             head = _session(head_model, providers, threads)
             kt_state = _session(_required(contents, directory, parts["state"]), providers, threads) if parts else None
+            kt_step = _session(_required(contents, directory, step), providers, threads) if step else None
         except ArtifactError:
             raise
         except Exception as exc:  # onnxruntime reports invalid models as generic runtime errors
@@ -267,6 +273,7 @@ class ModelBundle:
             kt_state=kt_state,
             kt_output=kt_output,
             kt_calibration=kt_calibration,
+            kt_step=kt_step,
         )
 
     # -- inference -----------------------------------------------------------------------------------------
@@ -320,19 +327,56 @@ class ModelBundle:
 
     def kt_state(self, history: np.ndarray, history_correct: np.ndarray) -> np.ndarray:
         """The LSTM state after the answered history ([T, D], [T]; T may be 0) -> [H], for kt_output's scoring."""
+        return self._run_kt_state(history, history_correct)[0][0]  # [H]
+
+    @property
+    def kt_continues(self) -> bool:
+        """Whether a student's state can be continued from its memory (kt_step.onnx; versions exported before the
+        per-student state cache have none and serve without it)."""
+        return self._kt_step is not None and self._kt_state is not None
+
+    def kt_memory(self, history: np.ndarray, history_correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(state [H], memory [2, layers, H]: the LSTM's h and c) after a history of T >= 1 answers."""
+        if history.shape[0] == 0:
+            raise ValueError("the memory after no answers is zeros; kt_state gives the start state")
+        state, h, c = self._run_kt_state(history, history_correct)
+        return state[0], np.stack([h[:, 0], c[:, 0]])
+
+    def kt_continue(
+        self, memory: np.ndarray, history: np.ndarray, history_correct: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """kt_memory after earlier answers, whose memory is given, and these T >= 1 new ones ([T, D], [T])."""
+        if self._kt_step is None:
+            raise ArtifactError(self.path, "was exported without kt_step.onnx")
+        history, correct = self._checked_history(history, history_correct)
+        feed = {
+            "h": memory[0][:, None],
+            "c": memory[1][:, None],
+            "history": history[None],
+            "history_correct": correct[None],
+        }
+        state, h, c = self._kt_step.run(None, feed)
+        return state[0], np.stack([h[:, 0], c[:, 0]])
+
+    def _run_kt_state(self, history: np.ndarray, history_correct: np.ndarray) -> list[np.ndarray]:
+        """kt_state.onnx over one history: [state [1, H]] (versions before the cache), or with h and c [layers, 1, H]."""
         self._require_task("kt")
         if self._kt_state is None:
             raise ArtifactError(self.path, "was exported without its split kt head (kt_parts)")
+        history, correct = self._checked_history(history, history_correct)
+        if history.shape[0] == 0:
+            steps, correct, mask = self._no_history, self._no_history_correct, self._no_history_mask
+        else:
+            steps, correct, mask = history[None], correct[None], np.ones((1, history.shape[0]), np.bool_)
+        feed = {"history": steps, "history_correct": correct, "history_mask": mask}
+        return self._kt_state.run(None, feed)
+
+    def _checked_history(self, history: np.ndarray, history_correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         history = _matrix("history", history, self.dim)
         correct = np.asarray(history_correct, dtype=np.int64).reshape(-1)
         if correct.shape[0] != history.shape[0]:
             raise ValueError(f"history_correct has {correct.shape[0]} entries for {history.shape[0]} history items")
-        if history.shape[0] == 0:
-            steps, correct, mask = self._no_history, self._no_history_correct, self._no_history_mask  # type: ignore[assignment]
-        else:
-            steps, correct, mask = history[None], correct[None], np.ones((1, history.shape[0]), np.bool_)
-        feed = {"history": steps, "history_correct": correct, "history_mask": mask}
-        return self._kt_state.run(["state"], feed)[0][0]  # [H]
+        return history, correct
 
     def score_news(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Click scores (dot products, higher = more likely) of each candidate for a reader.

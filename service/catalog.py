@@ -87,6 +87,7 @@ class CatalogIndex:
         self.rows: dict[str, int] = {}
         self.seq = 0  # the store change log's sequence number up to which this index is current
         self.pending: set[str] = set()  # in the change log but not yet in this version's table
+        self.replaced = 0  # upserts that replaced an indexed item's vector (the kt state cache is cleared on change)
         self._codes: dict[str, dict[str, int]] = {"category": {}, "subcategory": {}}
         self._names: dict[str, list[str]] = {"category": [], "subcategory": []}
         self._lock = threading.Lock()
@@ -191,7 +192,9 @@ class CatalogIndex:
             self.check_room(self.new_ids(ids))
             cols = self._cols
             n = cols.n
-            new = [i for i in dict.fromkeys(ids) if i not in self.rows]
+            unique = dict.fromkeys(ids)
+            new = [i for i in unique if i not in self.rows]
+            self.replaced += len(new) < len(unique)
             if n + len(new) > cols.matrix.shape[0]:
                 capacity = max(n + len(new), int(cols.matrix.shape[0] * 1.5) + 1024)
                 cols = self._allocate(capacity, cols)

@@ -51,3 +51,18 @@ def history_vectors(model: ActiveModel, store: Store, ids: list[str], items: lis
         found, row = item_vectors(model, store, [ids[i] for i in missing], items)  # UnknownItems: a 422
         vectors[missing] = found[[row[ids[i]] for i in missing]]
     return vectors
+
+
+def kt_history_state(
+    model: ActiveModel, ids: list[str], history: np.ndarray, correct: np.ndarray, items: list[ItemText]
+) -> np.ndarray:
+    """The LSTM state [H] after a kt history, from the worker's per-student cache when the version has one.
+
+    A request with item texts skips the cache: its unknown items are encoded for that request only, so the same ids
+    may mean other vectors in another request."""
+    cache = model.kt_cache
+    if cache is None or items:
+        return model.bundle.kt_state(history, correct)
+    if model.index is not None:
+        cache.invalidate_on(model.index.replaced)
+    return cache.state(model.bundle, ids, history, correct)

@@ -31,6 +31,7 @@ from gramrec.service.activation import (
 )
 from gramrec.service.artifact import list_versions as artifact_list_versions
 from gramrec.service.catalog import CatalogIndex
+from gramrec.service.kt_cache import KTStateCache
 from gramrec.service.store import STORE_ERRORS, Lease, StaleVersion, Store
 
 __all__ = ["ActivationConflict", "ActiveModel", "Bundle", "ModelRegistry", "VersionNotFound"]
@@ -44,6 +45,7 @@ class ActiveModel:
     version: str
     bundle: Bundle
     index: CatalogIndex | None = None  # the version's whole catalog, for POST /recommend
+    kt_cache: KTStateCache | None = None  # kt versions with kt_step.onnx: the per-student LSTM state cache
 
 
 class ModelRegistry:
@@ -58,6 +60,7 @@ class ModelRegistry:
         ort_threads: int | None = None,
         index_max_bytes: int = 2 << 30,
         index_ann_threshold: int = 20_000,
+        kt_cache_entries: int = 0,
     ):
         self.store = store
         self.artifacts_dir = Path(artifacts_dir)
@@ -74,6 +77,7 @@ class ModelRegistry:
         self._threads: list[threading.Thread] = []
         self.index_max_bytes = index_max_bytes
         self.index_ann_threshold = index_ann_threshold
+        self.kt_cache_entries = kt_cache_entries  # 0: no per-student state cache
         self._built: dict[str, CatalogIndex] = {}  # version -> index built before its swap
         self._index_errors = 0  # consecutive failed catch-ups (logged once per outage)
 
@@ -283,7 +287,10 @@ class ModelRegistry:
             index.catch_up(self.store)  # items added (and backfilled) between the build and the switch
         except STORE_ERRORS:
             pass  # the refresh thread catches up once the store answers
-        model = ActiveModel(task=bundle.task, version=bundle.version, bundle=bundle, index=index)
+        cache = None
+        if self.kt_cache_entries and getattr(bundle, "kt_continues", False):  # a fresh cache per swap
+            cache = KTStateCache(bundle.version, self.kt_cache_entries)
+        model = ActiveModel(task=bundle.task, version=bundle.version, bundle=bundle, index=index, kt_cache=cache)
         self._active[bundle.task] = model
         self._broken.pop(bundle.version, None)
         self._load_errors.pop(bundle.task, None)

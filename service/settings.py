@@ -84,6 +84,13 @@ class ServiceSettings(BaseSettings):
     index_ann_threshold: int = Field(
         20_000, ge=1, description="catalogs of at least this many items get an approximate (HNSW) index"
     )
+    kt_cache_entries: int = Field(
+        10_000,
+        ge=0,
+        le=10_000_000,
+        description="kt: students' LSTM states kept per worker and version (about 2.3 KB each at a 128-wide, 2-layer "
+        "head), so a resent, growing history costs one LSTM step per new answer; 0: no cache",
+    )
     index_refresh_s: float = Field(
         0.25, gt=0, le=1, description="how often each process reads items added through other processes"
     )

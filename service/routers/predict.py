@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends
 
 from gramrec.service.deps import Served, get_store, served
-from gramrec.service.inference import item_vectors
+from gramrec.service.inference import item_vectors, kt_history_state
 from gramrec.service.limits import checked_predict
 from gramrec.service.registry import ActiveModel
 from gramrec.service.responses import ModelJSONResponse
@@ -48,9 +48,14 @@ def predict(
 def _knowledge_tracing(body: KTPredictRequest, model: ActiveModel, store: Store) -> KTPredictResponse:
     history_ids = [answer.item_id for answer in body.history]
     vectors, row = item_vectors(model, store, history_ids + body.targets, body.items)
-    history = vectors[[row[i] for i in history_ids]]
+    history, targets = vectors[[row[i] for i in history_ids]], vectors[[row[i] for i in body.targets]]
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
-    probabilities = model.bundle.predict_kt(history, correct, vectors[[row[i] for i in body.targets]])
+    output = model.index.kt_output if model.index is not None else None
+    if model.kt_cache is not None and output is not None and not body.items:  # the student's state, then the split head
+        state = kt_history_state(model, history_ids, history, correct, body.items)
+        probabilities = output.probabilities(state, output.item_terms(targets))
+    else:
+        probabilities = model.bundle.predict_kt(history, correct, targets)
     return KTPredictResponse(
         model_version=model.version,
         predictions=[

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends
 
 from gramrec.service.catalog import CatalogIndex
 from gramrec.service.deps import Served, get_store, served
-from gramrec.service.inference import history_vectors
+from gramrec.service.inference import history_vectors, kt_history_state
 from gramrec.service.limits import checked_recommend
 from gramrec.service.registry import ActiveModel
 from gramrec.service.responses import ModelJSONResponse
@@ -85,7 +85,8 @@ def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KT
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
     rows = index.candidates(exclude=list(dict.fromkeys(answered)), only=body.questions)
     if index.kt_output is not None:  # the LSTM once, then one [N, H] product over precomputed question parts
-        rows, probabilities = _split_head_probabilities(index, model.bundle.kt_state(history, correct), rows)
+        state = kt_history_state(model, answered, history, correct, body.items)
+        rows, probabilities = _split_head_probabilities(index, state, rows)
     else:  # a version exported without its split head: the head scores every candidate
         if rows is None:
             rows = np.arange(len(index))
