@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gramrec.service.activation import (
     _CURRENT,
@@ -33,6 +34,9 @@ from gramrec.service.artifact import list_versions as artifact_list_versions
 from gramrec.service.catalog import CatalogIndex
 from gramrec.service.kt_cache import KTStateCache
 from gramrec.service.store import STORE_ERRORS, Lease, StaleVersion, Store
+
+if TYPE_CHECKING:
+    from gramrec.service.settings import ServiceSettings
 
 __all__ = ["ActivationConflict", "ActiveModel", "Bundle", "ModelRegistry", "VersionNotFound"]
 
@@ -80,6 +84,24 @@ class ModelRegistry:
         self.kt_cache_entries = kt_cache_entries  # 0: no per-student state cache
         self._built: dict[str, CatalogIndex] = {}  # version -> index built before its swap
         self._index_errors = 0  # consecutive failed catch-ups (logged once per outage)
+
+    @classmethod
+    def from_settings(
+        cls, store: Store, settings: ServiceSettings, tasks: Sequence[str] | None = None, **injected
+    ) -> ModelRegistry:
+        """The registry a service's settings describe (ONNX threads, catalog-index caps, kt state cache), for
+        `tasks` (default: the settings'); `injected` replaces loaders (tests). One place, so a process that activates
+        a version outside the app (benches, test deployments) builds it the way the app does."""
+        return cls(
+            store,
+            settings.artifacts_dir,
+            settings.tasks if tasks is None else tasks,
+            ort_threads=settings.ort_threads,
+            index_max_bytes=settings.index_max_bytes,
+            index_ann_threshold=settings.index_ann_threshold,
+            kt_cache_entries=settings.kt_cache_entries,
+            **injected,
+        )
 
     # -- reading (hot path: a dict lookup, no lock) -------------------------------------------------------------------
     def get(self, task: str) -> ActiveModel | None:

@@ -61,13 +61,7 @@ def deploy_first_version(settings: ServiceSettings, task: str = "kt") -> str:
     version = train_and_export(settings, task).name
     store = open_store(settings)
     try:
-        ModelRegistry(
-            store,
-            settings.artifacts_dir,
-            [task],
-            index_max_bytes=settings.index_max_bytes,
-            index_ann_threshold=settings.index_ann_threshold,
-        ).activate(version)
+        ModelRegistry.from_settings(store, settings, [task]).activate(version)
     finally:
         store.close()
     return version
