@@ -176,15 +176,17 @@ def _line_search(params, start, wanted, encoded, moved, check_encode, check_item
     direction's effect is probed at a fraction of the move that keeps it short. Leaves params at the chosen point
     (start + scale * move, scale < 1) or where the pass left them (scale >= 1); 0: no length helps."""
     made = moved - encoded
-    wanted_norm, made_norm = float(wanted.norm()), float(made.norm())
-    scale = _line_search_scale(wanted, made)
-    probe = 0.5 * wanted_norm / made_norm if made_norm > 0 else 1.0
-    if probe < 1.0:  # the pass overshot: its own length says little about its direction near the start
-        _scale_move(params, start, probe)
-        scale = probe * _line_search_scale(wanted, check_encode(check_items) - encoded)
-        _scale_move(params, start, scale / probe if scale > 0 else 0.0)
-    elif 0.0 < scale < 1.0:
-        _scale_move(params, start, scale)
+    made_norm = float(made.norm())
+    probe = 0.5 * float(wanted.norm()) / made_norm if made_norm > 0 else 1.0
+    if probe >= 1.0:  # the pass stayed short: its own move is the linear one
+        scale = _line_search_scale(wanted, made)
+        if 0.0 < scale < 1.0:
+            _scale_move(params, start, scale)
+        return scale
+    # The pass overshot: its own length says little about its direction near the start, so probe a short move.
+    _scale_move(params, start, probe)
+    scale = min(probe * _line_search_scale(wanted, check_encode(check_items) - encoded), 1.0)
+    _scale_move(params, start, scale / probe if scale > 0 else 0.0)
     return scale
 
 
