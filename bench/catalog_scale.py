@@ -3,15 +3,16 @@
     OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/catalog_scale.py --items 1000000 --vectors clustered random
 
 Builds the service's own `CatalogIndex` (service/catalog.py: an exact float32 matrix, and above the ANN threshold
-the usearch HNSW graph in f16, built with every core) over synthetic unit vectors of MiniLM's dimension, then
-times `top_k` (what POST /recommend nr runs after the head: graph search, exact rescoring of the found rows,
-ranking) single-threaded, on queries shaped like a reader vector (the mean of 50 random items). Recall@10 is
-against an exact scan of the whole matrix.
+the 4-bit quantised scan of service/quantized_scan.py, trained and encoded with every core) over synthetic unit
+vectors of MiniLM's dimension, then times `top_k` (what POST /recommend nr runs after the head: the quantised scan,
+exact rescoring of its candidates, ranking) single-threaded, on queries shaped like a reader vector (the mean of 50
+random items). Recall@10 is against an exact scan of the whole matrix.
 
-Two catalogs: `random` (independent Gaussian directions: every item almost equally far from a query, the graph's
-worst case; BENCHMARKS.md §5 measured recall 0.41 at 51k) and `clustered` (items around n/50 topic centres with
-noise 0.8, as bench/ann_probe.py: text embeddings cluster by topic). --expansions also times larger search
-expansions than the service's, to show what recall on random vectors costs. Prints one JSON object per catalog.
+Two catalogs: `random` (independent Gaussian directions: every item almost equally far from a query, a graph
+index's worst case; BENCHMARKS.md §5 measured an HNSW graph's recall 0.41 at 51k) and `clustered` (items around
+n/50 topic centres with noise 0.8, as bench/ann_probe.py: text embeddings cluster by topic). --rescore also times
+other numbers of rescored candidates than the service's RESCORE_MIN, to show what recall each costs. Prints one JSON
+object per catalog.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def synthetic_vectors(kind: str, n: int, rng: np.random.Generator) -> np.ndarray
 
 
 def measure(kind: str, args, rng: np.random.Generator) -> dict:
-    from gramrec.service.catalog import HNSW_EXPANSION_SEARCH, CatalogIndex
+    from gramrec.service import catalog
+    from gramrec.service.catalog import CatalogIndex
+    from gramrec.service.quantized_scan import RESCORE_MIN
 
     vectors = synthetic_vectors(kind, args.items, rng)
     ids = [f"s{i}" for i in range(args.items)]
@@ -67,10 +70,10 @@ def measure(kind: str, args, rng: np.random.Generator) -> dict:
         "index_mb": round(index.nbytes() / 2**20, 1),
         "searches": [],
     }
-    expansions = [HNSW_EXPANSION_SEARCH] + [e for e in args.expansions if e != HNSW_EXPANSION_SEARCH]
-    for expansion in expansions if index.approximate else [None]:
-        if expansion is not None:
-            index._ann.expansion_search = expansion
+    rescores = [RESCORE_MIN] + [r for r in args.rescore if r != RESCORE_MIN]
+    for rescore in rescores if index.approximate else [None]:
+        if rescore is not None:
+            catalog.RESCORE_MIN = rescore  # what CatalogIndex._ann_top_k reads
         times, recall = [], []
         for query, truth in zip(queries, exact):
             begin = time.perf_counter()
@@ -79,8 +82,8 @@ def measure(kind: str, args, rng: np.random.Generator) -> dict:
             recall.append(len(truth & set(rows.tolist())) / 10)
         ms = np.array(times[5:]) * 1000
         report["searches"].append({
-            "expansion": expansion,
-            "service_setting": expansion in (None, HNSW_EXPANSION_SEARCH),
+            "rescored": rescore,
+            "service_setting": rescore in (None, RESCORE_MIN),
             "recall_at_10": round(float(np.mean(recall)), 3),
             "p50_ms": round(float(np.percentile(ms, 50)), 2),
             "p99_ms": round(float(np.percentile(ms, 99)), 2),
@@ -88,6 +91,7 @@ def measure(kind: str, args, rng: np.random.Generator) -> dict:
     begin = time.perf_counter()
     for query in queries[:20]:
         np.argpartition(-(vectors @ query), 10)[:10]
+    catalog.RESCORE_MIN = RESCORE_MIN
     report["exact_scan_ms"] = round((time.perf_counter() - begin) / 20 * 1000, 1)
     report["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return report
@@ -98,7 +102,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--vectors", nargs="+", choices=["clustered", "random"], default=["clustered", "random"])
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--expansions", type=int, nargs="*", default=[1024, 4096])
+    parser.add_argument("--rescore", type=int, nargs="*", default=[100, 1000])
     parser.add_argument("--ann-threshold", type=int, default=20_000)
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits

@@ -203,7 +203,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     ]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900  # a large catalog's HNSW graph is built before the server is ready
+    deadline = time.monotonic() + 900  # a large synthetic catalog is loaded into the store and indexed before the server is ready
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}")

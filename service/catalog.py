@@ -6,7 +6,8 @@ catalog of its own version. Items added later reach it two ways: the process tha
 once; every other process reads the store's change log (ids with a sequence number) every `index_refresh_s`.
 
 Search is exact (one matrix-vector product over the [N, D] float32 matrix) up to `index_ann_threshold` items; above
-it an HNSW graph (usearch) answers unfiltered queries, and category/freshness filters scan their subset exactly.
+it a 4-bit quantised scan (service/quantized_scan.py, FAISS) picks candidates for unfiltered queries, which are
+rescored exactly, and category/freshness filters scan their subset exactly.
 Memory (matrix, metadata columns, graph) is bounded by `index_max_bytes`: a version whose catalog does not fit is
 not activated, and POST /items that would pass the bound is refused (507) before anything is stored.
 """
@@ -19,25 +20,18 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import numpy as np
 
 from gramrec.service.errors import GramrecError
 from gramrec.service.kt_scoring import KTOutputLayer
+from gramrec.service.quantized_scan import MIN_ROWS, RESCORE_MIN, QuantizedScan, code_bytes
 from gramrec.service.store import Store
 from gramrec.service.store.items import decode_rows
 
 log = logging.getLogger("gramrec.service")
 
 READ_CHUNK = 5000  # ids per store read while building
-# HNSW settings, measured (BENCHMARKS.md §5): 50k clustered 384-d vectors, 16 links, f16 vectors in the graph,
-# recall@10 0.79 at expansion 128, 0.99 at 256, 1.00 at 512 (p50 0.9, 1.2, 2.0 ms; exact scan 9 ms). The graph's
-# f16 copy only picks the candidates: returned scores are recomputed from the float32 matrix.
-HNSW_CONNECTIVITY = 16
-HNSW_EXPANSION_ADD = 128
-HNSW_EXPANSION_SEARCH = 256
-HNSW_LINK_BYTES = 2 * HNSW_CONNECTIVITY * 4 + 64  # level-0 links + bookkeeping per item
 
 
 class IndexFull(GramrecError, MemoryError):
@@ -91,8 +85,7 @@ class CatalogIndex:
         self._codes: dict[str, dict[str, int]] = {"category": {}, "subcategory": {}}
         self._names: dict[str, list[str]] = {"category": [], "subcategory": []}
         self._lock = threading.Lock()
-        self._ann: Any = None  # usearch Index over rows [0, ann_rows)
-        self._ann_rows = 0
+        self._ann: QuantizedScan | None = None  # codes of rows [0, len(self._ann))
         self._cols = self._allocate(max(capacity, 1), None)
 
     # -- building -----------------------------------------------------------------------------------------------
@@ -115,7 +108,7 @@ class CatalogIndex:
         index.upsert(ids, vectors, base_meta)
         index._apply(store, added)
         index.seq = seq
-        if len(index.ids) >= ann_threshold:
+        if len(index.ids) >= max(ann_threshold, MIN_ROWS):
             index._build_ann()
         return index
 
@@ -150,18 +143,19 @@ class CatalogIndex:
         return 4 * self.dim + 4 + 4 + 8 + 4 * self._terms_dim()
 
     def _ann_row_bytes(self) -> int:
-        return 2 * self.dim + HNSW_LINK_BYTES
+        return code_bytes(self.dim)
 
     def nbytes(self) -> int:
         cols = self._cols
-        ann = self._ann_rows * self._ann_row_bytes() if self._ann is not None else 0
+        ann = self._ann.nbytes() if self._ann is not None else 0
         columns = cols.matrix.nbytes + cols.category.nbytes + cols.subcategory.nbytes + cols.published.nbytes
         return columns + cols.terms.nbytes + ann
 
     def check_room(self, new_items: int) -> None:
         """Raises IndexFull if `new_items` more items would pass max_bytes (nothing is changed)."""
         n = len(self.ids) + new_items
-        need = n * self._row_bytes() + (n * self._ann_row_bytes() if n >= self.ann_threshold else 0)
+        approximate = self._ann is not None or n >= max(self.ann_threshold, MIN_ROWS)
+        need = n * self._row_bytes() + (n * self._ann_row_bytes() if approximate else 0)
         if need > self.max_bytes:
             raise IndexFull(
                 f"the {self.task} catalog index would need {need} bytes for {n} items, over index_max_bytes="
@@ -211,7 +205,7 @@ class CatalogIndex:
                 cols.terms[rows] = self.kt_output.item_terms(vectors)
             self._cols = _Columns(cols.matrix, cols.category, cols.subcategory, cols.published, cols.terms, n)
             if self._ann is not None:
-                self._ann_add(rows, vectors)
+                self._ann_update(rows, self._cols)
 
     def _code(self, field: str, value: object) -> int:
         if not isinstance(value, str) or not value:
@@ -224,28 +218,19 @@ class CatalogIndex:
 
     # -- approximate index ----------------------------------------------------------------------------------------
     def _build_ann(self) -> None:
-        from usearch.index import Index
-
         cols = self._cols
-        ann = Index(
-            ndim=self.dim,
-            metric="ip",
-            dtype="f16",
-            connectivity=HNSW_CONNECTIVITY,
-            expansion_add=HNSW_EXPANSION_ADD,
-            expansion_search=HNSW_EXPANSION_SEARCH,
-        )
-        ann.add(np.arange(cols.n, dtype=np.uint64), cols.matrix[: cols.n], threads=0)
-        self._ann, self._ann_rows = ann, cols.n
+        self._ann = QuantizedScan(cols.matrix[: cols.n])
 
-    def _ann_add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+    def _ann_update(self, rows: np.ndarray, cols: _Columns) -> None:
+        """Encodes the appended rows and marks the replaced ones stale (called under the write lock)."""
         ann = self._ann
         assert ann is not None
-        for row, vector in zip(rows.tolist(), vectors, strict=True):
-            if row < self._ann_rows:
-                ann.remove(row)
-            ann.add(row, vector)
-        self._ann_rows = max(self._ann_rows, int(rows.max()) + 1)
+        coded = len(ann)
+        if cols.n > coded:
+            ann.add(cols.matrix[coded : cols.n])
+        replaced = rows[rows < coded]
+        if len(replaced):
+            ann.mark_stale(replaced, cols.matrix[: cols.n])
 
     @property
     def approximate(self) -> bool:
@@ -317,7 +302,8 @@ class CatalogIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The k rows of highest dot product with `query` among `rows` (None: all) -> (rows, scores), best first.
 
-        Unfiltered searches (rows is None or only the exclusions removed) use the HNSW graph when there is one.
+        Unfiltered searches (rows is None or only the exclusions removed) take their candidates from the quantised
+        scan when there is one; every returned score is exact.
         """
         cols = self._cols
         query = np.ascontiguousarray(query, np.float32)
@@ -340,15 +326,14 @@ class CatalogIndex:
     def _ann_top_k(self, query: np.ndarray, k: int, excluded: set[int], n: int) -> tuple[np.ndarray, np.ndarray] | None:
         ann = self._ann
         assert ann is not None
-        want = min(k + len(excluded), n)
-        result = ann.search(query, want, threads=1)  # one query: no pool dispatch (p50 2.4 vs 2.8 ms at 51k)
-        keys = np.asarray(result.keys, np.int64)
-        keep = [i for i, key in enumerate(keys.tolist()) if 0 <= key < n and key not in excluded]
-        if len(keep) < min(k, n - len(excluded)):
-            return None  # the graph came back short: scan exactly
-        rows = keys[keep][:k]
-        cols = self._cols
-        scores = cols.matrix[rows] @ query  # exact scores of the found rows, so they equal /predict's
+        found = ann.candidates(query, max(RESCORE_MIN, 3 * k) + len(excluded))
+        rows = found[(found < n) & ~np.isin(found, np.fromiter(excluded, np.int64, count=len(excluded)))]
+        if len(rows) < min(k, n - len(excluded)):
+            return None  # too few candidates left after the exclusions: scan exactly
+        scores = self._cols.matrix[rows] @ query  # exact scores of the candidates, so they equal /predict's
+        if len(rows) > k:
+            best = np.argpartition(-scores, k - 1)[:k]
+            rows, scores = rows[best], scores[best]
         order = np.lexsort((rows, -scores))
         return rows[order], scores[order]
 

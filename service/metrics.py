@@ -71,7 +71,9 @@ class IndexCollector(Collector):
             "gramrec_index_bytes", "memory of the catalog index of a task in this worker", labels=["task"]
         )
         approx = GaugeMetricFamily(
-            "gramrec_index_approximate", "1 when the task's catalog index has an HNSW graph", labels=["task"]
+            "gramrec_index_approximate",
+            "1 when the task's catalog index has a quantised scan for unfiltered requests",
+            labels=["task"],
         )
         for task, _version, n, nbytes, approximate in self.state():
             items.add_metric([task], n)

@@ -82,7 +82,9 @@ class ServiceSettings(BaseSettings):
         2 << 30, ge=1 << 20, description="memory bound of one catalog index (per task, per worker) for /recommend"
     )
     index_ann_threshold: int = Field(
-        20_000, ge=1, description="catalogs of at least this many items get an approximate (HNSW) index"
+        20_000,
+        ge=1,
+        description="catalogs of at least this many items (and 1,024) get an approximate index (a quantised scan)",
     )
     kt_cache_entries: int = Field(
         10_000,
