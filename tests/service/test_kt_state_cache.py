@@ -122,9 +122,25 @@ def test_only_the_last_few_prefixes_are_looked_up(bundle):
 
 def test_the_version_is_the_root_of_every_key():
     ids, correct = ["q1", "q2"], np.array([1, 0])
-    one, other = KTStateCache("kt-a", 4).digests(ids, correct), KTStateCache("kt-b", 4).digests(ids, correct)
+    (_, one), (_, other) = KTStateCache("kt-a", 4).digests(ids, correct), KTStateCache("kt-b", 4).digests(ids, correct)
     assert not set(one) & set(other)
-    assert KTStateCache("kt-a", 4).digests(ids, correct) == one  # and nothing else: the same in every worker
+    assert KTStateCache("kt-a", 4).digests(ids, correct) == (1, one)  # and nothing else: the same in every worker
+
+
+def test_a_prefix_has_one_key_whatever_follows_it():
+    """The key of the first t answers, read off a longer history, is the key that history's prefix stored."""
+    cache = KTStateCache("kt-a", 4)
+    ids = [f"q{i}" for i in range(3 * LOOKBACK)]
+    correct = np.arange(len(ids)) % 2
+    first, keys = cache.digests(ids, correct)
+    assert first == len(ids) - LOOKBACK + 1 and len(keys) == LOOKBACK
+    for length in range(first, len(ids) + 1):
+        assert cache.digests(ids[:length], correct[:length])[1][-1] == keys[length - first]
+    assert len(set(keys)) == LOOKBACK
+    flipped = correct.copy()
+    flipped[0] = 1 - flipped[0]  # an answer changed long before the looked-up lengths still changes every key
+    assert not set(cache.digests(ids, flipped)[1]) & set(keys)
+    assert cache.digests(["q1", "2"], np.array([1, 1]))[1][-1] != cache.digests(["q12"], np.array([1]))[1][-1]
 
 
 def test_a_replaced_item_vector_clears_the_cache(bundle):
