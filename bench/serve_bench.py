@@ -75,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="serve copies of the models whose catalogs are grown to this many items with random unit vectors",
     )
+    parser.add_argument(
+        "--synthetic-tasks",
+        nargs="+",
+        choices=["kt", "nr"],
+        default=["kt", "nr"],
+        help="the tasks whose catalogs --synthetic-catalog grows (the others are served as trained)",
+    )
     parser.add_argument("--session-students", type=int, default=100, help="students of 'predict kt session'")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
@@ -138,29 +145,30 @@ def ensure_models(args: argparse.Namespace) -> None:
             train_and_export(settings, task)
 
 
-def synthetic_artifacts(artifacts: Path, items: int) -> Path:
-    """Copies of each task's newest version whose item table is grown to `items` with random unit vectors.
+def synthetic_artifacts(artifacts: Path, items: int, tasks: list[str]) -> Path:
+    """Copies of each task's newest version whose item table (for `tasks`) is grown to `items` with random unit
+    vectors.
 
     The model's own items stay first and unchanged, so the golden check still passes; the copies live in their own
-    artifacts root (`<artifacts>/synthetic-<items>`), made once.
+    artifacts root (`<artifacts>/synthetic-<items>-<tasks>`), made once.
     """
     from safetensors.numpy import load, save
 
     from gramrec.service.artifact import list_versions, write_manifest
 
-    root = artifacts / f"synthetic-{items}"
+    root = artifacts / f"synthetic-{items}-{'-'.join(sorted(tasks))}"
     newest: dict[str, str] = {}
     for manifest in list_versions(artifacts):
         newest.setdefault(manifest["task"], manifest["version"])
     rng = np.random.default_rng(0)
-    for version in newest.values():
+    for task, version in newest.items():
         target = root / version
         if target.is_dir():
             continue
         shutil.copytree(artifacts / version, target)
         index = json.loads((target / "items.json").read_text())
         table = load((target / "items.safetensors").read_bytes())["embeddings"]
-        extra = max(0, items - len(index["ids"]))
+        extra = max(0, items - len(index["ids"])) if task in tasks else 0
         vectors = rng.standard_normal((extra, table.shape[1]), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         index["ids"] += [f"syn-{i}" for i in range(extra)]
@@ -504,7 +512,7 @@ def main() -> None:
     else:
         ensure_models(args)
         if args.synthetic_catalog:
-            args.artifacts = synthetic_artifacts(args.artifacts, args.synthetic_catalog)
+            args.artifacts = synthetic_artifacts(args.artifacts, args.synthetic_catalog, args.synthetic_tasks)
         process, url, prefix = start_server(args)
     load_before = [round(x, 2) for x in os.getloadavg()]
     try:

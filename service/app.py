@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from gramrec.service.body_limit import BodyLimitMiddleware
 from gramrec.service.content_type import JsonContentTypeMiddleware
 from gramrec.service.http_errors import add_error_handlers
-from gramrec.service.metrics import IndexCollector, InteractionLogCollector, Metrics, MetricsMiddleware
+from gramrec.service.metrics import IndexCollector, InteractionLogCollector, KTCacheCollector, Metrics, MetricsMiddleware
 from gramrec.service.registry import Bundle, ModelRegistry
 from gramrec.service.routers import admin, health, interactions, items, predict, recommend
 from gramrec.service.settings import Limits, ServiceSettings
@@ -77,6 +77,7 @@ def create_app(
     app.state.metrics = metrics
     metrics.watch_models(lambda: _model_state(app), lambda: _swap_state(app))
     metrics.registry.register(IndexCollector(lambda: _index_state(app)))
+    metrics.registry.register(KTCacheCollector(lambda: _kt_cache_state(app)))
     metrics.registry.register(InteractionLogCollector(lambda: _log_state(app, settings.tasks)))
 
     add_error_handlers(app)
@@ -167,6 +168,15 @@ def _index_state(app: FastAPI):
     for task, model in registry.active().items():
         if model.index is not None:
             yield task, model.version, len(model.index), model.index.nbytes(), model.index.approximate
+
+
+def _kt_cache_state(app: FastAPI):
+    """(version, hits, misses, entries) of the active kt version's state cache, if it has one."""
+    registry: ModelRegistry | None = getattr(app.state, "registry", None)
+    model = registry.active().get("kt") if registry is not None else None
+    if model is not None and model.kt_cache is not None:
+        cache = model.kt_cache
+        yield model.version, cache.hits, cache.misses, len(cache)
 
 
 def _swap_state(app: FastAPI) -> tuple[int, int, dict[str, dict]]:

@@ -84,6 +84,30 @@ class IndexCollector(Collector):
         yield approx
 
 
+class KTCacheCollector(Collector):
+    """The per-student kt state cache of the active kt version in this worker (service/kt_cache.py): whether clients
+    resend growing histories (hits) or send histories the cache never saw (misses), and how full it is."""
+
+    def __init__(self, state: Callable[[], Iterable[tuple[str, int, int, int]]]):
+        self.state = state  # yields (version, hits, misses, entries)
+
+    def collect(self):
+        hits = CounterMetricFamily(
+            "gramrec_kt_cache_hits", "kt requests that continued a cached student state", labels=["version"]
+        )
+        misses = CounterMetricFamily(
+            "gramrec_kt_cache_misses", "kt requests that ran the LSTM over the whole history", labels=["version"]
+        )
+        entries = GaugeMetricFamily("gramrec_kt_cache_entries", "student states held", labels=["version"])
+        for version, n_hits, n_misses, n_entries in self.state():
+            hits.add_metric([version], n_hits)
+            misses.add_metric([version], n_misses)
+            entries.add_metric([version], n_entries)
+        yield hits
+        yield misses
+        yield entries
+
+
 class InteractionLogCollector(Collector):
     """Entries of each task's interaction log still in the store (the live tail the trainer has not yet compacted
     and trimmed): bounded by the segment size plus what arrives within the retention window."""

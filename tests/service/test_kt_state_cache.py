@@ -201,6 +201,15 @@ def test_the_service_answers_as_the_whole_head_with_and_without_the_cache(export
             assert cache is None
         else:
             assert (cache.misses, cache.hits) == (1, 6)  # the first request, then a step each and /recommend's hit
+        metrics = client.get("/metrics").text
+        exported = [line for line in metrics.splitlines() if line.startswith("gramrec_kt_cache_")]
+        if layout == "old":
+            assert exported == []
+        else:
+            labels = f'{{version="{VERSION}"}}'
+            assert f"gramrec_kt_cache_hits_total{labels} 6.0" in exported
+            assert f"gramrec_kt_cache_misses_total{labels} 1.0" in exported
+            assert f"gramrec_kt_cache_entries{labels} {float(len(cache))}" in exported
 
 
 def test_a_zero_setting_serves_without_a_cache(exported_artifacts, tmp_path):
