@@ -23,7 +23,13 @@ from threadpoolctl import threadpool_limits
 from gramrec.service.body_limit import BodyLimitMiddleware
 from gramrec.service.content_type import JsonContentTypeMiddleware
 from gramrec.service.http_errors import add_error_handlers
-from gramrec.service.metrics import IndexCollector, InteractionLogCollector, KTCacheCollector, Metrics, MetricsMiddleware
+from gramrec.service.metrics import (
+    IndexCollector,
+    InteractionLogCollector,
+    KTCacheCollector,
+    Metrics,
+    MetricsMiddleware,
+)
 from gramrec.service.registry import Bundle, ModelRegistry
 from gramrec.service.routers import admin, health, interactions, items, predict, recommend
 from gramrec.service.settings import Limits, ServiceSettings
