@@ -300,15 +300,18 @@ class CatalogIndex:
     def top_k(
         self, query: np.ndarray, k: int, rows: np.ndarray | None, excluded: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The k rows of highest dot product with `query` among `rows` (None: all) -> (rows, scores), best first.
+        """The k rows of highest dot product with `query` among `rows` (None: every row), never one of the `excluded`
+        ids -> (rows, scores), best first.
 
-        Unfiltered searches (rows is None or only the exclusions removed) take their candidates from the quantised
-        scan when there is one; every returned score is exact.
+        Searches over every row (rows is None) take their candidates from the quantised scan when there is one; the
+        exclusions are applied to its few hundred candidates, so an unfiltered request builds no [N] mask. Every
+        returned score is exact.
         """
         cols = self._cols
         query = np.ascontiguousarray(query, np.float32)
-        if self._ann is not None and (rows is None or len(rows) >= cols.n - len(excluded)):
-            found = self._ann_top_k(query, k, set(self.rows.get(i, -1) for i in excluded), cols.n)
+        drop = np.fromiter({r for r in (self.rows.get(i, -1) for i in excluded) if 0 <= r < cols.n}, np.int64, count=-1)
+        if self._ann is not None and rows is None:
+            found = self._ann_top_k(query, k, drop, cols.n)
             if found is not None:
                 return found
         if rows is None:
@@ -316,6 +319,9 @@ class CatalogIndex:
             rows = np.arange(cols.n)
         else:
             scores = cols.matrix[rows] @ query
+        if len(drop):
+            keep = ~np.isin(rows, drop)
+            rows, scores = rows[keep], scores[keep]
         if len(rows) > k:
             best = np.argpartition(-scores, k - 1)[:k]
         else:
@@ -323,12 +329,12 @@ class CatalogIndex:
         best = best[np.lexsort((rows[best], -scores[best]))]  # score, then row: a deterministic order
         return rows[best], scores[best]
 
-    def _ann_top_k(self, query: np.ndarray, k: int, excluded: set[int], n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _ann_top_k(self, query: np.ndarray, k: int, drop: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         ann = self._ann
         assert ann is not None
-        found = ann.candidates(query, max(RESCORE_MIN, 3 * k) + len(excluded))
-        rows = found[(found < n) & ~np.isin(found, np.fromiter(excluded, np.int64, count=len(excluded)))]
-        if len(rows) < min(k, n - len(excluded)):
+        found = ann.candidates(query, max(RESCORE_MIN, 3 * k) + len(drop))
+        rows = found[(found < n) & ~np.isin(found, drop)]
+        if len(rows) < min(k, n - len(drop)):
             return None  # too few candidates left after the exclusions: scan exactly
         scores = self._cols.matrix[rows] @ query  # exact scores of the candidates, so they equal /predict's
         if len(rows) > k:

@@ -62,15 +62,14 @@ def _news(body: NRRecommendRequest, model: ActiveModel, store: Store) -> NRRecom
         moment = body.published_after
         published_after = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
     excluded = list(dict.fromkeys(body.history + body.exclude))
-    rows = index.candidates(
-        exclude=excluded,
-        category=body.category,
-        subcategory=body.subcategory,
-        published_after=published_after,
-    )
     filtered = body.category is not None or body.subcategory is not None or published_after is not None
+    rows = None  # every row but the excluded: the approximate index's search, with no [N] mask
+    if filtered:
+        rows = index.candidates(
+            exclude=excluded, category=body.category, subcategory=body.subcategory, published_after=published_after
+        )
     approximate = index.approximate and not filtered
-    top, scores = index.top_k(user, body.k, rows, excluded if not filtered else ())
+    top, scores = index.top_k(user, body.k, rows, excluded)
     items = []
     for row, score in zip(top.tolist(), scores.tolist(), strict=True):
         items.append(RecommendedNews(item_id=index.ids[row], score=score, **index.metadata(row)))

@@ -153,3 +153,23 @@ def test_small_catalogs_are_never_approximated():
     with pytest.raises(ValueError, match="at least 1024 rows"):
         index._build_ann()
     assert not index.approximate
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_exclusions_without_a_candidate_list_match_the_brute_force_order(approximate):
+    """An unfiltered request passes rows=None and its exclusions (no [N] mask is built): the excluded never
+    come back, and the rest is the exact order."""
+    index, vectors = make(3000, ann_threshold=1)
+    if approximate:
+        index._build_ann()
+    query = vectors[:4].mean(0)
+    scored = vectors @ query
+    best = np.argsort(-scored, kind="stable")
+    excluded = [f"i{r}" for r in best[:7].tolist()] + ["absent", "i5"]
+    rows, scores = index.top_k(query, 10, None, excluded)
+    expected = [r for r in best.tolist() if f"i{r}" not in excluded][:10]
+    assert rows.tolist() == expected
+    np.testing.assert_allclose(scores, scored[expected], rtol=1e-6)
+    everything_but_one = [f"i{r}" for r in range(3000) if r != 42]  # more exclusions than candidates: still exact
+    rows, _ = index.top_k(query, 3, None, everything_but_one)
+    assert rows.tolist() == [42]
