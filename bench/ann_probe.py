@@ -6,7 +6,11 @@ Clustered 384-d unit vectors (text embeddings cluster by topic: n/50 centres, no
 random items (a reader's clicks). Figures and the choice: BENCHMARKS.md section 5. faiss and hnswlib are not
 dependencies of gramrec: install them to compare.
 """
-import time, sys, numpy as np
+import sys
+import time
+
+import numpy as np
+
 n=int(sys.argv[1]); d=384; k=10; nq=300
 rng=np.random.default_rng(0)
 C=rng.standard_normal((max(n//50,10),d),dtype=np.float32)
