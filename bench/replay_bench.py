@@ -257,17 +257,9 @@ def store_counters(store, settings, task: str) -> dict:
 
 
 def first_version(settings, task: str) -> str:
-    from gramrec.service.registry import ModelRegistry
-    from gramrec.service.store import open_store
-    from gramrec.trainer.bootstrap import train_and_export
+    from gramrec.trainer.bootstrap import train_export_and_activate
 
-    version = train_and_export(settings, task).name
-    store = open_store(settings)
-    try:
-        ModelRegistry.from_settings(store, settings, [task]).activate(version)
-    finally:
-        store.close()
-    return version
+    return train_export_and_activate(settings, task)
 
 
 def served(stream, client, k: int, expected: str, timeout_s: float = 120.0) -> float:

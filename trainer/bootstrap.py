@@ -75,6 +75,21 @@ def train_and_export(settings: ServiceSettings, task: Task) -> Path:
     return version_dir
 
 
+def train_export_and_activate(settings: ServiceSettings, task: Task) -> str:
+    """The task's first version, trained, exported and made active in this process, synchronously: no lease, no
+    child process, no progress beacon. For scripts, benchmarks and tests that need a served model before they
+    start a server (`gramrec serve`'s own first start is `bootstrap`, below)."""
+    from gramrec.service.registry import ModelRegistry
+
+    version = train_and_export(settings, task).name
+    store = open_store(settings)
+    try:
+        ModelRegistry.from_settings(store, settings, [task]).activate(version)
+    finally:
+        store.close()
+    return version
+
+
 # -- the child process ------------------------------------------------------------------------------------------------
 def bar_progress(bar) -> dict:
     """A tqdm bar's state as a progress record: phase, done, total, unit, rate (units/s), ETA (s)."""

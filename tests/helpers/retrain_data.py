@@ -7,7 +7,7 @@ import random
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from gramrec.service.settings import ServiceSettings
+from gramrec.service.settings import ServiceSettings, Task
 
 TOPICS = ["loops", "arrays", "strings", "recursion", "sorting", "maps", "classes", "math"]
 
@@ -52,16 +52,8 @@ def write_mind_data(folder: Path, news: int = 20, impressions: int = 60, seed: i
     return folder
 
 
-def deploy_first_version(settings: ServiceSettings, task: str = "kt") -> str:
-    """Trains and exports the first model on the base data and activates it, as `gramrec serve` does."""
-    from gramrec.service.registry import ModelRegistry
-    from gramrec.service.store import open_store
-    from gramrec.trainer.bootstrap import train_and_export
+def deploy_first_version(settings: ServiceSettings, task: Task = "kt") -> str:
+    """Trains and exports the first model on the base data and activates it."""
+    from gramrec.trainer.bootstrap import train_export_and_activate
 
-    version = train_and_export(settings, task).name
-    store = open_store(settings)
-    try:
-        ModelRegistry.from_settings(store, settings, [task]).activate(version)
-    finally:
-        store.close()
-    return version
+    return train_export_and_activate(settings, task)
