@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["kt", "nr"],
         help="the tasks whose catalogs --synthetic-catalog grows (the others are served as trained)",
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=int,
+        nargs="*",
+        help="pin the started server to these CPU numbers and the client to the others (default: no pinning)",
+    )
     parser.add_argument("--session-students", type=int, default=100, help="students of 'predict kt session'")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=600, help="per closed-loop run (after warm-up)")
@@ -209,7 +215,12 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
         "--workers",
         str(args.workers),
     ]
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    server_cpus = set(args.server_cpus or [])
+    if server_cpus:  # the server on these cores, this client on the others
+        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - server_cpus or server_cpus)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, preexec_fn=(lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900  # a large synthetic catalog is loaded into the store and indexed before the server is ready
     while time.monotonic() < deadline:

@@ -173,3 +173,44 @@ def test_exclusions_without_a_candidate_list_match_the_brute_force_order(approxi
     everything_but_one = [f"i{r}" for r in range(3000) if r != 42]  # more exclusions than candidates: still exact
     rows, _ = index.top_k(query, 3, None, everything_but_one)
     assert rows.tolist() == [42]
+
+
+def test_searches_run_safely_while_items_are_appended_and_replaced():
+    """FAISS may move its arrays when items are added: searches in other threads (endpoints run in a threadpool)
+    must never read them mid-move, and every answer is a valid, exactly scored top k."""
+    import threading
+
+    index, vectors = make(3000, ann_threshold=1)
+    index._build_ann()
+    rng = np.random.default_rng(4)
+    extra = rng.standard_normal((1500, D)).astype(np.float32)
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def search() -> None:
+        local = np.random.default_rng(threading.get_ident() % 2**32)
+        try:
+            while not done.is_set():
+                query = vectors[local.integers(0, 3000, 5)].mean(0)
+                rows, scores = index.top_k(query, 10, None, ["i1", "i2"])
+                assert len(rows) == 10 and not {1, 2} & set(rows.tolist())
+                np.testing.assert_allclose(scores, index.matrix_rows(rows) @ query, rtol=1e-5, atol=1e-6)
+        except BaseException as error:  # reported below: an assertion in a thread would be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=search) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for start in range(0, 1500, 25):  # appends (the arrays grow) and replacements (stale marks, a re-encode)
+            index.upsert([f"new{i}" for i in range(start, start + 25)], extra[start : start + 25], [{}] * 25)
+            index.upsert([f"i{(start * 7) % 3000}"], extra[start : start + 1], [{}])
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors[0]
+    assert index._ann is not None and len(index._ann) == len(index) == 4500
+    rows, _ = index.top_k(extra[1499], 1, None, ())
+    assert index.ids[int(rows[0])] == "new1499"
