@@ -73,7 +73,7 @@ def measure(kind: str, args, rng: np.random.Generator) -> dict:
     rescores = [RESCORE_MIN] + [r for r in args.rescore if r != RESCORE_MIN]
     for rescore in rescores if index.approximate else [None]:
         if rescore is not None:
-            catalog.RESCORE_MIN = rescore  # what CatalogIndex._ann_top_k reads
+            catalog.RESCORE_MIN = rescore  # what CatalogIndex._ann_candidates reads
         times, recall = [], []
         for query, truth in zip(queries, exact):
             begin = time.perf_counter()

@@ -311,9 +311,7 @@ class CatalogIndex:
         query = np.ascontiguousarray(query, np.float32)
         drop = np.fromiter({r for r in (self.rows.get(i, -1) for i in excluded) if 0 <= r < cols.n}, np.int64, count=-1)
         if self._ann is not None and rows is None:
-            found = self._ann_top_k(query, k, drop, cols.n)
-            if found is not None:
-                return found
+            rows = self._ann_candidates(query, k, drop, cols.n)  # None: too few left, scan every row
         if rows is None:
             scores = cols.matrix[: cols.n] @ query
             rows = np.arange(cols.n)
@@ -329,19 +327,13 @@ class CatalogIndex:
         best = best[np.lexsort((rows[best], -scores[best]))]  # score, then row: a deterministic order
         return rows[best], scores[best]
 
-    def _ann_top_k(self, query: np.ndarray, k: int, drop: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _ann_candidates(self, query: np.ndarray, k: int, drop: np.ndarray, n: int) -> np.ndarray | None:
+        """The quantised scan's candidate rows, without the dropped ones; None when fewer than k are left."""
         ann = self._ann
         assert ann is not None
         found = ann.candidates(query, max(RESCORE_MIN, 3 * k) + len(drop))
         rows = found[(found < n) & ~np.isin(found, drop)]
-        if len(rows) < min(k, n - len(drop)):
-            return None  # too few candidates left after the exclusions: scan exactly
-        scores = self._cols.matrix[rows] @ query  # exact scores of the candidates, so they equal /predict's
-        if len(rows) > k:
-            best = np.argpartition(-scores, k - 1)[:k]
-            rows, scores = rows[best], scores[best]
-        order = np.lexsort((rows, -scores))
-        return rows[order], scores[order]
+        return rows if len(rows) >= min(k, n - len(drop)) else None
 
     def metadata(self, row: int) -> dict:
         cols = self._cols

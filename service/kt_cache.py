@@ -5,9 +5,9 @@ the state after H + [a] is exactly one step (kt_step.onnx) from the (h, c) after
 of a history prefix, d(t) = blake2b(version, then id NUL correct for each of the first t answers), and hold that
 (h, c). A request looks up the longest cached prefix among its last LOOKBACK, steps the remaining answers forward
 (or runs kt_state.onnx over the whole history when none is cached) and stores its own. One hash runs over the
-history and is copied at the looked-up lengths only: a request that misses pays ~15 us, not one digest an answer. A history that shrinks or changes in
-the middle has other digests, so it never hits; the version is the chain's root, so a swap never serves another
-version's state (and each ActiveModel has its own cache).
+history and is copied at the looked-up lengths only: a request that misses pays ~15 us, not one digest an answer.
+A history that shrinks or changes in the middle has other digests, so it never hits; the version is every key's
+root, so a swap never serves another version's state (and each ActiveModel has its own cache).
 
 Item ids, not vectors, are keyed: an item whose vector is replaced (POST /items on an existing id) clears the
 cache once the worker's catalog index sees the change (`invalidate_on`), within index_refresh_s (at once in the
