@@ -187,6 +187,7 @@ class MemoryPlan:
     forward_tokens: int  # token cap of a no-grad encoder call
     backward_tokens: int | None  # token cap of a call whose graph is kept for a backward (None: not bounded)
     notes: list[str] = field(default_factory=list)
+    regression_graphs: bool = False  # the regression's CUDA graphs fit (their memory is counted above)
 
     @property
     def fixed_bytes(self) -> int:
@@ -210,17 +211,21 @@ def plan_caps(
     max_tokens: int | None,
     min_tokens: int,
     bounds_backward: bool = True,
+    graphs_held: bool = False,
 ) -> MemoryPlan:
     """Token caps so that fixed + one call's activations <= the budget (never above `max_tokens`, the fixed cap).
 
-    min_tokens: the longest single item (a call holds at least one item, so a smaller cap cannot be kept)."""
+    min_tokens: the longest single item (a call holds at least one item, so a smaller cap cannot be kept).
+    graphs_held: the backward calls run as CUDA graphs whose private memory pool keeps their activations for the
+    whole run, so a forward call's come on top of them: each kind of call gets half of the free memory."""
     budget = round(budget_gib * GIB)
     precision = Precision.of(shape, autocast)
     fwd = forward_bytes_per_token(shape, precision, width)
     bwd = backward_bytes_per_token(shape, precision, width, autocast)
     free = budget - sum(fixed.values())
+    share = free // 2 if graphs_held else free
     largest = max(fixed, key=fixed.__getitem__)
-    if free < min_tokens * (bwd if bounds_backward else fwd):
+    if share < min_tokens * (bwd if bounds_backward else fwd):
         raise MemoryBudgetError(
             f"encoder_memory_gib={budget_gib:g} cannot hold this run: its fixed part alone is estimated at "
             f"{sum(fixed.values()) / GIB:.2f} GiB (largest: {largest} {fixed[largest] / GIB:.2f} GiB), and one "
@@ -228,9 +233,9 @@ def plan_caps(
             f"{min_tokens * (bwd if bounds_backward else fwd) / GIB:.3f} GiB more; raise encoder_memory_gib"
         )
     cap = max_tokens if max_tokens is not None else math.inf
-    forward_tokens = int(min(cap, free // fwd))
-    backward_tokens = int(min(cap, free // bwd)) if bounds_backward else None
-    return MemoryPlan(budget, fixed, fwd, bwd, forward_tokens, backward_tokens)
+    forward_tokens = int(min(cap, share // fwd))
+    backward_tokens = int(min(cap, share // bwd)) if bounds_backward else None
+    return MemoryPlan(budget, fixed, fwd, bwd, forward_tokens, backward_tokens, regression_graphs=graphs_held)
 
 
 def plan_for_strategy(
@@ -244,10 +249,14 @@ def plan_for_strategy(
     max_tokens: int | None,
     cache_tokens: int = 0,
     finetunes: bool = True,
+    regression_graphs: bool = False,
 ) -> MemoryPlan:
     """The plan of a training strategy that keeps `tables` [N, D] item tables; `regresses` for multi-step GRAM (its
     training encodes are bounded too); `cache_tokens`: tokens of the bottom-layer cache (frozen layers);
-    `finetunes`: the strategy trains the encoder (gradients, Adam moments)."""
+    `finetunes`: the strategy trains the encoder (gradients, Adam moments); `regression_graphs`: the regression
+    would replay CUDA graphs (trainer/graphed_regression.py). Their gradient buffers and held activations are
+    counted when the budget holds them; when it does not, the plan says so (`regression_graphs` False: the caller
+    runs the regression eagerly) rather than refusing a budget the eager regression fits."""
     autocast = device.type == "cuda"  # every training encode runs under bf16 autocast on CUDA
     shape = EncoderShape.of(encoder)
     head_params = sum(p.numel() for p in head.parameters())
@@ -256,4 +265,13 @@ def plan_for_strategy(
     fixed |= item_bytes(len(tokens), encoder.dim, tables, regresses, cache_tokens, cache_bytes)
     longest = -(-int(tokens.lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE if len(tokens) else 1
     width = padded_width(tokens, encoder, device)
+    if regresses and regression_graphs and device.type == "cuda":  # on a CPU the padded call runs eagerly
+        # The graphs' gradients, summed into buffers that .grad points at: two sets of the trained weights' size.
+        graphed = fixed | {"regression_graph_gradients": 2 * shape.trainable * shape.weight_bytes}
+        try:
+            return plan_caps(budget_gib, shape, graphed, width, autocast, max_tokens, longest, graphs_held=True)
+        except MemoryBudgetError:
+            plan = plan_caps(budget_gib, shape, fixed, width, autocast, max_tokens, longest)
+            plan.notes.append("the regression's CUDA graphs do not fit this budget: the regression runs eagerly")
+            return plan
     return plan_caps(budget_gib, shape, fixed, width, autocast, max_tokens, longest, bounds_backward=regresses)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
 from gramrec.trainer.distributed import SINGLE, World, agree
+from gramrec.trainer.graphed_regression import GraphedPseudoLoss
 
 UNTOUCHED_SAMPLE = 512  # untouched items encoded before and after, to see how far the regression moved them
 
@@ -79,12 +80,14 @@ def regress(
     generator: torch.Generator,
     world: World = SINGLE,
     progress: bool = False,
+    graphs: GraphedPseudoLoss | None = None,
 ) -> tuple[torch.Tensor | None, RegressionReport]:
     """Fits `encoder` (in eval mode) to `targets` for `items`.
 
     items [K] (CPU) touched item indices; targets [K, D] their rows; untouched [M] (CPU) a sample of other items;
     `optimizer_step` sums the ranks' gradients and steps `optimizer`; `encode` is the deterministic (eval, no grad)
-    encoder pass that made the table's encodings, `check_encode` the same in float32. Returns the items' new
+    encoder pass that made the table's encodings, `check_encode` the same in float32; `graphs`, when given, runs the
+    encoder calls it accepts as replayed CUDA graphs (trainer/graphed_regression.py). Returns the items' new
     encodings [K, D] (None when no pass was kept: the encoder is then exactly as it was) and the report.
 
     Each pass is measured on the check rows (float32) and kept if it lowered the pseudo-loss there. A pass that
@@ -120,7 +123,7 @@ def regress(
             if agree(float(time.perf_counter() > end), world):
                 stopped = "time"
                 break
-            _accumulate_gradients(encoder, tokens, items[rows], targets[rows.to(targets.device)], plan)
+            _accumulate_gradients(encoder, tokens, items[rows], targets[rows.to(targets.device)], plan, graphs)
             optimizer_step()
             steps += 1
             bar.update(min(plan.batch_items, len(items)))
@@ -219,13 +222,21 @@ def _shuffled_chunks(
 
 
 def _accumulate_gradients(
-    encoder: ContentEncoder, tokens: ItemTokens, chunk: torch.Tensor, targets: torch.Tensor, plan: RegressionPlan
+    encoder: ContentEncoder,
+    tokens: ItemTokens,
+    chunk: torch.Tensor,
+    targets: torch.Tensor,
+    plan: RegressionPlan,
+    graphs: GraphedPseudoLoss | None = None,
 ) -> None:
     """Back-propagates the pseudo-loss of `chunk` micro-batch by micro-batch (one graph alive at a time, so peak
     memory follows the encoder's token cap)."""
     device = targets.device
     packed = encoder.uses_packed(device, autocast=True)
     for lo, hi in batch_bounds(tokens.lengths[chunk], plan.micro_items, encoder.batch_tokens, packed):
+        if graphs is not None and graphs.accepts(tokens, chunk[lo:hi], encoder.batch_tokens):
+            graphs.accumulate(tokens, chunk[lo:hi], targets[lo:hi])
+            continue
         predicted = encoder.encode(tokens, chunk[lo:hi], plan.micro_items)  # [b, D]
         loss = 0.5 * (predicted - targets[lo:hi]).pow(2).sum()
         loss.backward()

@@ -173,6 +173,12 @@ class TrainSettings(BaseSettings):
         "and optimizer step (with multi-step GRAM's table gather and update) replayed as CUDA graphs (on a CPU "
         "the same padded step runs eagerly); eager = the reference step; auto = graphed on one GPU, else eager",
     )
+    regress_step: Literal["auto", "eager", "graphed"] = Field(
+        "auto",
+        description="multi-step GRAM: graphed = the regression's encoder calls on padded (short-text) batches are "
+        "captured once per (rows, width) shape as CUDA graphs and replayed (on a CPU the same padded call runs "
+        "eagerly); eager = the reference call; auto = graphed on a GPU, else eager",
+    )
     device: str = "auto"
     progress: bool = True
 

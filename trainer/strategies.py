@@ -24,6 +24,7 @@ from torch import nn
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
+from gramrec.trainer.graphed_regression import GraphedPseudoLoss
 from gramrec.trainer.memory_budget import MemoryPlan, plan_for_strategy
 from gramrec.trainer.regression import UNTOUCHED_SAMPLE, RegressionPlan, RegressionReport, regress
 from gramrec.trainer.settings import TrainSettings
@@ -50,6 +51,11 @@ def make_optimizer(
     # Linear warm-up from lr/(warmup+1) (not from 0, which would waste the first step) to a constant lr.
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
     return optimizer, warmup
+
+
+def regression_graphs_on(settings: TrainSettings, device: torch.device) -> bool:
+    """Whether multi-step GRAM's regression replays CUDA graphs (settings.regress_step; auto: on a GPU)."""
+    return settings.regress_step == "graphed" or (settings.regress_step == "auto" and device.type == "cuda")
 
 
 class Strategy:
@@ -139,6 +145,7 @@ class Strategy:
             max_tokens=self.settings.encoder_batch_tokens,
             cache_tokens=cache_tokens,
             finetunes=self.finetunes_encoder,
+            regression_graphs=self.bounded_backward and regression_graphs_on(self.settings, self.device),
         )
         self.encoder.forward_tokens = plan.forward_tokens
         # A step whose graph the caps cannot bound keeps the fixed cap: smaller calls would only be slower.
@@ -319,6 +326,10 @@ class GramMultiStep(Strategy):
         self.regressions = 0
         self.regress_lr = float(settings.regress_lr or 0.0)  # quartered after a regression whose passes all failed
         self._generator = torch.Generator().manual_seed(settings.seed)
+        graphed = regression_graphs_on(settings, self.device)
+        if self.memory_plan is not None and not self.memory_plan.regression_graphs:
+            graphed = False  # the memory budget holds the eager regression only (the plan's notes say so)
+        self.regress_graphs = GraphedPseudoLoss(self.encoder) if graphed else None  # kept: captures are reused
 
     def _starting_encoding(self, initial_rows: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Every item's encoding by the starting encoder. `initial_rows` = (item indices, rows) already encoded by
@@ -419,6 +430,7 @@ class GramMultiStep(Strategy):
                 self._generator,
                 self.world,
                 progress=self.settings.progress and self.world.is_main,
+                graphs=self.regress_graphs,
             )
             self.reports.append(report)
             log.info("regression", extra={"regression": self.regressions, **report.as_dict()})

@@ -106,3 +106,30 @@ def test_a_small_budget_changes_batching_not_results():
     # three regressions raise to ~5e-9 here; a batching that lost or repeated an item would differ by far more.
     assert max_relative_difference(parameters(capped), parameters(free)) < 1e-7
     assert torch.allclose(capped.strategy.table, free.strategy.table, rtol=1e-7, atol=1e-10)
+
+
+def test_the_regression_graphs_are_counted_when_they_fit_and_dropped_when_they_do_not():
+    """On a GPU the graphs hold two gradient sets and keep their activations while forward calls run: both
+    counted, and a budget only the eager regression fits runs the regression eagerly instead of failing."""
+    encoder = tiny_encoder()
+    head = torch.nn.Linear(encoder.dim, 4).double()
+    tokens = random_tokens(200)
+    gpu = torch.device("cuda")  # the plan only reads the device's type: no GPU needed
+
+    def gpu_plan(budget_gib: float, graphs: bool):
+        return plan_for_strategy(budget_gib, encoder, tokens, gpu, head, tables=2, regresses=True, max_tokens=None,
+                                 regression_graphs=graphs)
+
+    eager = gpu_plan(1.0, graphs=False)
+    trained_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters() if p.requires_grad)
+    roomy = (eager.fixed_bytes + 2 * trained_bytes + 20_000 * eager.backward_bytes_per_token) / GIB
+    graphed = gpu_plan(roomy, graphs=True)
+    assert graphed.regression_graphs and not gpu_plan(roomy, graphs=False).regression_graphs
+    assert graphed.fixed["regression_graph_gradients"] == 2 * trained_bytes
+    held = graphed.fixed_bytes + graphed.backward_tokens * graphed.backward_bytes_per_token
+    assert held + graphed.forward_tokens * graphed.forward_bytes_per_token <= graphed.budget_bytes
+
+    tight = (eager.fixed_bytes + trained_bytes + 40 * eager.backward_bytes_per_token) / GIB  # no room for 2 sets
+    fallback = gpu_plan(tight, graphs=True)
+    assert not fallback.regression_graphs and "eagerly" in fallback.notes[0]
+    assert fallback.backward_tokens == gpu_plan(tight, graphs=False).backward_tokens

@@ -1,0 +1,80 @@
+"""The regression's padded (graphable) encoder call makes the same updates as the reference call.
+
+On a CPU `regress_step="graphed"` runs the very body a CUDA graph captures, eagerly: padded row and width buckets,
+padded rows weighted 0, gradients summed into the buffers .grad points at. These tests compare it with the eager
+reference in float64; on the GPU bench/train_bench.py compares the replayed graphs with it (BENCHMARKS.md §3).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gramrec.trainer.graphed_regression import GraphedPseudoLoss, row_bucket
+from gramrec.trainer.strategies import GramMultiStep
+from gramrec.trainer.train import train_step
+from tests.helpers.encoders import random_tokens, tiny_encoder
+from tests.helpers.gram_runs import kt_batches, make_run, max_relative_difference
+
+# Several optimizer steps a pass, each of several micro-batches of unequal rows and widths.
+SETTINGS = dict(period="100s", regress_lr=1e-3, regress_batch_size=5, encoder_batch_size=3, table_lr=1.0,
+                regress_max_passes=2, progress=False)
+
+
+def regressed(regress_step: str):
+    run = make_run(GramMultiStep, "kt", "adam", regress_step=regress_step, **SETTINGS)
+    for batch in kt_batches(3):
+        train_step(run, copy.deepcopy(batch))
+    report = run.strategy.regress()
+    return run, report
+
+
+def test_graphed_regression_equals_the_eager_one():
+    eager, eager_report = regressed("eager")
+    graphed, graphed_report = regressed("graphed")
+    assert graphed.strategy.regress_graphs is not None and eager.strategy.regress_graphs is None
+    assert graphed.strategy.regress_graphs.shapes, "the padded call ran"
+    assert eager_report.steps == graphed_report.steps > 2
+    assert eager_report.fit != 0.0, "the regression moved the encoder (else there is nothing to compare)"
+    assert graphed_report.fit == pytest.approx(eager_report.fit, rel=1e-9, abs=1e-12)
+    after = {k: v.detach() for k, v in graphed.encoder.named_parameters()}
+    reference = {k: v.detach() for k, v in eager.encoder.named_parameters()}
+    assert max_relative_difference(after, reference) < 1e-9
+    assert torch.allclose(graphed.strategy.encoded, eager.strategy.encoded, rtol=1e-9, atol=1e-12)
+    assert graphed.encoder.items_backward == eager.encoder.items_backward
+
+
+def test_padded_rows_add_nothing_and_earlier_gradients_are_kept():
+    """Three texts run in an 8-row bucket; the gradient equals the unpadded loss's, added to what .grad held."""
+    encoder = tiny_encoder().eval()
+    tokens = random_tokens(6)
+    rows = torch.argsort(tokens.lengths[:3], stable=True)
+    targets = torch.randn(3, encoder.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    earlier = [torch.full_like(p, 0.5) for p in params]
+
+    predicted = encoder.encode(tokens, rows, 8, autocast=False)
+    expected = torch.autograd.grad(0.5 * (predicted - targets).pow(2).sum(), params)
+
+    for param, grad in zip(params, earlier):
+        param.grad = grad.clone()
+    graphs = GraphedPseudoLoss(encoder)
+    assert graphs.accepts(tokens, rows, token_cap=None) and row_bucket(3) == 8
+    graphs.accumulate(tokens, rows, targets)
+    ((shape_rows, _, _, _),) = graphs.shapes
+    assert shape_rows == 8
+    for param, before, wanted in zip(params, earlier, expected):
+        assert param.grad is not None
+        torch.testing.assert_close(param.grad, before + wanted, rtol=1e-10, atol=1e-12)
+
+
+def test_a_batch_whose_padded_shape_exceeds_the_token_cap_stays_eager():
+    encoder = tiny_encoder().eval()
+    tokens = random_tokens(6)
+    rows = torch.argsort(tokens.lengths[:3], stable=True)
+    graphs = GraphedPseudoLoss(encoder)
+    width = graphs._width(tokens, int(tokens.lengths[rows[-1]]))
+    assert graphs.accepts(tokens, rows, token_cap=8 * width)
+    assert not graphs.accepts(tokens, rows, token_cap=8 * width - 1)
