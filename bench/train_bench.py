@@ -127,6 +127,12 @@ def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def peak_reserved(device: torch.device) -> int | None:
+    """The caching allocator's peak reservation: what the process took from the GPU, CUDA graphs' private pools
+    (whose blocks stay reserved between replays) included."""
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+
+
 def is_oom(error: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(error, oom) or "out of memory" in str(error).lower()
@@ -444,8 +450,8 @@ def measure_steady(workload: Workload, label: str, source: EncoderSource, device
         "encoder_items_forward": encoder.items_forward - f0, "encoder_items_backward": encoder.items_backward - b0,
         "fwd_items_per_s": (encoder.items_forward - f0) / elapsed,
         "bwd_items_per_s": (encoder.items_backward - b0) / elapsed,
-        "peak_memory_bytes": peak_memory(device), "memory_baseline_bytes": baseline, **graph_stats(run),
-        **memory_plan(run.strategy),
+        "peak_memory_bytes": peak_memory(device), "peak_reserved_bytes": peak_reserved(device),
+        "memory_baseline_bytes": baseline, **graph_stats(run), **memory_plan(run.strategy),
     }
     if done < args.steady_steps:
         result["short"] = f"time cap {cap_s:.0f}s hit after {done}/{args.steady_steps} steps"
@@ -485,7 +491,7 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
     deadline = t_start + cap_s
     t0 = time.perf_counter()
     done = 0
-    epoch = run.static_step.prepare(batches[:limit]) if run.static_step is not None else batches[:limit]
+    epoch = run.static_step.stream(batches[:limit]) if run.static_step is not None else batches[:limit]  # as train()
     for batch in epoch:
         train_step(run, batch)
         done += 1
@@ -532,6 +538,8 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
         "encoder_items_forward": encoder.items_forward, "encoder_items_backward": encoder.items_backward,
         "fwd_items_per_s": encoder.items_forward / elapsed, "bwd_items_per_s": encoder.items_backward / elapsed,
         "cf_step_s": steps_s / max(done, 1), "peak_memory_bytes": peak_memory(device),
+        "peak_reserved_bytes": peak_reserved(device),
+        "regression_graphs": graph_regression_stats(strategy),
         "memory_baseline_bytes": baseline, **graph_stats(run), **memory_plan(strategy),
         "regression_reports": [r.as_dict() for r in getattr(strategy, "reports", [])],
     })
@@ -553,6 +561,15 @@ def graph_stats(run: Run) -> dict:
     return {"cf_step": "graphed" if step.capture else "static (no capture)", "graph_captures": step.captures,
             "graph_capture_s": step.capture_s, "graph_replays": step.replays, "graph_shapes": len(step.shapes),
             "prepare_s": step.prepare_s, "pad_s": step.pad_s}
+
+
+def graph_regression_stats(strategy) -> dict | None:
+    """How multi-step GRAM's regression ran its encoder calls (None: eagerly, or not multi-step GRAM)."""
+    graphs = getattr(strategy, "regress_graphs", None)
+    if graphs is None:
+        return None
+    return {"shapes": len(graphs.shapes), "captures": graphs.captures, "capture_s": graphs.capture_s,
+            "replays": graphs.replays, "capture_error": graphs.capture_error}
 
 
 def no_dropout(module: torch.nn.Module) -> None:
@@ -722,7 +739,9 @@ def run_strategy(workload: Workload, label: str, source, device, args, cap_s: fl
     mem, budget = result["peak_memory_bytes"], result.get("memory_budget_bytes")
     say(f"{workload.name} {label}: epoch {result['epoch_s']:.2f}s ({result['method']}), encoder fwd "
         f"{result['fwd_items_per_s']:,.0f}/s bwd {result['bwd_items_per_s']:,.0f}/s"
-        + (f", peak {mem / GIB:.2f} GiB" if mem is not None else "")
+        + (f", peak {mem / GIB:.2f} GiB (reserved {result['peak_reserved_bytes'] / GIB:.2f})"
+           if mem is not None and result.get("peak_reserved_bytes") else f", peak {mem / GIB:.2f} GiB" if mem else "")
+        + (f", regression graphs {result['regression_graphs']}" if result.get("regression_graphs") else "")
         + (f" (budget {budget / GIB:.2f} GiB, caps {result['memory_plan']['forward_tokens']:,} / "
            f"{result['memory_plan']['backward_tokens'] or '-'} tokens)" if budget else "")
         + (f" [{result.get('short') or result.get('partial_reason')}]" if result.get("short") or result.get("partial") else ""))

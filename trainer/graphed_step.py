@@ -22,6 +22,11 @@ from gramrec.trainer.static_batches import StaticBatch, pad_batch
 from gramrec.trainer.strategies import Strategy
 
 WARMUP_STEPS = 2  # eager (real) steps per shape before its capture: allocator, cuBLAS/cuDNN workspaces, Adam state
+# Batches padded and queued to the device at a time by `stream`. The graphed loop is GPU-bound (on an H200 the
+# host's share of a step, ~0.3 ms, runs ahead of the graph's ~0.5 ms: bench/cf_loop_probe.py), so a chunk prepared
+# while earlier steps still run on the GPU costs no wall time; an epoch prepared before its loop cost 0.15-0.2 ms a
+# step of idle GPU (BENCHMARKS.md §3).
+PREPARE_CHUNK = 32
 
 
 def tensors_of(obj) -> list[torch.Tensor]:
@@ -99,6 +104,11 @@ class StaticCFStep:
                 out[i] = dataclasses.replace(padded[i], batch=batch)
         self.prepare_s += time.perf_counter() - started
         return [p for p in out if p is not None]
+
+    def stream(self, batches: list) -> Iterator[StaticBatch]:
+        """The epoch's batches, prepared a chunk at a time as the loop reaches them (see PREPARE_CHUNK)."""
+        for start in range(0, len(batches), PREPARE_CHUNK):
+            yield from self.prepare(batches[start : start + PREPARE_CHUNK])
 
     # -- the step -----------------------------------------------------------------------------------------
     def step(self, static: StaticBatch) -> torch.Tensor:

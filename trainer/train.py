@@ -249,9 +249,11 @@ def train(
     for epoch in range(start_epoch, settings.epochs):
         batches = run.task.train_batches(np.random.default_rng([settings.seed, epoch]), world)
         batches = batches[: settings.max_steps_per_epoch] if settings.max_steps_per_epoch else batches
-        steps: list = run.static_step.prepare(batches) if run.static_step is not None else batches
+        steps = run.static_step.stream(batches) if run.static_step is not None else iter(batches)
         show = settings.progress and world.is_main
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not show)
+        bar = tqdm(
+            steps, total=len(batches), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", disable=not show
+        )
         losses = []
         for batch in bar:
             if settings.time_budget_s:  # honoured inside a multi-step GRAM regression too
