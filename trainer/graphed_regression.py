@@ -120,14 +120,17 @@ class GraphedPseudoLoss:
     def _point_grads(self) -> None:
         """Makes each .grad our buffer. After an optimizer step's zero_grad(set_to_none) the buffers start from
         zero; gradients an eager call left elsewhere (a packed micro-batch) are carried into them."""
+        cleared = []
         for param, buffer in zip(self.params, self.grads):
             if param.grad is buffer:
                 continue
             if param.grad is None:
-                buffer.zero_()
+                cleared.append(buffer)
             else:
                 buffer.copy_(param.grad)
             param.grad = buffer
+        if cleared:
+            torch._foreach_zero_(cleared)  # one launch, not one per parameter
 
     def _body(self, shape: _Shape) -> None:
         """The call as captured: padded forward, weighted pseudo-loss, backward, gradients summed into the buffers."""
