@@ -23,7 +23,7 @@ What it does, in one process:
      cache's invariant (kt_state over a prefix then kt_step over the last 5 answers == kt_state over the whole
      history; the export requires 1e-4) per variant.
 
-Results on the 2-core box (ORT 1.32, 3 runs): see the commit message of the commit that added this file.
+Results on the 2-core box (ORT 1.32, 3 runs): BENCHMARKS.md §2, "int8 kt LSTM" (not adopted).
 """
 
 from __future__ import annotations
