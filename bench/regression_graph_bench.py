@@ -2,7 +2,7 @@
 
 Issue #11 measured the regression as bound by calls, not work: a pass of 256-title steps ran at 12,200 rows/s
 against the encoder's 71,000+ rows/s floor, each call costing ~20 ms of launches, autocast casts and autograd
-Python (BENCHMARKS.md §3). trainer/graphed_regression.py captures each padded (rows, width) shape once. Per workload
+Python (BENCHMARKS.md §3). trainer/encoder_graphs.py captures each padded (rows, width) shape once. Per workload
 this bench builds a real GRAM-1E situation (the bench workload, a CF epoch moving the table, the regression held
 back) and from that one start:
 
@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from bench import train_bench
-from gramrec.trainer.graphed_regression import GraphedPseudoLoss
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss
 from gramrec.trainer.regression import _accumulate_gradients
 from gramrec.trainer.strategies import GramMultiStep
 from gramrec.trainer.train import train_step

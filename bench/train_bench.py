@@ -291,6 +291,7 @@ def base_settings(args, name: str, task: str, batch_size: int, device: torch.dev
         **({"regress_batch_size": args.regress_batch_size} if args.regress_batch_size else {}),
         **({"regress_max_passes": args.regress_max_passes} if args.regress_max_passes else {}),
         encoder_batch_tokens=args.encoder_batch_tokens, attention=args.attention, cf_step=args.cf_step,
+        encoder_step=args.encoder_step,
         device=str(device), progress=False, seed=args.seed, **extra,
     )
 
@@ -451,6 +452,7 @@ def measure_steady(workload: Workload, label: str, source: EncoderSource, device
         "fwd_items_per_s": (encoder.items_forward - f0) / elapsed,
         "bwd_items_per_s": (encoder.items_backward - b0) / elapsed,
         "peak_memory_bytes": peak_memory(device), "peak_reserved_bytes": peak_reserved(device),
+        "encoder_graphs": encoder_graph_stats(run.strategy),
         "memory_baseline_bytes": baseline, **graph_stats(run), **memory_plan(run.strategy),
     }
     if done < args.steady_steps:
@@ -539,7 +541,7 @@ def measure_epoch(workload: Workload, label: str, source: EncoderSource, device:
         "fwd_items_per_s": encoder.items_forward / elapsed, "bwd_items_per_s": encoder.items_backward / elapsed,
         "cf_step_s": steps_s / max(done, 1), "peak_memory_bytes": peak_memory(device),
         "peak_reserved_bytes": peak_reserved(device),
-        "regression_graphs": graph_regression_stats(strategy),
+        "encoder_graphs": encoder_graph_stats(strategy),
         "memory_baseline_bytes": baseline, **graph_stats(run), **memory_plan(strategy),
         "regression_reports": [r.as_dict() for r in getattr(strategy, "reports", [])],
     })
@@ -563,12 +565,12 @@ def graph_stats(run: Run) -> dict:
             "prepare_s": step.prepare_s, "pad_s": step.pad_s}
 
 
-def graph_regression_stats(strategy) -> dict | None:
-    """How multi-step GRAM's regression ran its encoder calls (None: eagerly, or not multi-step GRAM)."""
-    graphs = getattr(strategy, "regress_graphs", None)
+def encoder_graph_stats(strategy) -> dict | None:
+    """How the encoder's training calls ran (trainer/encoder_graphs.py; None: eagerly)."""
+    graphs = getattr(strategy, "regress_graphs", None) or getattr(strategy, "train_graphs", None)
     if graphs is None:
         return None
-    return {"shapes": len(graphs.shapes), "captures": graphs.captures, "capture_s": graphs.capture_s,
+    return {"shapes": len(graphs.shapes), "captures": graphs.captures, "capture_s": round(graphs.capture_s, 3),
             "replays": graphs.replays, "capture_error": graphs.capture_error}
 
 
@@ -741,7 +743,7 @@ def run_strategy(workload: Workload, label: str, source, device, args, cap_s: fl
         f"{result['fwd_items_per_s']:,.0f}/s bwd {result['bwd_items_per_s']:,.0f}/s"
         + (f", peak {mem / GIB:.2f} GiB (reserved {result['peak_reserved_bytes'] / GIB:.2f})"
            if mem is not None and result.get("peak_reserved_bytes") else f", peak {mem / GIB:.2f} GiB" if mem else "")
-        + (f", regression graphs {result['regression_graphs']}" if result.get("regression_graphs") else "")
+        + (f", encoder graphs {result['encoder_graphs']}" if result.get("encoder_graphs") else "")
         + (f" (budget {budget / GIB:.2f} GiB, caps {result['memory_plan']['forward_tokens']:,} / "
            f"{result['memory_plan']['backward_tokens'] or '-'} tokens)" if budget else "")
         + (f" [{result.get('short') or result.get('partial_reason')}]" if result.get("short") or result.get("partial") else ""))
@@ -1131,6 +1133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(token caps chosen to fit; the report shows each peak next to it)")
     parser.add_argument("--cf-step", choices=["auto", "eager", "graphed"], default="auto",
                         help="CF step of every strategy (TrainSettings.cf_step; auto = graphed on one GPU)")
+    parser.add_argument("--encoder-step", choices=["auto", "eager", "graphed"], default="auto",
+                        help="the encoder's training calls (TrainSettings.encoder_step; auto = CUDA graphs on a GPU)")
     parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
                         help="encoder batch layout (TrainSettings.attention)")
     parser.add_argument("--freeze-bottom-layers", type=int, default=3,
@@ -1206,6 +1210,7 @@ def _main(args: argparse.Namespace, device: torch.device, out: Path, deadline: f
         "encoder_batch_size": args.encoder_batch_size, "regress_batch_size": args.regress_batch_size,
         "regress_max_passes": args.regress_max_passes,
         "encoder_batch_tokens": args.encoder_batch_tokens, "attention": args.attention, "cf_step": args.cf_step,
+        "encoder_step": args.encoder_step,
         "freeze_bottom_layers": args.freeze_bottom_layers, "encoder_memory_gib": args.encoder_memory_gib,
         "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled() if hasattr(torch.backends.cuda, "cudnn_sdp_enabled") else None,
         "smoke": args.smoke, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

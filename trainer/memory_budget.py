@@ -254,7 +254,7 @@ def plan_for_strategy(
     """The plan of a training strategy that keeps `tables` [N, D] item tables; `regresses` for multi-step GRAM (its
     training encodes are bounded too); `cache_tokens`: tokens of the bottom-layer cache (frozen layers);
     `finetunes`: the strategy trains the encoder (gradients, Adam moments); `regression_graphs`: the regression
-    would replay CUDA graphs (trainer/graphed_regression.py). Their gradient buffers and held activations are
+    would replay CUDA graphs (trainer/encoder_graphs.py). Their gradient buffers and held activations are
     counted when the budget holds them; when it does not, the plan says so (`regression_graphs` False: the caller
     runs the regression eagerly) rather than refusing a budget the eager regression fits."""
     autocast = device.type == "cuda"  # every training encode runs under bf16 autocast on CUDA

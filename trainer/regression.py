@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
 from gramrec.trainer.distributed import SINGLE, World, agree
-from gramrec.trainer.graphed_regression import GraphedPseudoLoss
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss
 
 UNTOUCHED_SAMPLE = 512  # untouched items encoded before and after, to see how far the regression moved them
 
@@ -87,7 +87,7 @@ def regress(
     items [K] (CPU) touched item indices; targets [K, D] their rows; untouched [M] (CPU) a sample of other items;
     `optimizer_step` sums the ranks' gradients and steps `optimizer`; `encode` is the deterministic (eval, no grad)
     encoder pass that made the table's encodings, `check_encode` the same in float32; `graphs`, when given, runs the
-    encoder calls it accepts as replayed CUDA graphs (trainer/graphed_regression.py). Returns the items' new
+    encoder calls it accepts as replayed CUDA graphs (trainer/encoder_graphs.py). Returns the items' new
     encodings [K, D] (None when no pass was kept: the encoder is then exactly as it was) and the report.
 
     Each pass is measured on the check rows (float32) and kept if it lowered the pseudo-loss there. A pass that

@@ -173,11 +173,12 @@ class TrainSettings(BaseSettings):
         "and optimizer step (with multi-step GRAM's table gather and update) replayed as CUDA graphs (on a CPU "
         "the same padded step runs eagerly); eager = the reference step; auto = graphed on one GPU, else eager",
     )
-    regress_step: Literal["auto", "eager", "graphed"] = Field(
+    encoder_step: Literal["auto", "eager", "graphed"] = Field(
         "auto",
-        description="multi-step GRAM: graphed = the regression's encoder calls on padded (short-text) batches are "
-        "captured once per (rows, width) shape as CUDA graphs and replayed (on a CPU the same padded call runs "
-        "eagerly); eager = the reference call; auto = graphed on a GPU, else eager",
+        description="the encoder's training calls on padded (short-text) batches: graphed = captured once per "
+        "(rows, width) shape as CUDA graphs and replayed (multi-step GRAM's regression: forward, pseudo-loss and "
+        "backward; E2E and GRAM-1S: the step's forward, and its backward when the CF loss reaches it; on a CPU the "
+        "same padded calls run eagerly); eager = the reference calls; auto = graphed on a GPU, else eager",
     )
     device: str = "auto"
     progress: bool = True

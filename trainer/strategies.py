@@ -24,7 +24,7 @@ from torch import nn
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
-from gramrec.trainer.graphed_regression import GraphedPseudoLoss
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, GraphedTrainEncode
 from gramrec.trainer.memory_budget import MemoryPlan, plan_for_strategy
 from gramrec.trainer.regression import UNTOUCHED_SAMPLE, RegressionPlan, RegressionReport, regress
 from gramrec.trainer.settings import TrainSettings
@@ -53,9 +53,9 @@ def make_optimizer(
     return optimizer, warmup
 
 
-def regression_graphs_on(settings: TrainSettings, device: torch.device) -> bool:
-    """Whether multi-step GRAM's regression replays CUDA graphs (settings.regress_step; auto: on a GPU)."""
-    return settings.regress_step == "graphed" or (settings.regress_step == "auto" and device.type == "cuda")
+def encoder_graphs_on(settings: TrainSettings, device: torch.device) -> bool:
+    """Whether the encoder's training calls replay CUDA graphs (settings.encoder_step; auto: on a GPU)."""
+    return settings.encoder_step == "graphed" or (settings.encoder_step == "auto" and device.type == "cuda")
 
 
 class Strategy:
@@ -145,7 +145,7 @@ class Strategy:
             max_tokens=self.settings.encoder_batch_tokens,
             cache_tokens=cache_tokens,
             finetunes=self.finetunes_encoder,
-            regression_graphs=self.bounded_backward and regression_graphs_on(self.settings, self.device),
+            regression_graphs=self.bounded_backward and encoder_graphs_on(self.settings, self.device),
         )
         self.encoder.forward_tokens = plan.forward_tokens
         # A step whose graph the caps cannot bound keeps the fixed cap: smaller calls would only be slower.
@@ -250,8 +250,23 @@ class EndToEnd(Strategy):
     encoder_train_mode = True
     item_tables = 1  # evaluation's table
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The step's encoder call as CUDA graphs (trainer/encoder_graphs.py). Not under a memory budget: a graph
+        # holds its whole step's activations for the run, which the budget's estimate does not bound here.
+        graphed = encoder_graphs_on(self.settings, self.device) and self.memory_plan is None
+        self.train_graphs = GraphedTrainEncode(self.encoder) if graphed else None
+
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
-        return self.encoder.encode(self.tokens, occurrences, self.settings.encoder_batch_size)
+        return self._train_encode(occurrences)
+
+    def _train_encode(self, items: torch.Tensor) -> torch.Tensor:
+        """[K, D] embeddings of `items` with autograd: replayed graphs where they apply, else the eager encode."""
+        if self.train_graphs is not None and len(items) <= self.settings.encoder_batch_size:
+            encoded = self.train_graphs.encode(self.tokens, items.cpu(), self.encoder.batch_tokens)
+            if encoded is not None:
+                return encoded
+        return self.encoder.encode(self.tokens, items, self.settings.encoder_batch_size)
 
     def finish_items(self) -> None:
         self._step("encoder")
@@ -271,7 +286,7 @@ class GramSingleStep(EndToEnd):
 
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(occurrences, return_inverse=True)
-        self._encoded = self.encoder.encode(self.tokens, unique, self.settings.encoder_batch_size)  # [U, D]
+        self._encoded = self._train_encode(unique)  # [U, D]
         self._leaf = self._encoded.detach().requires_grad_(True)
         return self._leaf[inverse.to(self.device)]  # gather: repeated items' gradients add up in _leaf.grad
 
@@ -326,7 +341,7 @@ class GramMultiStep(Strategy):
         self.regressions = 0
         self.regress_lr = float(settings.regress_lr or 0.0)  # quartered after a regression whose passes all failed
         self._generator = torch.Generator().manual_seed(settings.seed)
-        graphed = regression_graphs_on(settings, self.device)
+        graphed = encoder_graphs_on(settings, self.device)
         if self.memory_plan is not None and not self.memory_plan.regression_graphs:
             graphed = False  # the memory budget holds the eager regression only (the plan's notes say so)
         self.regress_graphs = GraphedPseudoLoss(self.encoder) if graphed else None  # kept: captures are reused

@@ -1,8 +1,9 @@
-"""The regression's padded (graphable) encoder call makes the same updates as the reference call.
+"""The padded (graphable) encoder calls make the same updates as the reference calls.
 
-On a CPU `regress_step="graphed"` runs the very body a CUDA graph captures, eagerly: padded row and width buckets,
-padded rows weighted 0, gradients summed into the buffers .grad points at. These tests compare it with the eager
-reference in float64; on the GPU bench/train_bench.py compares the replayed graphs with it (BENCHMARKS.md §3).
+On a CPU `encoder_step="graphed"` runs the very bodies the CUDA graphs capture, eagerly: padded row and width
+buckets, padded rows weighted 0 (regression) or cut off before the loss (E2E, GRAM-1S), gradients summed into the
+buffers .grad points at. These tests compare them with the eager reference in float64; on the GPU
+bench/regression_graph_bench.py and bench/train_bench.py compare the replayed graphs with it (BENCHMARKS.md §3).
 """
 
 from __future__ import annotations
@@ -12,19 +13,19 @@ import copy
 import pytest
 import torch
 
-from gramrec.trainer.graphed_regression import GraphedPseudoLoss, row_bucket
-from gramrec.trainer.strategies import GramMultiStep
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, padded_width, row_bucket
+from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
 from gramrec.trainer.train import train_step
 from tests.helpers.encoders import random_tokens, tiny_encoder
-from tests.helpers.gram_runs import kt_batches, make_run, max_relative_difference
+from tests.helpers.gram_runs import TASKS, kt_batches, make_run, max_relative_difference, parameters
 
 # Several optimizer steps a pass, each of several micro-batches of unequal rows and widths.
 SETTINGS = dict(period="100s", regress_lr=1e-3, regress_batch_size=5, encoder_batch_size=3, table_lr=1.0,
                 regress_max_passes=2, progress=False)
 
 
-def regressed(regress_step: str):
-    run = make_run(GramMultiStep, "kt", "adam", regress_step=regress_step, **SETTINGS)
+def regressed(encoder_step: str):
+    run = make_run(GramMultiStep, "kt", "adam", encoder_step=encoder_step, **SETTINGS)
     for batch in kt_batches(3):
         train_step(run, copy.deepcopy(batch))
     report = run.strategy.regress()
@@ -70,11 +71,35 @@ def test_padded_rows_add_nothing_and_earlier_gradients_are_kept():
         torch.testing.assert_close(param.grad, before + wanted, rtol=1e-10, atol=1e-12)
 
 
+def test_row_buckets_pad_little_above_256_rows():
+    assert [row_bucket(n) for n in (1, 8, 9, 200, 256, 257, 1000, 1025)] == [8, 8, 16, 256, 256, 384, 1024, 1152]
+
+
+@pytest.mark.parametrize("strategy", [EndToEnd, GramSingleStep])
+@pytest.mark.parametrize("task", ["kt", "nr"])
+def test_graphed_train_encodes_equal_the_eager_ones(strategy, task):
+    """E2E's and GRAM-1S's step with the padded call (forward now, backward when the CF loss reaches it): the same
+    parameters after several steps as the eager encode (SGD: Adam would rescale the exactly-zero gradient of the
+    attention key bias's rounding noise into full steps)."""
+    eager = make_run(strategy, task, "sgd", encoder_step="eager", encoder_batch_size=64)
+    graphed = make_run(strategy, task, "sgd", encoder_step="graphed", encoder_batch_size=64)
+    assert graphed.strategy.train_graphs is not None and eager.strategy.train_graphs is None
+    start = parameters(eager)
+    for batch in TASKS[task][2](4):
+        train_step(eager, copy.deepcopy(batch))
+        train_step(graphed, copy.deepcopy(batch))
+    shapes = graphed.strategy.train_graphs.shapes
+    assert shapes and all(rows >= 8 for rows, _, _ in shapes), "every step ran the padded call"
+    assert max_relative_difference(parameters(graphed), start) > 1e-4, "the steps moved the parameters"
+    assert max_relative_difference(parameters(graphed), parameters(eager)) < 1e-9
+    assert graphed.encoder.items_backward == eager.encoder.items_backward > 0
+
+
 def test_a_batch_whose_padded_shape_exceeds_the_token_cap_stays_eager():
     encoder = tiny_encoder().eval()
     tokens = random_tokens(6)
     rows = torch.argsort(tokens.lengths[:3], stable=True)
     graphs = GraphedPseudoLoss(encoder)
-    width = graphs._width(tokens, int(tokens.lengths[rows[-1]]))
+    width = padded_width(tokens, int(tokens.lengths[rows[-1]]))
     assert graphs.accepts(tokens, rows, token_cap=8 * width)
     assert not graphs.accepts(tokens, rows, token_cap=8 * width - 1)
