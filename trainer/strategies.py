@@ -54,7 +54,7 @@ def make_optimizer(
 
 
 def encoder_graphs_on(settings: TrainSettings, device: torch.device) -> bool:
-    """Whether the encoder's training calls replay CUDA graphs (settings.encoder_step; auto: on a GPU)."""
+    """Whether multi-step GRAM's regression replays CUDA graphs (settings.encoder_step: graphed, or auto on a GPU)."""
     return settings.encoder_step == "graphed" or (settings.encoder_step == "auto" and device.type == "cuda")
 
 
@@ -252,9 +252,10 @@ class EndToEnd(Strategy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # The step's encoder call as CUDA graphs (trainer/encoder_graphs.py). Not under a memory budget: a graph
-        # holds its whole step's activations for the run, which the budget's estimate does not bound here.
-        graphed = encoder_graphs_on(self.settings, self.device) and self.memory_plan is None
+        # The step's encoder call as CUDA graphs (trainer/encoder_graphs.py): only when asked for (encoder_step
+        # "graphed"; "auto" leaves it eager until a GPU measurement shows it pays, see the README). Not under a
+        # memory budget: a graph holds its whole step's activations for the run, which the estimate does not bound.
+        graphed = self.settings.encoder_step == "graphed" and self.memory_plan is None
         self.train_graphs = GraphedTrainEncode(self.encoder) if graphed else None
 
     def embed(self, occurrences: torch.Tensor) -> torch.Tensor:
