@@ -22,11 +22,12 @@ from gramrec.trainer.static_batches import StaticBatch, pad_batch
 from gramrec.trainer.strategies import Strategy
 
 WARMUP_STEPS = 2  # eager (real) steps per shape before its capture: allocator, cuBLAS/cuDNN workspaces, Adam state
-# Batches padded and queued to the device at a time by `stream`. The graphed loop is GPU-bound (on an H200 the
-# host's share of a step, ~0.3 ms, runs ahead of the graph's ~0.5 ms: bench/cf_loop_probe.py), so a chunk prepared
-# while earlier steps still run on the GPU costs no wall time; an epoch prepared before its loop cost 0.15-0.2 ms a
-# step of idle GPU (BENCHMARKS.md §3).
-PREPARE_CHUNK = 32
+# Batches padded and queued to the device at a time by `stream`: a small first chunk so the GPU starts at once,
+# then large ones. The graphed loop is GPU-bound (on an H200 the host's share of a step, ~0.3 ms, runs ahead of the
+# graph's ~0.5 ms: bench/cf_loop_probe.py), so a chunk prepared while earlier steps still run costs no wall time;
+# an epoch prepared before its loop cost 0.15-0.2 ms a step of idle GPU, and chunks of 32 cost 0.32 ms a step of
+# host time (each chunk's pinned buffers are new while the GPU still reads the last ones): BENCHMARKS.md §3.
+PREPARE_CHUNKS = (16, 128)
 
 
 def tensors_of(obj) -> list[torch.Tensor]:
@@ -106,9 +107,11 @@ class StaticCFStep:
         return [p for p in out if p is not None]
 
     def stream(self, batches: list) -> Iterator[StaticBatch]:
-        """The epoch's batches, prepared a chunk at a time as the loop reaches them (see PREPARE_CHUNK)."""
-        for start in range(0, len(batches), PREPARE_CHUNK):
-            yield from self.prepare(batches[start : start + PREPARE_CHUNK])
+        """The epoch's batches, prepared a chunk at a time as the loop reaches them (see PREPARE_CHUNKS)."""
+        first, rest = PREPARE_CHUNKS
+        yield from self.prepare(batches[:first])
+        for start in range(first, len(batches), rest):
+            yield from self.prepare(batches[start : start + rest])
 
     # -- the step -----------------------------------------------------------------------------------------
     def step(self, static: StaticBatch) -> torch.Tensor:

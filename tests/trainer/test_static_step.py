@@ -89,3 +89,16 @@ def test_auto_is_eager_on_a_cpu():
     run = make_run(NoFinetune, "kt", "adam", cf_step="auto")
     assert run.static_step is None
     assert TrainSettings(task="kt", data="x").cf_step == "auto"
+
+
+@pytest.mark.parametrize("count", [1, 16, 17, 150])
+def test_streaming_an_epoch_prepares_every_batch_once_in_order(count):
+    """stream() prepares in chunks as the loop reaches them; it must hand out exactly what prepare() does."""
+    run = make_run(NoFinetune, "kt", "adam", cf_step="graphed", batch_size=4)
+    batches = TASKS["kt"][2](count)
+    streamed = list(run.static_step.stream(batches))
+    prepared = run.static_step.prepare(batches)
+    assert len(streamed) == len(prepared) == count
+    for a, b in zip(streamed, prepared):
+        assert a.key == b.key and a.real == b.real
+        assert torch.equal(a.batch.occurrences, b.batch.occurrences)
