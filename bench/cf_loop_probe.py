@@ -119,11 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
                               torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
     for name in args.workloads:
-        if name in train_bench.REAL:
-            tokenizer_dir = Path(args.encoder_dir) if args.encoder_dir else None
-            workload = train_bench.build_real_workload(name, bench_args, source, tokenizer_dir, device)
-        else:
-            workload = train_bench.build_synthetic_workload(name, bench_args, source, device)
+        tokenizer_dir = Path(args.encoder_dir) if args.encoder_dir else None
+        workload = train_bench.build_workload(name, bench_args, source, tokenizer_dir, device)
         for dropout in (True, False):
             r = results.setdefault(name, {})["dropout" if dropout else "no_dropout"] = probe(
                 workload, source, device, dropout, args.repeats)

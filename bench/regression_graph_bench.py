@@ -46,11 +46,8 @@ say = train_bench.say
 def build(name: str, args, bench_args, device: torch.device):
     """GRAM-1E after `--max-steps` CF steps (default: one epoch) with the regression held back."""
     source = train_bench.EncoderSource(bench_args, device)
-    if name in train_bench.REAL:
-        tokenizer_dir = Path(args.encoder_dir) if args.encoder_dir else None
-        workload = train_bench.build_real_workload(name, bench_args, source, tokenizer_dir, device)
-    else:
-        workload = train_bench.build_synthetic_workload(name, bench_args, source, device)
+    tokenizer_dir = Path(args.encoder_dir) if args.encoder_dir else None
+    workload = train_bench.build_workload(name, bench_args, source, tokenizer_dir, device)
     run, _ = train_bench.build_run(workload, "gram-1e", source, device)
     strategy = run.strategy
     assert isinstance(strategy, GramMultiStep)

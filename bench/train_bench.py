@@ -347,6 +347,14 @@ def build_real_workload(name: str, args, source: EncoderSource, tokenizer_dir: P
     return workload
 
 
+def build_workload(name: str, args, source: EncoderSource, tokenizer_dir: Path | None,
+                   device: torch.device) -> Workload:
+    """The bench workload `name`: real data (tokenized with `tokenizer_dir`'s tokenizer) or synthetic."""
+    if name in REAL:
+        return build_real_workload(name, args, source, tokenizer_dir, device)
+    return build_synthetic_workload(name, args, source, device)
+
+
 def epoch_statistics(workload: Workload) -> dict:
     """Interactions, item occurrences and unique items of the epoch the whole-epoch strategies run."""
     started = time.perf_counter()
