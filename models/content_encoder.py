@@ -68,10 +68,14 @@ class ItemTokens:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def padded_width(self, longest: int) -> int:
+        """Width of a padded batch whose longest text has `longest` tokens: rounded up to PAD_MULTIPLE."""
+        return min(self.input_ids.shape[1], -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask for items `idx`, padded to the longest of them. -> ([B, L], [B, L])"""
         lengths = self.lengths[idx]
-        width = min(self.input_ids.shape[1], -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        width = self.padded_width(int(lengths.max()))
         input_ids = self.input_ids[idx, :width]
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return input_ids, attention_mask

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gramrec.models.content_encoder import PAD_MULTIPLE, ContentEncoder, ItemTokens
+from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ def row_bucket(rows: int) -> int:
     return -(-rows // ROW_STEP) * ROW_STEP
 
 
-def padded_width(tokens: ItemTokens, longest: int) -> int:
-    return min(tokens.input_ids.shape[1], -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
-
-
 def padded_inputs(tokens: ItemTokens, items: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and mask of `items` ([b], sorted by length) padded to `rows` rows: [rows, W] each (CPU)."""
     input_ids, attention_mask = tokens.batch(items)
@@ -56,6 +52,12 @@ def padded_inputs(tokens: ItemTokens, items: torch.Tensor, rows: int) -> tuple[t
     ids[:b], mask[:b] = input_ids, attention_mask
     mask[b:, 0] = 1
     return ids, mask
+
+
+def copy_in(static: torch.Tensor, value: torch.Tensor) -> None:
+    """A host tensor into a graph's static input: pinned and asynchronous on CUDA, so staging never waits."""
+    cuda = static.device.type == "cuda"
+    static.copy_(value.pin_memory() if cuda else value, non_blocking=cuda)
 
 
 class _EncoderGraphs:
@@ -81,7 +83,7 @@ class _EncoderGraphs:
         encoder = self.encoder
         if encoder.bottom_cache is not None or encoder.uses_packed(self.device, autocast=True, max_length=longest):
             return False
-        return token_cap is None or row_bucket(len(items)) * padded_width(tokens, longest) <= token_cap
+        return token_cap is None or row_bucket(len(items)) * tokens.padded_width(longest) <= token_cap
 
     def point_grads(self) -> None:
         """Makes each .grad our buffer. After an optimizer step's zero_grad(set_to_none) the buffers start from
@@ -155,9 +157,8 @@ class GraphedPseudoLoss(_EncoderGraphs):
         shape = self._shape(ids.shape[0], ids.shape[1], self.encoder.training, targets.dtype)
         weights = torch.zeros(len(ids), dtype=targets.dtype)
         weights[:b] = 1.0
-        cuda = self.device.type == "cuda"
         for static, value in ((shape.input_ids, ids), (shape.attention_mask, mask), (shape.weights, weights)):
-            static.copy_(value.pin_memory() if cuda else value, non_blocking=cuda)
+            copy_in(static, value)
         shape.targets[:b].copy_(targets)
         shape.targets[b:].zero_()
         self.point_grads()
@@ -265,9 +266,8 @@ class GraphedTrainEncode(_EncoderGraphs):
             out = self._eager(ids, mask)[:b]
             shape.eager_calls += 1
         else:
-            cuda = self.device.type == "cuda"
-            shape.input_ids.copy_(ids.pin_memory() if cuda else ids, non_blocking=cuda)
-            shape.attention_mask.copy_(mask.pin_memory() if cuda else mask, non_blocking=cuda)
+            copy_in(shape.input_ids, ids)
+            copy_in(shape.attention_mask, mask)
             if shape.forward is None and not self._capture(shape):
                 return None
             out = _Replayed.apply(self.anchor, self, shape, b)

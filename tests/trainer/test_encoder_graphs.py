@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, padded_width, row_bucket
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_bucket
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
 from gramrec.trainer.train import train_step
 from tests.helpers.encoders import random_tokens, tiny_encoder
@@ -100,6 +100,6 @@ def test_a_batch_whose_padded_shape_exceeds_the_token_cap_stays_eager():
     tokens = random_tokens(6)
     rows = torch.argsort(tokens.lengths[:3], stable=True)
     graphs = GraphedPseudoLoss(encoder)
-    width = padded_width(tokens, int(tokens.lengths[rows[-1]]))
+    width = tokens.padded_width(int(tokens.lengths[rows[-1]]))
     assert graphs.accepts(tokens, rows, token_cap=8 * width)
     assert not graphs.accepts(tokens, rows, token_cap=8 * width - 1)
