@@ -21,17 +21,18 @@ def item_vectors(
     without a text, or with a model that has no encoder, the request fails naming every such id.
     """
     unique = list(dict.fromkeys(ids))
+    texts = {item.item_id: item.text for item in items}
     matrix, missing = decode_rows(store.get_vectors(model.version, unique), model.bundle.dim)
-    if missing and len(missing) == len(unique):
+    if len(missing) == len(unique) and any(unique[i] not in texts for i in missing):
         # Not the caller's fault if the store lost the table (Redis restarted empty): a 422 "unknown items" would
-        # tell clients their ids are wrong; this is a 503 until the model poll reloads the table.
+        # tell clients their ids are wrong; this is a 503 until the model poll reloads the table. (Ids that all
+        # came with texts are encoded instead: the answer needs no table, so no check.)
         if not store.has_table(model.version):
             raise StoreError(f"the item table of {model.version} is missing from the store")
         # It may have been reloaded between the two reads: read once more before calling the ids unknown.
         matrix, missing = decode_rows(store.get_vectors(model.version, unique), model.bundle.dim)
     if missing:
         missing_ids = [unique[i] for i in missing]
-        texts = {item.item_id: item.text for item in items}
         unknown = [item_id for item_id in missing_ids if item_id not in texts]
         if unknown:
             raise UnknownItems(unknown)
@@ -42,10 +43,16 @@ def item_vectors(
     return matrix, {item_id: row for row, item_id in enumerate(unique)}
 
 
-def history_vectors(model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]) -> np.ndarray:
-    """[len(ids), D] in order: from the version's catalog index, else (added a moment ago through another worker,
-    or given as text in `items`) as `item_vectors` reads them."""
-    assert model.index is not None
+def request_vectors(model: ActiveModel, store: Store, ids: list[str], items: list[ItemText]) -> np.ndarray:
+    """[len(ids), D] in order (ids may repeat): from the version's in-process catalog index, else (no index, an item
+    added a moment ago through another worker, or given as text in `items`) as `item_vectors` reads them.
+
+    The index first because it costs no store round trip: a kt request's 105 ids are ~80 KB of vectors from Redis,
+    0.1-0.2 ms of the worker's CPU (BENCHMARKS.md §2). A vector replaced through another worker reaches the index
+    within index_refresh_s, as it reaches /recommend."""
+    if model.index is None:
+        found, row = item_vectors(model, store, ids, items)
+        return found[[row[i] for i in ids]]
     vectors, missing = model.index.vectors(ids)
     if missing:
         found, row = item_vectors(model, store, [ids[i] for i in missing], items)  # UnknownItems: a 422

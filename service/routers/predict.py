@@ -1,7 +1,7 @@
 """POST /predict: knowledge tracing (kt) and news recommendation (nr), told apart by the body's `task`.
 
-A plain `def` endpoint: FastAPI runs it in its threadpool, so the store read and ONNX Runtime (CPU-bound,
-releasing the GIL) never block the event loop.
+A plain `def` endpoint: FastAPI runs it in its threadpool, so a store read (ids outside the worker's catalog index)
+and ONNX Runtime (CPU-bound, releasing the GIL) never block the event loop.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends
 
 from gramrec.service.deps import Served, get_store, served
-from gramrec.service.inference import item_vectors, kt_history_state
+from gramrec.service.inference import kt_history_state, request_vectors
 from gramrec.service.limits import checked_predict
 from gramrec.service.registry import ActiveModel
 from gramrec.service.responses import ModelJSONResponse
@@ -47,8 +47,8 @@ def predict(
 
 def _knowledge_tracing(body: KTPredictRequest, model: ActiveModel, store: Store) -> KTPredictResponse:
     history_ids = [answer.item_id for answer in body.history]
-    vectors, row = item_vectors(model, store, history_ids + body.targets, body.items)
-    history, targets = vectors[[row[i] for i in history_ids]], vectors[[row[i] for i in body.targets]]
+    vectors = request_vectors(model, store, history_ids + body.targets, body.items)
+    history, targets = vectors[: len(history_ids)], vectors[len(history_ids) :]
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
     output = model.index.kt_output if model.index is not None else None
     if model.kt_cache is not None and output is not None and not body.items:  # the student's state, then the split head
@@ -66,10 +66,8 @@ def _knowledge_tracing(body: KTPredictRequest, model: ActiveModel, store: Store)
 
 
 def _news(body: NRPredictRequest, model: ActiveModel, store: Store) -> NRPredictResponse:
-    vectors, row = item_vectors(model, store, body.history + body.candidates, body.items)
-    scores = model.bundle.score_news(
-        vectors[[row[i] for i in body.history]], vectors[[row[i] for i in body.candidates]]
-    )
+    vectors = request_vectors(model, store, body.history + body.candidates, body.items)
+    scores = model.bundle.score_news(vectors[: len(body.history)], vectors[len(body.history) :])
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     return NRPredictResponse(
         model_version=model.version,

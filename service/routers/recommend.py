@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends
 
 from gramrec.service.catalog import CatalogIndex
 from gramrec.service.deps import Served, get_store, served
-from gramrec.service.inference import history_vectors, kt_history_state
+from gramrec.service.inference import kt_history_state, request_vectors
 from gramrec.service.limits import checked_recommend
 from gramrec.service.registry import ActiveModel
 from gramrec.service.responses import ModelJSONResponse
@@ -54,7 +54,7 @@ def recommend(
 def _news(body: NRRecommendRequest, model: ActiveModel, store: Store) -> NRRecommendResponse:
     index = model.index
     assert index is not None
-    history = history_vectors(model, store, body.history, body.items)
+    history = request_vectors(model, store, body.history, body.items)
     # /predict's score is user · candidate (NRMS): the head scoring the D unit vectors gives the user vector itself.
     user = model.bundle.score_news(history, np.eye(model.bundle.dim, dtype=np.float32))
     published_after = None
@@ -80,7 +80,7 @@ def _questions(body: KTRecommendRequest, model: ActiveModel, store: Store) -> KT
     index = model.index
     assert index is not None
     answered = [answer.item_id for answer in body.history]
-    history = history_vectors(model, store, answered, body.items)
+    history = request_vectors(model, store, answered, body.items)
     correct = np.fromiter((answer.correct for answer in body.history), dtype=np.int64, count=len(body.history))
     rows = index.candidates(exclude=list(dict.fromkeys(answered)), only=body.questions)
     if index.kt_output is not None:  # the LSTM once, then one [N, H] product over precomputed question parts

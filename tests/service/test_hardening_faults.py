@@ -27,6 +27,7 @@ PREDICT = {
     "history": [{"item_id": "kt-item-1", "correct": 1}, {"item_id": "kt-item-2", "correct": 0}],
     "targets": ["kt-item-3"],
 }
+UNINDEXED = {"task": "kt", "history": [{"item_id": "not-in-the-catalog", "correct": 1}], "targets": ["kt-item-3"]}
 
 
 STORE_CALLS = [
@@ -49,6 +50,14 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: floa
             pytest.fail(f"condition not met within {timeout_s}s")
         time.sleep(interval_s)
     return time.monotonic() - start
+
+
+def store_serves(url: str) -> bool:
+    """An item read from the store's table: what the outage stopped, back (the table reloaded if Redis lost it)."""
+    try:
+        return httpx.get(url + "/items/kt/kt-item-1", timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def predict_ok(url: str) -> bool:
@@ -87,13 +96,13 @@ def outage(tmp_path_factory, exported_artifacts):
         redis_server.close()
 
 
-def assert_outage_answers(load: Load, start: float, end: float) -> None:
-    """Every request that ran entirely inside the outage got a prompt, clear 503."""
+def assert_served_through_outage(load: Load, start: float, end: float) -> None:
+    """Every /predict that ran entirely inside the outage was answered from the worker's in-process catalog: a prompt
+    200, the store never asked."""
     during = load.between(start, end)
     assert during, "no request ran during the outage"
     for outcome in during:
-        assert outcome.status == 503, outcome
-        assert "item store unavailable" in outcome.body, outcome
+        assert outcome.status == 200, outcome
         assert outcome.elapsed < STORE_ERROR_BOUND_S, outcome
 
 
@@ -102,8 +111,9 @@ def assert_readiness_fails(url: str) -> None:
     assert response.status_code == 503 and response.json()["detail"]["store"] == "unreachable", response.text
     assert elapsed < STORE_ERROR_BOUND_S
     assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # alive: do not restart it
-    response = httpx.post(url + "/predict", json=PREDICT, timeout=10)
+    response = httpx.post(url + "/predict", json=UNINDEXED, timeout=10)  # an id only the store could know
     assert response.status_code == 503 and response.headers["Retry-After"] == "1", response.text
+    assert response.json() == {"detail": "item store unavailable"}, response.text
     for method, path, body in STORE_CALLS:  # every endpoint that needs the store: the same prompt, clear 503
         response, elapsed = timed(method, url + path, json=body)
         assert response.status_code == 503, (path, response.text)
@@ -112,7 +122,8 @@ def assert_readiness_fails(url: str) -> None:
 
 
 def test_hung_redis_gives_prompt_503_and_recovers(outage):
-    """SIGSTOP: connections open but Redis never answers (the case that used to hang a request ~1 minute)."""
+    """SIGSTOP: connections open but Redis never answers (the case that used to hang a request ~1 minute): what
+    needs the store gets a prompt 503, /predict on catalog items goes on from memory."""
     redis_server, server = outage
     with Load(server.url, predict) as load:
         time.sleep(1.0)
@@ -124,16 +135,17 @@ def test_hung_redis_gives_prompt_503_and_recovers(outage):
         finally:
             redis_server.resume()
         resumed = time.monotonic()
-        recovery = wait_until(lambda: predict_ok(server.url), RECOVERY_BOUND_S)
-    assert_outage_answers(load, paused, resumed)
+        recovery = wait_until(lambda: store_serves(server.url), RECOVERY_BOUND_S)
+    assert_served_through_outage(load, paused, resumed)
     assert {o.status for o in load.outcomes} <= {200, 503}
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
     slowest = max(o.elapsed for o in load.between(paused, resumed))
-    print(f"hung Redis: slowest 503 {slowest:.2f}s; recovered {recovery:.2f}s after SIGCONT")
+    print(f"hung Redis: slowest /predict {slowest:.3f}s; store calls recovered {recovery:.2f}s after SIGCONT")
 
 
 def test_redis_killed_and_restarted_empty(outage):
-    """SIGKILL, then a fresh Redis with nothing in it: 503 meanwhile, then the server reloads its table by itself."""
+    """SIGKILL, then a fresh Redis with nothing in it: 503 for what needs the store meanwhile (/predict on catalog
+    items goes on), then the server reloads its table by itself."""
     redis_server, server = outage
     with Load(server.url, predict) as load:
         time.sleep(1.0)
@@ -143,8 +155,8 @@ def test_redis_killed_and_restarted_empty(outage):
         assert_readiness_fails(server.url)
         outage_end = time.monotonic()
         redis_server.start()  # same port, no data: the active pointer and the item table are gone
-        recovery = wait_until(lambda: predict_ok(server.url), RECOVERY_BOUND_S)
-    assert_outage_answers(load, killed + 0.2, outage_end)
+        recovery = wait_until(lambda: store_serves(server.url), RECOVERY_BOUND_S)
+    assert_served_through_outage(load, killed + 0.2, outage_end)
     assert {o.status for o in load.outcomes} <= {200, 503}, [o for o in load.outcomes if o.status not in (200, 503)][:3]
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
     metrics = httpx.get(server.url + "/metrics", timeout=5).text
@@ -297,7 +309,8 @@ def test_store_error_logs_are_throttled(monkeypatch):
 
 
 def test_an_evicted_item_table_is_a_503_then_reloaded(tmp_path):
-    """Only the table key lost (eviction, a stray DEL): 503s and an unready process, never 422s, until the poll."""
+    """Only the table key lost (eviction, a stray DEL): what needs the table gets 503s and the process is unready,
+    never 422s, until the poll; /predict on catalog items goes on from the worker's in-process catalog."""
     from fastapi.testclient import TestClient
 
     from gramrec.service.app import create_app
@@ -313,15 +326,20 @@ def test_an_evicted_item_table_is_a_503_then_reloaded(tmp_path):
     )
     app = create_app(settings, load_bundle=artifacts.load, list_versions=artifacts.list_versions)
     body = {"task": "kt", "history": [{"item_id": "kt1", "correct": 1}], "targets": ["kt2"]}
+    unindexed = {"task": "kt", "history": [{"item_id": "not-in-the-catalog", "correct": 1}], "targets": ["kt2"]}
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
-            assert client.post("/predict", json=body).status_code == 200
+            served = client.post("/predict", json=body)
+            assert served.status_code == 200
             redis_server.client().delete(f"{PREFIX}table:{version}")
-            response = client.post("/predict", json=body)
+            assert client.post("/predict", json=body).json() == served.json()  # from memory, the same answer
+            response = client.post("/predict", json=unindexed)  # only the lost table could know it
             assert response.status_code == 503 and response.json() == {"detail": "item store unavailable"}
             ready = client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["detail"]["store"] == f"missing item tables: {version}"
             app.state.registry.sync("kt")  # what the poll does every GRAMREC_MODEL_POLL_INTERVAL_S
+            response = client.post("/predict", json=unindexed)
+            assert response.status_code == 422 and response.json()["detail"]["unknown_items"] == ["not-in-the-catalog"]
             assert client.post("/predict", json=body).status_code == 200
             assert client.get("/readyz").status_code == 200
     finally:

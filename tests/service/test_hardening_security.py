@@ -173,7 +173,8 @@ def test_logs_are_json_and_quiet_by_default(tmp_path, exported_artifacts):
                 assert http.post("/predict", json=body).status_code == 200
             assert http.post("/predict", json={"task": "kt", "targets": ["nope"]}).status_code == 422
         redis_server.kill()
-        assert httpx.post(server.url + "/predict", json=body, timeout=10).status_code == 503
+        unindexed = {"task": "kt", "targets": ["not-in-the-catalog"]}  # only the store could know it
+        assert httpx.post(server.url + "/predict", json=unindexed, timeout=10).status_code == 503
     finally:
         server.stop()
         redis_server.close()
