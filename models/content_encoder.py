@@ -213,7 +213,8 @@ class ContentEncoder(nn.Module):
         packed, so that texts of like length share a batch. Autograd flows through when grad is enabled; bf16
         autocast on CUDA unless `autocast=False` (export).
         """
-        device = next(self.parameters()).device
+        weight = next(self.parameters())
+        device = weight.device
         idx = idx.cpu()
         order = torch.argsort(tokens.lengths[idx], stable=True)
         packed = self.uses_packed(device, autocast)  # may any batch be packed (token costs below)
@@ -223,6 +224,12 @@ class ContentEncoder(nn.Module):
         low_precision = autocast and device.type == "cuda"
         cached = cache is not None and cache.tokens is tokens and cache.low_precision == low_precision
         bounds = batch_bounds(tokens.lengths[idx[order]], batch_size, self.batch_tokens, packed or cached)
+        # Without autograd each chunk goes straight to its rows of one [K, D] output: one [K, D] alive at the end
+        # instead of three (the chunks, their concatenation, the reordered copy), which a whole-catalog encode on
+        # short texts makes a large part of multi-step GRAM's peak (trainer/memory_budget.py).
+        direct = not torch.is_grad_enabled()
+        out = torch.empty(len(idx), self.dim, device=device, dtype=weight.dtype) if direct else None
+        rows = order.to(device) if direct else None
         chunks = []
         for start, end in tqdm(bounds, desc="encoding items", unit="batch", disable=not progress, leave=False):
             chunk = idx[order[start:end]]
@@ -234,10 +241,14 @@ class ContentEncoder(nn.Module):
                 else:
                     input_ids, attention_mask = tokens.batch(chunk)
                     pooled = self(input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True))
-            chunks.append(pooled.float() if pooled.dtype == torch.bfloat16 else pooled)
+            if out is not None and rows is not None:
+                out[rows[start:end]] = pooled.to(out.dtype)
+            else:
+                chunks.append(pooled.float() if pooled.dtype == torch.bfloat16 else pooled)
         self.items_forward += len(idx)
-        if torch.is_grad_enabled():
-            self.items_backward += len(idx)
+        if out is not None:
+            return out
+        self.items_backward += len(idx)
         embeddings = torch.cat(chunks) if chunks else torch.zeros(0, self.dim, device=device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order))

@@ -7,14 +7,13 @@ module turns it into the token caps of the two kinds of encoder call, so one set
 
 The estimate, in bytes (every term from the encoder's config and the run's sizes, nothing measured at run time):
 
-    fixed    = encoder state: float32 master weights, their gradients, Adam's two moments, the regression's two
-               snapshots of the trained weights (accepted pass, start), bf16 copies of the Linear weights under
-               autocast
+    fixed    = encoder state: float32 master weights, their gradients, Adam's two moments, bf16 copies of the
+               Linear weights under autocast (the regression's snapshots of the weights live in host memory)
              + item tensors: the strategy's [N, D] tables (multi-step GRAM: table and encodings), and the larger of
-               an inference encode of all N items (its chunks, their concatenation, the reordered copy: 3 [N, D]) and
-               a regression's live rows (its targets, and the re-encode of the touched rows that ends it, whose 3
-               are alive at once: 4 [K, D], bounded by K <= N; its float32 checks hold [C, D] with C the
-               check sample, a margin); the bottom-layer cache when layers are frozen
+               an inference encode of all N items (a no-grad encode writes each chunk into its rows of one [N, D]
+               output) and a regression's live rows (its targets and the re-encode of the touched rows that ends it:
+               2 [K, D], bounded by K <= N; its float32 checks hold [C, D] with C the check sample, a margin); the
+               bottom-layer cache when layers are frozen
              + the CF head with its gradients and Adam moments
     forward  = tokens x (bytes alive at once inside one layer, no graph kept: the layer's input, the attention
                phase or the MLP phase, whichever is larger)
@@ -52,8 +51,8 @@ from torch import nn
 from gramrec.models.content_encoder import PACK_MIN_TOKENS, PAD_MULTIPLE, ContentEncoder, ItemTokens
 
 GIB = 2**30
-REGRESSION_ROWS = 4  # [K, D] float32 tensors alive at once in a regression (see the module docstring)
-ENCODE_ROWS = 3  # [K, D] tensors an encode of K items holds at its end: chunks, concatenation, reordered copy
+REGRESSION_ROWS = 2  # [K, D] float32 tensors alive at once in a regression: targets, the closing re-encode
+ENCODE_ROWS = 1  # [K, D] tensors a no-grad encode of K items holds at its end: its output (ContentEncoder.encode)
 IDS_AND_MASK = 16  # int64 token ids and attention mask of the padded batch
 
 
@@ -131,9 +130,7 @@ def backward_bytes_per_token(shape: EncoderShape, precision: Precision, width: i
     return saved + in_flight
 
 
-def encoder_state_bytes(
-    shape: EncoderShape, autocast: bool, finetunes: bool, regresses: bool, head_params: int
-) -> dict[str, int]:
+def encoder_state_bytes(shape: EncoderShape, autocast: bool, finetunes: bool, head_params: int) -> dict[str, int]:
     """The fixed bytes of the encoder's and the CF head's parameters and optimizer state (the encoder's gradients
     and Adam moments only when the strategy fine-tunes it)."""
     w = shape.weight_bytes
@@ -142,8 +139,6 @@ def encoder_state_bytes(
         parts |= {"encoder_grads": shape.trainable * w, "encoder_adam": 2 * shape.trainable * w}
     if autocast:
         parts["bf16_weight_copies"] = shape.linear_params * 2
-    if regresses:
-        parts["regression_snapshots"] = 2 * shape.trainable * w
     return parts
 
 
@@ -260,7 +255,7 @@ def plan_for_strategy(
     autocast = device.type == "cuda"  # every training encode runs under bf16 autocast on CUDA
     shape = EncoderShape.of(encoder)
     head_params = sum(p.numel() for p in head.parameters())
-    fixed = encoder_state_bytes(shape, autocast, finetunes, regresses, head_params)
+    fixed = encoder_state_bytes(shape, autocast, finetunes, head_params)
     cache_bytes = 2 if autocast else shape.weight_bytes
     fixed |= item_bytes(len(tokens), encoder.dim, tables, regresses, cache_tokens, cache_bytes)
     longest = -(-int(tokens.lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE if len(tokens) else 1

@@ -111,7 +111,7 @@ def regress(
     checked = _check_positions(len(items), plan.check_items, generator)
     check_items, check_targets = items[checked], targets[checked.to(targets.device)]
     start = _Start.measure(params, check_items, check_targets, untouched, check_encode)
-    accepted = [p.detach().clone() for p in params]
+    accepted = _host_copies(params)  # the last kept pass's parameters (host memory: see _host_copies)
     current, current_loss = start.encoded, start.loss
     lr = plan.lr
     passes, steps, rejected, kept, scale, stopped = 0, 0, 0, 0, 0.0, "passes"
@@ -141,7 +141,7 @@ def regress(
             current, current_loss, scale = moved, loss, min(pass_scale, 1.0)
             kept += 1
             for saved, param in zip(accepted, params):
-                saved.copy_(param.detach())
+                saved.copy_(param.detach(), non_blocking=True)
         else:  # this pass made the fit worse even scaled: undo it, and retry more gently
             with torch.no_grad():
                 for saved, param in zip(accepted, params):
@@ -171,6 +171,21 @@ def _check_positions(count: int, check_items: int, generator: torch.Generator) -
     if check_items <= 0 or check_items >= count:
         return torch.arange(count)
     return torch.randperm(count, generator=generator)[:check_items].sort().values
+
+
+def _host_copies(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `params` in host memory (pinned when they are on a GPU, so the copies back and forth overlap).
+
+    Why the host: the snapshot is read only when a pass is undone or line-searched, a few times a regression, and on
+    the GPU it would hold a second copy of every trained weight (91 MB for MiniLM) through the whole run, where
+    multi-step GRAM's peak on short texts is mostly such fixed parts (trainer/memory_budget.py)."""
+    pin = any(p.is_cuda for p in params)
+    copies = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for p in params]
+    for copy, param in zip(copies, params, strict=True):
+        copy.copy_(param.detach(), non_blocking=True)
+    if pin:
+        torch.cuda.current_stream().synchronize()  # the next step writes the parameters
+    return copies
 
 
 def _line_search(params, start, wanted, encoded, moved, check_encode, check_items) -> float:
@@ -206,6 +221,7 @@ def _line_search_scale(wanted: torch.Tensor, made: torch.Tensor) -> float:
 def _scale_move(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor], scale: float) -> None:
     """Parameters to start + scale * (parameters - start)."""
     for param, origin in zip(params, start):
+        origin = origin.to(param.device, non_blocking=True)  # one parameter's worth on the GPU at a time
         param.sub_(origin).mul_(scale).add_(origin)
 
 
@@ -243,7 +259,8 @@ def _accumulate_gradients(
 
 
 def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    """The parameters as one flat host vector (read once before and once after the regression, for its report)."""
+    return torch.cat([p.detach().reshape(-1).cpu() for p in params])
 
 
 @dataclass

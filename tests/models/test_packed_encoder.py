@@ -116,6 +116,22 @@ def test_token_cap_does_not_change_embeddings():
         assert torch.allclose(encoder.encode(tokens, IDX, 64), reference, atol=1e-12)
 
 
+def test_no_grad_encode_writes_each_chunk_in_place_with_the_same_result():
+    """A no-grad encode fills one [K, D] output chunk by chunk; with autograd it concatenates and reorders. Same rows,
+    in idx's order, repeats included, in the weights' dtype."""
+    encoder, tokens = tiny_encoder(), random_tokens(40)
+    idx = torch.tensor([7, 3, 3, 39, 0, 12, 7, 25, 1, 30, 3])  # unsorted, with repeats
+    encoder.batch_tokens = 12  # several chunks
+    with_grad = encoder.encode(tokens, idx, 4).detach()
+    with torch.no_grad():
+        in_place = encoder.encode(tokens, idx, 4)
+    assert in_place.dtype == torch.float64 and in_place.shape == (len(idx), encoder.dim)
+    assert torch.equal(in_place, with_grad)
+    assert torch.equal(in_place[1], in_place[2]) and torch.equal(in_place[0], in_place[6])
+    with torch.no_grad():
+        assert encoder.encode(tokens, torch.tensor([], dtype=torch.long), 4).shape == (0, encoder.dim)
+
+
 def test_token_rows():
     offsets, lengths = torch.tensor([0, 2, 5, 6]), torch.tensor([2, 3, 1])
     assert token_rows(offsets, lengths, torch.tensor([1, 0, 2, 1])).tolist() == [2, 3, 4, 0, 1, 5, 2, 3, 4]
