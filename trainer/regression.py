@@ -64,7 +64,6 @@ class RegressionPlan:
     line_search: bool = True  # rescue a pass that raised the pseudo-loss at a shorter length along its move
     check_items: int = 4096  # rows the decisions are measured on (0: every touched row)
     deadline: float | None = None  # time.perf_counter() value: the training run's own budget
-    bucket_batches: int = 0  # batches of like text length drawn from windows of this many (0: random batches)
 
 
 def regress(
@@ -120,7 +119,7 @@ def regress(
     while passes < plan.max_passes:
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for rows in _shuffled_chunks(items, tokens, plan.batch_items, generator, world, plan.bucket_batches):
+        for rows in _shuffled_chunks(items, tokens, plan.batch_items, generator, world):
             if agree(float(time.perf_counter() > end), world):
                 stopped = "time"
                 break
@@ -227,29 +226,14 @@ def _scale_move(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor], s
 
 
 def _shuffled_chunks(
-    items: torch.Tensor,
-    tokens: ItemTokens,
-    batch_items: int,
-    generator: torch.Generator,
-    world: World,
-    bucket_batches: int = 0,
+    items: torch.Tensor, tokens: ItemTokens, batch_items: int, generator: torch.Generator, world: World
 ):
     """One pass: positions into `items`, shuffled into batches of `batch_items`, each sorted by text length
-    (micro-batches of like lengths) and cut to this rank's share (the optimizer step sums the ranks' gradients).
-
-    bucket_batches > 0: the shuffled positions are cut into windows of that many batches, each window sorted by
-    text length and cut into batches, and the batches shuffled: every batch holds texts of like length (less
-    padding), every item still comes once a pass, and which items share a batch still changes every pass."""
+    (micro-batches of like lengths) and cut to this rank's share (the optimizer step sums the ranks' gradients)."""
     order = torch.randperm(len(items), generator=generator)
-    lengths = tokens.lengths[items]
-    if bucket_batches > 0:
-        windows = order.split(batch_items * bucket_batches)
-        order = torch.cat([w[torch.argsort(lengths[w], stable=True)] for w in windows])
-    batches = order.split(batch_items)
-    if bucket_batches > 0:
-        batches = tuple(batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
-    for rows in batches:
-        rows = rows[torch.argsort(lengths[rows], stable=True)]
+    for start in range(0, len(order), batch_items):
+        rows = order[start : start + batch_items]
+        rows = rows[torch.argsort(tokens.lengths[items[rows]], stable=True)]
         yield rows[world.rank :: world.size]
 
 

@@ -105,14 +105,6 @@ class TrainSettings(BaseSettings):
         "encoder optimizer (its own, no warm-up); default: 3e-4 (kt), 1e-4 (nr), measured",
     )
     regress_batch_size: int = Field(256, ge=1, description="multi-step GRAM: items per regression optimizer step")
-    regress_bucket_batches: int = Field(
-        0,
-        ge=0,
-        le=4096,
-        description="multi-step GRAM: draw each regression pass's batches from shuffled windows of this many "
-        "batches sorted by text length, then shuffle the batches (0: plain random batches). Like-length batches "
-        "pad less: 78% of a padded MIND-title batch is text instead of 41% (BENCHMARKS.md §3)",
-    )
     regress_fit: float = Field(
         0.5,
         gt=0.0,

@@ -465,7 +465,6 @@ class GramMultiStep(Strategy):
         return RegressionPlan(
             lr=self.regress_lr,
             batch_items=s.regress_batch_size,
-            bucket_batches=s.regress_bucket_batches,
             micro_items=s.encoder_batch_size,
             fit=s.regress_fit,
             max_passes=s.regress_max_passes,
