@@ -125,10 +125,25 @@ class _EncoderGraphs:
             self.capture, self.capture_error = False, f"{type(error).__name__}: {error}"
             log.warning("encoder graphs off: capture failed", extra={"error": self.capture_error})
             torch.cuda.synchronize(self.device)
+            restore_after_failed_capture(self.device)
             return None
         self.capture_s += time.perf_counter() - started
         self.captures += 1
         return graphs
+
+
+def restore_after_failed_capture(device: torch.device) -> None:
+    """A capture that fails ends before PyTorch takes CUDA's RNG out of capture mode, and every later random kernel
+    (dropout) then raises "Offset increment outside graph capture" (measured on an H100); one trivial capture that
+    ends cleanly takes it out."""
+    scratch = torch.zeros(1, device=device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            scratch.add_(1.0)
+    except RuntimeError as error:
+        log.warning("CUDA graph state not restored after a failed capture", extra={"error": repr(error)})
+    torch.cuda.synchronize(device)
 
 
 # -- multi-step GRAM's regression ---------------------------------------------------------------------------------

@@ -256,6 +256,10 @@ def _accumulate_gradients(
         predicted = encoder.encode(tokens, chunk[lo:hi], plan.micro_items)  # [b, D]
         loss = 0.5 * (predicted - targets[lo:hi]).pow(2).sum()
         loss.backward()
+        # Free this call's autograd graph now: a graph capture later in this loop must not find the AccumulateGrad
+        # nodes it made on the default stream alive (measured on an H100: the capture is invalidated, and the failed
+        # capture leaves CUDA's RNG unusable for the rest of the process).
+        del predicted, loss
 
 
 def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
