@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -356,11 +357,16 @@ def token_rows(offsets: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor) 
 
 
 def batch_bounds(
-    sorted_lengths: torch.Tensor, batch_size: int, batch_tokens: int | None, packed: bool
+    sorted_lengths: torch.Tensor,
+    batch_size: int,
+    batch_tokens: int | None,
+    packed: bool,
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[tuple[int, int]]:
     """Splits items sorted by length (ascending) into [start, end) batches of at most `batch_size` items and,
     if set, `batch_tokens` tokens: the sum of lengths when packed, B x the padded width (the longest length rounded
-    up to PAD_MULTIPLE, as ItemTokens.batch lays it out) when padded. A batch always holds at least one item."""
+    up to PAD_MULTIPLE, as ItemTokens.batch lays it out) when padded, with B counted as `rows(B)` when given (a
+    CUDA graph runs B texts in a bucket of rows). A batch always holds at least one item."""
     n = len(sorted_lengths)
     bounds = []
     start = 0
@@ -372,7 +378,8 @@ def batch_bounds(
                 cost = torch.cumsum(window, 0)
             else:
                 width = (window + PAD_MULTIPLE - 1) // PAD_MULTIPLE * PAD_MULTIPLE
-                cost = width * torch.arange(1, len(window) + 1)
+                count = torch.arange(1, len(window) + 1)
+                cost = width * (rows(count) if rows is not None else count)
             end = start + max(1, int(torch.searchsorted(cost, batch_tokens, right=True)))
         bounds.append((start, end))
         start = end

@@ -43,6 +43,13 @@ def row_bucket(rows: int) -> int:
     return -(-rows // ROW_STEP) * ROW_STEP
 
 
+def row_buckets(rows: torch.Tensor) -> torch.Tensor:
+    """row_bucket of each count in `rows` (int64 tensor, values >= 1)."""
+    powers = torch.clamp(2 ** torch.ceil(torch.log2(rows.double())), min=MIN_ROWS).long()
+    steps = (rows + ROW_STEP - 1) // ROW_STEP * ROW_STEP
+    return torch.where(rows <= 256, powers, steps)
+
+
 def padded_inputs(tokens: ItemTokens, items: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and mask of `items` ([b], sorted by length) padded to `rows` rows: [rows, W] each (CPU)."""
     input_ids, attention_mask = tokens.batch(items)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens, batch_bounds
 from gramrec.trainer.distributed import SINGLE, World, agree
-from gramrec.trainer.encoder_graphs import GraphedPseudoLoss
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_buckets
 
 UNTOUCHED_SAMPLE = 512  # untouched items encoded before and after, to see how far the regression moved them
 
@@ -248,8 +248,7 @@ def _accumulate_gradients(
     """Back-propagates the pseudo-loss of `chunk` micro-batch by micro-batch (one graph alive at a time, so peak
     memory follows the encoder's token cap)."""
     device = targets.device
-    packed = encoder.uses_packed(device, autocast=True)
-    for lo, hi in batch_bounds(tokens.lengths[chunk], plan.micro_items, encoder.batch_tokens, packed):
+    for lo, hi in _micro_batches(encoder, tokens.lengths[chunk], plan.micro_items, graphs is not None, device):
         if graphs is not None and graphs.accepts(tokens, chunk[lo:hi], encoder.batch_tokens):
             graphs.accumulate(tokens, chunk[lo:hi], targets[lo:hi])
             continue
@@ -260,6 +259,35 @@ def _accumulate_gradients(
         # nodes it made on the default stream alive (measured on an H100: the capture is invalidated, and the failed
         # capture leaves CUDA's RNG unusable for the rest of the process).
         del predicted, loss
+
+
+def _micro_batches(
+    encoder: ContentEncoder, sorted_lengths: torch.Tensor, micro_items: int, graphed: bool, device: torch.device
+) -> list[tuple[int, int]]:
+    """[start, end) micro-batches of a chunk sorted by length, within the encoder's caps. With graphs, the texts short
+    enough for a padded call are cut as a graph runs them (B texts in row_bucket(B) rows), so each fits the token cap
+    that GraphedPseudoLoss.accepts checks and is replayed: cut by real rows, a micro-batch near a tight cap (a memory
+    budget) overflowed its bucket and ran eagerly. The longer texts are cut as encode() runs them."""
+    packed = encoder.uses_packed(device, autocast=True)
+    cap = encoder.batch_tokens
+    if not graphed:
+        return batch_bounds(sorted_lengths, micro_items, cap, packed)
+    short = _padded_prefix(encoder, sorted_lengths, device)
+    head = batch_bounds(sorted_lengths[:short], micro_items, cap, packed=False, rows=row_buckets)
+    tail = batch_bounds(sorted_lengths[short:], micro_items, cap, packed)
+    return head + [(short + lo, short + hi) for lo, hi in tail]
+
+
+def _padded_prefix(encoder: ContentEncoder, sorted_lengths: torch.Tensor, device: torch.device) -> int:
+    """How many of the (ascending) lengths encode() would run padded, not packed (uses_packed grows with length)."""
+    lo, hi = 0, len(sorted_lengths)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if encoder.uses_packed(device, autocast=True, max_length=int(sorted_lengths[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_bucket
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_bucket, row_buckets
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
 from gramrec.trainer.train import train_step
 from tests.helpers.encoders import random_tokens, tiny_encoder
@@ -103,3 +103,34 @@ def test_a_batch_whose_padded_shape_exceeds_the_token_cap_stays_eager():
     width = tokens.padded_width(int(tokens.lengths[rows[-1]]))
     assert graphs.accepts(tokens, rows, token_cap=8 * width)
     assert not graphs.accepts(tokens, rows, token_cap=8 * width - 1)
+
+
+def test_row_buckets_match_row_bucket():
+    counts = torch.arange(1, 1000)
+    assert row_buckets(counts).tolist() == [row_bucket(int(n)) for n in counts]
+
+
+@pytest.mark.parametrize("cap", [700, 3723, 65536])
+def test_regression_micro_batches_fit_the_graphs_they_run_in(cap):
+    """With graphs, every micro-batch of padded texts fits the token cap as its graph lays it out (its row bucket
+    times its padded width), so GraphedPseudoLoss.accepts takes it; texts long enough to be packed follow, cut as
+    encode() cuts them. Without graphs, the encoder's own bounds. Either way the micro-batches cover the chunk."""
+    from gramrec.models.content_encoder import PACK_MIN_TOKENS, batch_bounds
+    from gramrec.trainer.regression import _micro_batches
+
+    encoder = tiny_encoder()
+    encoder.attention, encoder.batch_tokens = "auto", cap
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 2 * PACK_MIN_TOKENS, (900,), generator=g).sort().values
+    cuda = torch.device("cuda")  # only its type is read: which texts encode() would pack there
+    bounds = _micro_batches(encoder, lengths, 256, graphed=True, device=cuda)
+    assert [lo for lo, _ in bounds[1:]] == [hi for _, hi in bounds[:-1]] and bounds[0][0] == 0
+    assert bounds[-1][1] == len(lengths)
+    for lo, hi in bounds:
+        longest = int(lengths[hi - 1])
+        if longest <= PACK_MIN_TOKENS:  # a padded call: it must fit its graph
+            width = -(-longest // 8) * 8
+            assert hi - lo == 1 or row_bucket(hi - lo) * width <= cap, (lo, hi)
+        else:
+            assert int(lengths[lo]) > PACK_MIN_TOKENS, "a micro-batch mixing padded and packed texts"
+    assert _micro_batches(encoder, lengths, 256, graphed=False, device=cuda) == batch_bounds(lengths, 256, cap, True)
