@@ -228,9 +228,9 @@ class ContentEncoder(nn.Module):
         # Without autograd each chunk goes straight to its rows of one [K, D] output: one [K, D] alive at the end
         # instead of three (the chunks, their concatenation, the reordered copy), which a whole-catalog encode on
         # short texts makes a large part of multi-step GRAM's peak (trainer/memory_budget.py).
-        direct = not torch.is_grad_enabled()
-        out = torch.empty(len(idx), self.dim, device=device, dtype=weight.dtype) if direct else None
-        rows = order.to(device) if direct else None
+        out = rows = None
+        if not torch.is_grad_enabled():
+            out, rows = torch.empty(len(idx), self.dim, device=device, dtype=weight.dtype), order.to(device)
         chunks = []
         for start, end in tqdm(bounds, desc="encoding items", unit="batch", disable=not progress, leave=False):
             chunk = idx[order[start:end]]

@@ -44,10 +44,8 @@ def row_bucket(rows: int) -> int:
 
 
 def row_buckets(rows: torch.Tensor) -> torch.Tensor:
-    """row_bucket of each count in `rows` (int64 tensor, values >= 1)."""
-    powers = torch.clamp(2 ** torch.ceil(torch.log2(rows.double())), min=MIN_ROWS).long()
-    steps = (rows + ROW_STEP - 1) // ROW_STEP * ROW_STEP
-    return torch.where(rows <= 256, powers, steps)
+    """row_bucket of each count in `rows` (a micro-batch's candidate sizes, at most a few hundred)."""
+    return torch.tensor([row_bucket(n) for n in rows.tolist()], dtype=torch.long)
 
 
 def padded_inputs(tokens: ItemTokens, items: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,8 +181,8 @@ def _host_copies(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     multi-step GRAM's peak on short texts is mostly such fixed parts (trainer/memory_budget.py)."""
     pin = any(p.is_cuda for p in params)
     copies = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for p in params]
-    for copy, param in zip(copies, params, strict=True):
-        copy.copy_(param.detach(), non_blocking=True)
+    for snapshot, param in zip(copies, params, strict=True):
+        snapshot.copy_(param.detach(), non_blocking=True)
     if pin:
         torch.cuda.current_stream().synchronize()  # the next step writes the parameters
     return copies

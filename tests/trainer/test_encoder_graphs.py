@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_bucket, row_buckets
+from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_bucket
 from gramrec.trainer.strategies import EndToEnd, GramMultiStep, GramSingleStep
 from gramrec.trainer.train import train_step
 from tests.helpers.encoders import random_tokens, tiny_encoder
@@ -103,11 +103,6 @@ def test_a_batch_whose_padded_shape_exceeds_the_token_cap_stays_eager():
     width = tokens.padded_width(int(tokens.lengths[rows[-1]]))
     assert graphs.accepts(tokens, rows, token_cap=8 * width)
     assert not graphs.accepts(tokens, rows, token_cap=8 * width - 1)
-
-
-def test_row_buckets_match_row_bucket():
-    counts = torch.arange(1, 1000)
-    assert row_buckets(counts).tolist() == [row_bucket(int(n)) for n in counts]
 
 
 @pytest.mark.parametrize("cap", [700, 3723, 65536])
