@@ -1,14 +1,13 @@
-"""Does a failed CUDA-graph capture leave CUDA's RNG in capture mode, and does `restore_after_failed_capture` end it?
+"""Does a failed CUDA-graph capture leave CUDA's RNG in capture mode, and does training's capture recover from it?
 
 BENCHMARKS.md §3 (issue #11, fourth session) saw a failed capture followed by "Offset increment outside graph capture
-encountered unexpectedly" at the process's next dropout. `trainer/encoder_graphs.py` answers a failed capture with
-one trivial capture that ends cleanly. This probe checks that on a GPU, each case in a fresh process:
+encountered unexpectedly" at the process's next dropout. `trainer/cuda_graphs.capture_graphs` answers a failed
+capture with one trivial capture that ends cleanly. This probe checks that on a GPU, each case in a fresh process:
 
-  * `none`: a capture fails (a host synchronisation inside it), then dropout runs eagerly;
-  * `restore`: the same, with `restore_after_failed_capture` before the dropout, then a dropout graph is captured
-    and replayed;
+  * `none`: a bare `torch.cuda.graph` capture fails (a host synchronisation inside it), then dropout runs eagerly;
+  * `restore`: the same capture through `capture_graphs`, then dropout, then a dropout graph captured and replayed;
   * `live-grad`: the failure met in training (an autograd graph made outside the capture still alive while a
-    backward is captured), with the restore, then dropout.
+    backward is captured), through `capture_graphs`, then the same.
 
     python3 bench/capture_failure_probe.py            # prints one JSON line per case
 """
@@ -25,33 +24,41 @@ import torch
 CASES = ("none", "restore", "live-grad")
 
 
-def _fail_a_capture(device: torch.device) -> str:
-    """A capture with dropout in it that a host synchronisation invalidates; the error it raised."""
+def _synchronising_body(device: torch.device):
+    """A capture body with dropout in it that a host synchronisation invalidates."""
     x = torch.randn(256, 64, device=device)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            y = torch.nn.functional.dropout(x, 0.1)
-            y.sum().item()  # a synchronisation: not allowed while capturing
-    except RuntimeError as error:
-        return str(error).splitlines()[0]
-    return "capture did not fail"
+
+    def body() -> None:
+        torch.nn.functional.dropout(x, 0.1).sum().item()  # a synchronisation: not allowed while capturing
+
+    return body
 
 
-def _fail_with_live_grad(device: torch.device) -> str:
-    """An eager forward's graph (AccumulateGrad nodes made on the default stream) alive during a captured backward."""
+def _live_grad_body(device: torch.device):
+    """A captured backward while an eager forward's graph (AccumulateGrad nodes of the same weights) is alive."""
     layer = torch.nn.Linear(64, 64).to(device)
-    alive = layer(torch.randn(32, 64, device=device)).sum()  # noqa: F841 - kept alive on purpose
+    alive = layer(torch.randn(32, 64, device=device)).sum()
     static = torch.randn(32, 64, device=device)
-    graph = torch.cuda.CUDAGraph()
+
+    def body() -> None:
+        torch.nn.functional.dropout(layer(static), 0.1).sum().backward()
+
+    body.alive = alive  # type: ignore[attr-defined]  # kept alive on purpose
+    return body
+
+
+def _fail(device: torch.device, body, guarded: bool) -> str:
+    """The error a capture of `body` raised, bare or through capture_graphs."""
+    from gramrec.trainer.cuda_graphs import CaptureFailed, capture_graphs, on_side_stream
+
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            with torch.cuda.graph(graph):
-                torch.nn.functional.dropout(layer(static), 0.1).sum().backward()
-    except RuntimeError as error:
-        return str(error).splitlines()[0]
+        if guarded:
+            on_side_stream(device, lambda: capture_graphs(device, [body]))
+        else:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                body()
+    except (CaptureFailed, RuntimeError) as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return "capture did not fail"
 
 
@@ -80,14 +87,11 @@ def _dropout_graph_replays(device: torch.device) -> str:
 
 
 def run_case(case: str) -> dict:
-    from gramrec.trainer.encoder_graphs import restore_after_failed_capture
-
     device = torch.device("cuda")
     _dropout_runs(device)  # CUDA and the generator initialised before anything fails
-    failure = _fail_with_live_grad(device) if case == "live-grad" else _fail_a_capture(device)
+    body = _live_grad_body(device) if case == "live-grad" else _synchronising_body(device)
+    failure = _fail(device, body, guarded=case != "none")
     torch.cuda.synchronize(device)
-    if case != "none":
-        restore_after_failed_capture(device)
     result = {"case": case, "capture": failure, "dropout after": _dropout_runs(device)}
     if case != "none":
         result["dropout graph after"] = _dropout_graph_replays(device)

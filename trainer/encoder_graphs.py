@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
+from gramrec.trainer.cuda_graphs import WARMUP_CALLS, CaptureFailed, capture_graphs, on_side_stream
 
 log = logging.getLogger(__name__)
 
-WARMUP_CALLS = 2  # real (eager) calls per shape before its capture: allocator, cuBLAS workspaces, attention plans
 MIN_ROWS = 8  # smallest row bucket
 ROW_STEP = 128  # above 256 rows, buckets grow by this many rows (a step's item count varies by a few percent)
 
@@ -117,38 +117,17 @@ class _EncoderGraphs:
     def captured(self, *bodies: Callable[[], None]) -> list[torch.cuda.CUDAGraph] | None:
         """One graph per body, captured in order into the shared pool; None (and capture off for the run, with a
         warning) when the backbone cannot be captured: the padded calls then run eagerly, exact but not faster."""
-        torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize(self.device)  # the capture's time, not the queued work's
         started = time.perf_counter()
-        graphs = []
         try:
-            for body in bodies:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    body()
-                graphs.append(graph)
-        except RuntimeError as error:
-            self.capture, self.capture_error = False, f"{type(error).__name__}: {error}"
+            graphs = capture_graphs(self.device, bodies, self.pool)
+        except CaptureFailed as error:
+            self.capture, self.capture_error = False, str(error)
             log.warning("encoder graphs off: capture failed", extra={"error": self.capture_error})
-            torch.cuda.synchronize(self.device)
-            restore_after_failed_capture(self.device)
             return None
         self.capture_s += time.perf_counter() - started
         self.captures += 1
         return graphs
-
-
-def restore_after_failed_capture(device: torch.device) -> None:
-    """A capture that fails ends before PyTorch takes CUDA's RNG out of capture mode, and every later random kernel
-    (dropout) then raises "Offset increment outside graph capture" (measured on an H100); one trivial capture that
-    ends cleanly takes it out."""
-    scratch = torch.zeros(1, device=device)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            scratch.add_(1.0)
-    except RuntimeError as error:
-        log.warning("CUDA graph state not restored after a failed capture", extra={"error": repr(error)})
-    torch.cuda.synchronize(device)
 
 
 # -- multi-step GRAM's regression ---------------------------------------------------------------------------------
@@ -210,12 +189,8 @@ class GraphedPseudoLoss(_EncoderGraphs):
         if not self.capture:
             self._body(shape)
             return
-        if shape.graph is None and shape.eager_calls < WARMUP_CALLS:  # a real call, on a side stream
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._body(shape)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+        if shape.graph is None and shape.eager_calls < WARMUP_CALLS:  # a real call
+            on_side_stream(self.device, lambda: self._body(shape))
             shape.eager_calls += 1
             return
         if shape.graph is None:

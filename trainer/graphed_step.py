@@ -11,6 +11,7 @@ encoder's backward. On a CPU the same padded step runs eagerly (what the CPU tes
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gramrec.trainer.cuda_graphs import WARMUP_CALLS, CaptureFailed, capture_graphs, on_side_stream
 from gramrec.trainer.static_batches import StaticBatch, pad_batch
 from gramrec.trainer.strategies import Strategy
 
-WARMUP_STEPS = 2  # eager (real) steps per shape before its capture: allocator, cuBLAS/cuDNN workspaces, Adam state
+log = logging.getLogger(__name__)
+
 # Batches padded and queued to the device at a time by `stream`: a small first chunk so the GPU starts at once,
 # then large ones. The graphed loop is GPU-bound (on an H200 the host's share of a step, ~0.3 ms, runs ahead of the
 # graph's ~0.5 ms: bench/cf_loop_probe.py), so a chunk prepared while earlier steps still run costs no wall time;
@@ -78,6 +81,7 @@ class StaticCFStep:
         self.shapes: dict[tuple, _Shape] = {}
         self.capture_s = 0.0  # seconds spent capturing graphs (inside the training loop, so in epoch times)
         self.captures = 0
+        self.capture_error: str | None = None
         self.replays = 0
         self.prepare_s = 0.0  # seconds spent padding batches and queueing their copies to the device
         self.pad_s = 0.0  # of which padding
@@ -167,27 +171,35 @@ class StaticCFStep:
     def _run(self, shape: _Shape) -> torch.Tensor:
         if not self.capture:
             return self._body(shape)
-        if shape.graph is None and shape.eager_steps < WARMUP_STEPS:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                loss = self._body(shape)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+        if shape.graph is None and shape.eager_steps < WARMUP_CALLS:
+            loss = on_side_stream(self.device, lambda: self._body(shape))
             shape.eager_steps += 1
             return loss
-        if shape.graph is None:
-            torch.cuda.synchronize(self.device)
-            started = time.perf_counter()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                shape.loss = self._body(shape)
-            shape.graph = graph
-            self.capture_s += time.perf_counter() - started
-            self.captures += 1
+        if shape.graph is None and not self._capture(shape):
+            return self._body(shape)
         assert shape.graph is not None and shape.loss is not None
         shape.graph.replay()
         self.replays += 1
         return shape.loss.clone()  # the graph overwrites its output at the next replay
+
+    def _capture(self, shape: _Shape) -> bool:
+        """Captures the shape's step; on failure every later step runs eagerly (exact, not faster), with a warning."""
+
+        def step() -> None:
+            shape.loss = self._body(shape)
+
+        torch.cuda.synchronize(self.device)  # the capture's time, not the queued work's
+        started = time.perf_counter()
+        try:
+            [shape.graph] = capture_graphs(self.device, [step])
+        except CaptureFailed as error:
+            shape.loss = None
+            self.capture, self.capture_error = False, str(error)
+            log.warning("CF step graphs off: capture failed", extra={"error": self.capture_error})
+            return False
+        self.capture_s += time.perf_counter() - started
+        self.captures += 1
+        return True
 
     def _body(self, shape: _Shape) -> torch.Tensor:
         """The step as captured: zero gradients, embed, loss, backward, CF optimizer step, item-row updates."""
