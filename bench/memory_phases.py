@@ -30,19 +30,19 @@ from gramrec.trainer.graphed_step import StaticCFStep  # noqa: E402
 from gramrec.trainer.strategies import GramMultiStep  # noqa: E402
 
 GIB = 2**30
-_running_peak = [0]  # the highest allocation any finished wrapped call saw since the last reset
+# One entry per wrapped call still running: the highest allocation seen inside it before its latest reset of CUDA's
+# peak counter (a nested call resets it, then hands its own peak back here).
+_open_peaks: list[int] = []
 _phases: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "start": 0.0, "peak": 0.0, "rise": 0.0})
 
 
 def _label_encode(args, kwargs) -> str:
+    """encode(self, tokens, idx, batch_size, progress, autocast): its precision, autograd and size class."""
     items = args[2] if len(args) > 2 else kwargs["idx"]
     autocast = kwargs.get("autocast", args[5] if len(args) > 5 else True)
     grad = "grad" if torch.is_grad_enabled() else "no-grad"
-    return (
-        f"encode {'bf16' if autocast else 'float32'} {grad} ({len(items):,} items)"
-        if len(items) > 20_000
-        else (f"encode {'bf16' if autocast else 'float32'} {grad} (<=20k items)")
-    )
+    size = f"{len(items):,} items" if len(items) > 20_000 else "<=20k items"
+    return f"encode {'bf16' if autocast else 'float32'} {grad} ({size})"
 
 
 def _wrap(owner, name: str, label=None) -> None:
@@ -53,14 +53,17 @@ def _wrap(owner, name: str, label=None) -> None:
         if not torch.cuda.is_available():
             return original(*args, **kwargs)
         phase = label(args, kwargs) if callable(label) else (label or name)
+        if _open_peaks:
+            _open_peaks[-1] = max(_open_peaks[-1], torch.cuda.max_memory_allocated())
         start = torch.cuda.memory_allocated()
-        outer_peak = max(torch.cuda.max_memory_allocated(), _running_peak[0])
         torch.cuda.reset_peak_memory_stats()
+        _open_peaks.append(start)
         try:
             return original(*args, **kwargs)
         finally:
-            peak = torch.cuda.max_memory_allocated()
-            _running_peak[0] = max(outer_peak, peak)
+            peak = max(_open_peaks.pop(), torch.cuda.max_memory_allocated())
+            if _open_peaks:
+                _open_peaks[-1] = max(_open_peaks[-1], peak)
             entry = _phases[phase]
             entry["calls"] += 1
             if peak - start >= entry["rise"]:
