@@ -4,6 +4,7 @@ capture fails (the CF step's graphs, trainer/graphed_step.py, and the encoder's,
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -46,6 +47,37 @@ def capture_graphs(device: torch.device, bodies: Sequence[Callable[[], None]], p
         restore_after_failed_capture(device)
         raise CaptureFailed(f"{type(error).__name__}: {error}") from error
     return graphs
+
+
+class CapturedGraphs:
+    """The capture switch and counters of one family of graphs (the CF step's, the encoder's), and its capture: a
+    failure turns capture off for the run with a warning, and the family's calls run eagerly from then on (exact,
+    not faster). `pool`: a private memory pool the family's graphs share (None: one per capture)."""
+
+    graphs_name = "CUDA graphs"  # which family the warning names
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.capture = device.type == "cuda"
+        self.pool: tuple[int, int] | None = None  # torch.cuda.graph_pool_handle()
+        self.captures = 0
+        self.replays = 0
+        self.capture_s = 0.0  # seconds spent capturing (inside the training loop, so in epoch times)
+        self.capture_error: str | None = None
+
+    def captured(self, *bodies: Callable[[], None]) -> list[torch.cuda.CUDAGraph] | None:
+        """One graph per body, captured in order; None when the capture failed (capture is then off)."""
+        torch.cuda.synchronize(self.device)  # the capture's time, not the queued work's
+        started = time.perf_counter()
+        try:
+            graphs = capture_graphs(self.device, bodies, self.pool)
+        except CaptureFailed as error:
+            self.capture, self.capture_error = False, str(error)
+            log.warning("graphs off: capture failed", extra={"graphs": self.graphs_name, "error": self.capture_error})
+            return None
+        self.capture_s += time.perf_counter() - started
+        self.captures += 1
+        return graphs
 
 
 def restore_after_failed_capture(device: torch.device) -> None:

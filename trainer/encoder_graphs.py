@@ -19,17 +19,13 @@ run eagerly: what the tests compare with the reference calls.
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
-from gramrec.trainer.cuda_graphs import WARMUP_CALLS, CaptureFailed, capture_graphs, on_side_stream
-
-log = logging.getLogger(__name__)
+from gramrec.trainer.cuda_graphs import WARMUP_CALLS, CapturedGraphs, on_side_stream
 
 MIN_ROWS = 8  # smallest row bucket
 ROW_STEP = 128  # above 256 rows, buckets grow by this many rows (a step's item count varies by a few percent)
@@ -65,22 +61,19 @@ def copy_in(static: torch.Tensor, value: torch.Tensor) -> None:
     static.copy_(value.pin_memory() if cuda else value, non_blocking=cuda)
 
 
-class _EncoderGraphs:
+class _EncoderGraphs(CapturedGraphs):
     """What both kinds of graphed call share: the trained parameters' gradient buffers, one private memory pool
     (a shape's graphs run to completion before another shape's start, so shapes can share it), capture with an
     eager fallback, and the counters the benchmarks report."""
 
+    graphs_name = "encoder graphs"
+
     def __init__(self, encoder: ContentEncoder):
         self.encoder = encoder
         self.params = [p for p in encoder.parameters() if p.requires_grad]
-        self.device = self.params[0].device
-        self.capture = self.device.type == "cuda"
+        super().__init__(self.params[0].device)
         self.grads = [torch.zeros_like(p) for p in self.params]  # what .grad points at between optimizer steps
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.captures = 0
-        self.replays = 0
-        self.capture_s = 0.0
-        self.capture_error: str | None = None
 
     def accepts(self, tokens: ItemTokens, items: torch.Tensor, token_cap: int | None) -> bool:
         """Whether items ([b], sorted by length) can run as one padded call within the token cap."""
@@ -113,21 +106,6 @@ class _EncoderGraphs:
         """bf16 autocast on CUDA, without the cast cache (a graph must recast the weights each replay)."""
         on = self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=False)
-
-    def captured(self, *bodies: Callable[[], None]) -> list[torch.cuda.CUDAGraph] | None:
-        """One graph per body, captured in order into the shared pool; None (and capture off for the run, with a
-        warning) when the backbone cannot be captured: the padded calls then run eagerly, exact but not faster."""
-        torch.cuda.synchronize(self.device)  # the capture's time, not the queued work's
-        started = time.perf_counter()
-        try:
-            graphs = capture_graphs(self.device, bodies, self.pool)
-        except CaptureFailed as error:
-            self.capture, self.capture_error = False, str(error)
-            log.warning("encoder graphs off: capture failed", extra={"error": self.capture_error})
-            return None
-        self.capture_s += time.perf_counter() - started
-        self.captures += 1
-        return graphs
 
 
 # -- multi-step GRAM's regression ---------------------------------------------------------------------------------

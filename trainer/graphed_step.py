@@ -11,7 +11,6 @@ encoder's backward. On a CPU the same padded step runs eagerly (what the CPU tes
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,11 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gramrec.trainer.cuda_graphs import WARMUP_CALLS, CaptureFailed, capture_graphs, on_side_stream
+from gramrec.trainer.cuda_graphs import WARMUP_CALLS, CapturedGraphs, on_side_stream
 from gramrec.trainer.static_batches import StaticBatch, pad_batch
 from gramrec.trainer.strategies import Strategy
-
-log = logging.getLogger(__name__)
 
 # Batches padded and queued to the device at a time by `stream`: a small first chunk so the GPU starts at once,
 # then large ones. The graphed loop is GPU-bound (on an H200 the host's share of a step, ~0.3 ms, runs ahead of the
@@ -61,28 +58,25 @@ class _Shape:
     loss: torch.Tensor | None = None
 
 
-class StaticCFStep:
+class StaticCFStep(CapturedGraphs):
     """Runs training steps on padded batches; on CUDA each shape is captured once and replayed."""
 
+    graphs_name = "CF step graphs"
+
     def __init__(self, strategy: Strategy, task, batch_size: int, device: torch.device, dim: int):
+        super().__init__(device)
         self.strategy = strategy
         self.head: nn.Module = strategy.head
         self.task = task
         self.rows = batch_size
         self.caps = task.static_caps()
-        self.device = device
         self.dim = dim
-        self.capture = device.type == "cuda"
         self.optimizer, self.scheduler = strategy.optimizers["cf"]
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         with torch.no_grad():
             probe = strategy.static_rows(torch.zeros(1, dtype=torch.long, device=device))
         self.embeds_in_graph = probe is not None  # table strategies; encoder strategies embed outside the graph
         self.shapes: dict[tuple, _Shape] = {}
-        self.capture_s = 0.0  # seconds spent capturing graphs (inside the training loop, so in epoch times)
-        self.captures = 0
-        self.capture_error: str | None = None
-        self.replays = 0
         self.prepare_s = 0.0  # seconds spent padding batches and queueing their copies to the device
         self.pad_s = 0.0  # of which padding
         self._armed = False
@@ -183,22 +177,16 @@ class StaticCFStep:
         return shape.loss.clone()  # the graph overwrites its output at the next replay
 
     def _capture(self, shape: _Shape) -> bool:
-        """Captures the shape's step; on failure every later step runs eagerly (exact, not faster), with a warning."""
+        """Captures the shape's step; False when that failed (every later step then runs eagerly)."""
 
         def step() -> None:
             shape.loss = self._body(shape)
 
-        torch.cuda.synchronize(self.device)  # the capture's time, not the queued work's
-        started = time.perf_counter()
-        try:
-            [shape.graph] = capture_graphs(self.device, [step])
-        except CaptureFailed as error:
+        graphs = self.captured(step)
+        if graphs is None:
             shape.loss = None
-            self.capture, self.capture_error = False, str(error)
-            log.warning("CF step graphs off: capture failed", extra={"error": self.capture_error})
             return False
-        self.capture_s += time.perf_counter() - started
-        self.captures += 1
+        [shape.graph] = graphs
         return True
 
     def _body(self, shape: _Shape) -> torch.Tensor:

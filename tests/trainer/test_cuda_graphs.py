@@ -58,7 +58,7 @@ def test_a_cf_step_whose_capture_fails_goes_on_eagerly_with_the_same_updates(mon
         raise CaptureFailed("RuntimeError: cudaErrorStreamCaptureInvalidated")
 
     monkeypatch.setattr(graphed_step, "on_side_stream", lambda device, body: body())
-    monkeypatch.setattr(graphed_step, "capture_graphs", fails)
+    monkeypatch.setattr(cuda_graphs, "capture_graphs", fails)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     reference = make_run(GramMultiStep, "nr", "adam", period="2s", cf_step="graphed", batch_size=4)
     tried = make_run(GramMultiStep, "nr", "adam", period="2s", cf_step="graphed", batch_size=4)
