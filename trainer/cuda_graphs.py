@@ -20,12 +20,26 @@ class CaptureFailed(RuntimeError):
     """A capture failed and CUDA's RNG is usable again: the caller runs its bodies eagerly from here on."""
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one warm-up stream of `device`, made on first use and kept. One, not one per call: cuBLAS keeps a
+    workspace for every stream it runs on until the process ends, so a fresh stream per warm-up call kept ~65 MiB
+    allocated for good on an H100 (bench/graph_memory_probe.py: 65 MiB a call, 1.04 GiB over mind-title's 16
+    warm-up calls under a memory budget; BENCHMARKS.md §3, sixth session)."""
+    key = torch.device(device.type, torch.cuda.current_device() if device.index is None else device.index)
+    if key not in _side_streams:
+        _side_streams[key] = torch.cuda.Stream(key)
+    return _side_streams[key]
+
+
 def on_side_stream(device: torch.device, body: Callable[[], T]) -> T:
-    """Runs a warm-up call on a side stream, after the current stream's queued work and before its next: PyTorch
-    asks for warm-up off the default stream, so the lazy state it creates (cuBLAS handles, workspaces) belongs to
-    no stream that a capture will use."""
+    """Runs a warm-up call on the device's side stream, after the current stream's queued work and before its
+    next: PyTorch asks for warm-up off the default stream, so the lazy state it creates (cuBLAS handles,
+    workspaces) belongs to no stream that a capture will use."""
     current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
+    side = side_stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         out = body()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,3 +74,29 @@ def test_a_cf_step_whose_capture_fails_goes_on_eagerly_with_the_same_updates(mon
     assert step.capture is False and "cudaErrorStreamCaptureInvalidated" in step.capture_error
     assert step.captures == 0 and all(shape.graph is None for shape in step.shapes.values())
     assert max_relative_difference(parameters(tried), parameters(reference)) < 1e-9
+
+
+def test_warm_up_calls_share_one_side_stream_per_device(monkeypatch):
+    """A stream per warm-up call left a cuBLAS workspace allocated for each (~65 MiB on an H100,
+    bench/graph_memory_probe.py): every warm-up on a device now runs on the same stream, one per device."""
+    made: list[torch.device] = []
+
+    class Stream:
+        def __init__(self, device):
+            made.append(device)
+
+        def wait_stream(self, other) -> None:
+            pass
+
+    monkeypatch.setattr(cuda_graphs, "_side_streams", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ran = [cuda_graphs.on_side_stream(torch.device("cuda"), lambda: 7) for _ in range(3)]
+    ran.append(cuda_graphs.on_side_stream(torch.device("cuda:1"), lambda: 3))
+    sides = cuda_graphs._side_streams
+    assert ran == [7, 7, 7, 3]
+    assert set(sides) == {torch.device("cuda:0"), torch.device("cuda:1")}
+    assert cuda_graphs.side_stream(torch.device("cuda:0")) is sides[torch.device("cuda:0")]
+    assert made == [torch.device("cuda:0"), torch.device("cuda:1")]
