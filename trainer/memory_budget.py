@@ -11,10 +11,12 @@ The estimate, in bytes (every term from the encoder's config and the run's sizes
                Linear weights under autocast (the regression's snapshots of the weights live in host memory)
              + item tensors: the strategy's [N, D] tables (multi-step GRAM: table and encodings), and the larger of
                an inference encode of all N items (a no-grad encode writes each chunk into its rows of one [N, D]
-               output) and a regression's live rows (its targets and the re-encode of the touched rows that ends it:
-               2 [K, D], bounded by K <= N; its float32 checks hold [C, D] with C the check sample, a margin); the
-               bottom-layer cache when layers are frozen
+               output) and a regression's live rows (it reads its targets from the table and re-encodes the
+               touched rows REENCODE_CHUNK at a time: one chunk's [C, D]; its float32 checks hold [4096, D], a
+               margin); the bottom-layer cache when layers are frozen
              + the CF head with its gradients and Adam moments
+             + on CUDA, cuBLAS's workspaces: one set per stream a matmul runs on (the current stream, the graphs'
+               warm-up stream and their capture stream), each kept until the process ends
     forward  = tokens x (bytes alive at once inside one layer, no graph kept: the layer's input, the attention
                phase or the MLP phase, whichever is larger)
     backward = tokens x (bytes autograd saves over all layers, the embeddings and the pooling, plus one layer's
@@ -51,9 +53,15 @@ from torch import nn
 from gramrec.models.content_encoder import PACK_MIN_TOKENS, PAD_MULTIPLE, ContentEncoder, ItemTokens
 
 GIB = 2**30
-REGRESSION_ROWS = 2  # [K, D] float32 tensors alive at once in a regression: targets, the closing re-encode
+# A regression reads its targets from the table (no [K, D] copy) and re-encodes the touched rows into the tables
+# this many at a time, so the rows it holds at once are one chunk's output, not [K, D].
+REENCODE_CHUNK = 16_384
 ENCODE_ROWS = 1  # [K, D] tensors a no-grad encode of K items holds at its end: its output (ContentEncoder.encode)
 IDS_AND_MASK = 16  # int64 token ids and attention mask of the padded batch
+# cuBLAS workspaces of one stream used by a forward (the calling thread's handle) and a backward (the autograd
+# engine's): 65 MiB on an H100, torch 2.11 (bench/graph_memory_probe.py, BENCHMARKS.md §3 sixth session).
+CUBLAS_WORKSPACES_PER_STREAM = 65 * 2**20
+TRAINING_STREAMS = 3  # the current stream, the warm-up side stream, the graphs' capture stream
 
 
 class MemoryBudgetError(ValueError):
@@ -150,7 +158,7 @@ def item_bytes(
     row = dim * 4
     # A whole-catalog encode and a regression never run at once: the larger of the two counts.
     if regresses:
-        parts = {"regression_rows": REGRESSION_ROWS * num_items * row}
+        parts = {"regression_rows": min(num_items, REENCODE_CHUNK) * row}
     else:
         parts = {"inference_encode_rows": ENCODE_ROWS * num_items * row}
     if tables:
@@ -258,11 +266,14 @@ def plan_for_strategy(
     fixed = encoder_state_bytes(shape, autocast, finetunes, head_params)
     cache_bytes = 2 if autocast else shape.weight_bytes
     fixed |= item_bytes(len(tokens), encoder.dim, tables, regresses, cache_tokens, cache_bytes)
+    if device.type == "cuda":
+        fixed["cublas_workspaces"] = TRAINING_STREAMS * CUBLAS_WORKSPACES_PER_STREAM
     longest = -(-int(tokens.lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE if len(tokens) else 1
     width = padded_width(tokens, encoder, device)
     if regresses and regression_graphs and device.type == "cuda":  # on a CPU the padded call runs eagerly
-        # The graphs' gradients, summed into buffers that .grad points at: two sets of the trained weights' size.
-        graphed = fixed | {"regression_graph_gradients": 2 * shape.trainable * shape.weight_bytes}
+        # The graphs sum their gradients into buffers that .grad points at (encoder_grads above); what they add is
+        # the gradients their backward makes before summing them, kept in their pool: one set of trained weights.
+        graphed = fixed | {"regression_graph_gradients": shape.trainable * shape.weight_bytes}
         try:
             return plan_caps(budget_gib, shape, graphed, width, autocast, max_tokens, longest, graphs_held=True)
         except MemoryBudgetError:

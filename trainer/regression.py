@@ -24,6 +24,24 @@ from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_buckets
 UNTOUCHED_SAMPLE = 512  # untouched items encoded before and after, to see how far the regression moved them
 
 
+@dataclass(frozen=True)
+class TableRows:
+    """Rows `items` of an [N, D] table, gathered as they are read: the regression's targets without a [K, D] copy
+    (on mind-title a 0.12 GiB copy alive at GRAM-1E's peak; BENCHMARKS.md §3, sixth session). The table must not
+    change while the regression runs (no CF step runs then)."""
+
+    table: torch.Tensor  # [N, D]
+    items: torch.Tensor  # [K] indices into table, on its device
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [k] positions among the K items -> [k, D]"""
+        return self.table[self.items[rows]]
+
+
 @dataclass
 class RegressionReport:
     """What one regression did. Losses are 0.5 * sum ||row - CE(c)||^2 over the check rows (all touched rows, or a
@@ -70,25 +88,24 @@ def regress(
     encoder: ContentEncoder,
     tokens: ItemTokens,
     items: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | TableRows,
     untouched: torch.Tensor,
     plan: RegressionPlan,
     optimizer: torch.optim.Optimizer,
     optimizer_step: Callable[[], None],
-    encode: Callable[[torch.Tensor], torch.Tensor],
     check_encode: Callable[[torch.Tensor], torch.Tensor],
     generator: torch.Generator,
     world: World = SINGLE,
     progress: bool = False,
     graphs: GraphedPseudoLoss | None = None,
-) -> tuple[torch.Tensor | None, RegressionReport]:
+) -> tuple[bool, RegressionReport]:
     """Fits `encoder` (in eval mode) to `targets` for `items`.
 
-    items [K] (CPU) touched item indices; targets [K, D] their rows; untouched [M] (CPU) a sample of other items;
-    `optimizer_step` sums the ranks' gradients and steps `optimizer`; `encode` is the deterministic (eval, no grad)
-    encoder pass that made the table's encodings, `check_encode` the same in float32; `graphs`, when given, runs the
-    encoder calls it accepts as replayed CUDA graphs (trainer/encoder_graphs.py). Returns the items' new
-    encodings [K, D] (None when no pass was kept: the encoder is then exactly as it was) and the report.
+    items [K] (CPU) touched item indices; targets their rows ([K, D], or read from the table as they are needed);
+    untouched [M] (CPU) a sample of other items; `optimizer_step` sums the ranks' gradients and steps `optimizer`;
+    `check_encode` is the deterministic (eval, no grad) encoder pass in float32; `graphs`, when given, runs the
+    encoder calls it accepts as replayed CUDA graphs (trainer/encoder_graphs.py). Returns whether a pass was kept
+    (if not, the encoder is exactly as it was; if so, the caller re-encodes the items) and the report.
 
     Each pass is measured on the check rows (float32) and kept if it lowered the pseudo-loss there. A pass that
     raised it is rescued by a line search: its parameter move is a direction, and the parameters are set to
@@ -158,12 +175,11 @@ def regress(
     bar.close()
     for group in optimizer.param_groups:
         group["lr"] = plan.lr
-    new = encode(items) if kept else None  # the table's encodings, made as the table's were
     seconds = time.perf_counter() - started
     report = start.report(
         params, current, check_targets, check_encode, passes, steps, rejected, scale, lr, seconds, stopped, len(items)
     )
-    return new, report
+    return kept > 0, report
 
 
 def _check_positions(count: int, check_items: int, generator: torch.Generator) -> torch.Tensor:

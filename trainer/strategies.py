@@ -25,8 +25,8 @@ from torch import nn
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer.distributed import SINGLE, World, all_gather_rows, sum_gradients
 from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, GraphedTrainEncode
-from gramrec.trainer.memory_budget import MemoryPlan, plan_for_strategy
-from gramrec.trainer.regression import UNTOUCHED_SAMPLE, RegressionPlan, RegressionReport, regress
+from gramrec.trainer.memory_budget import REENCODE_CHUNK, MemoryPlan, plan_for_strategy
+from gramrec.trainer.regression import UNTOUCHED_SAMPLE, RegressionPlan, RegressionReport, TableRows, regress
 from gramrec.trainer.settings import TrainSettings
 
 log = logging.getLogger("gramrec.train")
@@ -369,6 +369,12 @@ class GramMultiStep(Strategy):
         if len(stale):
             self._set_encoding(stale, self._inference_encode(stale))
 
+    def _reencode(self, items: torch.Tensor) -> None:
+        """New encodings of `items` ([K] on the device) into both tables, REENCODE_CHUNK items at a time: no [K, D]
+        output alive at once (on titles, with the regression's targets, GRAM-1E's peak: trainer/memory_budget.py)."""
+        for chunk in items.split(REENCODE_CHUNK):
+            self._set_encoding(chunk, self._inference_encode(chunk))
+
     def _set_encoding(self, items: torch.Tensor, encoding: torch.Tensor) -> None:
         self.encoded[items] = encoding
         self.table[items] = encoding
@@ -432,16 +438,15 @@ class GramMultiStep(Strategy):
         touched = self.touched.nonzero().squeeze(1)
         report = None
         if len(touched):
-            new, report = regress(
+            kept, report = regress(
                 self.encoder,
                 self.tokens,
                 touched.cpu(),
-                self.table[touched],
+                TableRows(self.table, touched),
                 self._untouched_sample(),
                 self._plan(),
                 self.optimizers["encoder"][0],
                 lambda: self._step("encoder", schedule=False),  # the regression sets its own learning rate
-                self._inference_encode,
                 self._check_encode,
                 self._generator,
                 self.world,
@@ -451,9 +456,9 @@ class GramMultiStep(Strategy):
             self.reports.append(report)
             log.info("regression", extra={"regression": self.regressions, **report.as_dict()})
             self.regress_lr = report.lr_next
-            if new is not None:  # else no pass was kept: the encoder, and so every encoding, is as it was
+            if kept:  # else the encoder, and so every encoding, is as it was
                 self.encoder_version += 1
-                self._set_encoding(touched, new)
+                self._reencode(touched)
         self.encoder.train(was_training)
         self.regressions += 1
         self.touched.zero_()

@@ -232,3 +232,27 @@ def test_encoder_mode_is_set_by_the_strategy_not_by_call_order(strategy_cls, tra
     strategy._inference_encode(torch.arange(3))
     assert all(m.training == train_mode for m in dropouts)
     assert head.training
+
+
+def test_a_regression_re_encodes_its_rows_in_chunks_into_both_tables(monkeypatch):
+    """The touched rows are re-encoded a chunk at a time straight into the tables (no [K, D] output alive at once):
+    with chunks of 2 rows every touched row ends equal to a whole encode of them, and no other row changes."""
+    from gramrec.trainer import strategies
+
+    monkeypatch.setattr(strategies, "REENCODE_CHUNK", 2)
+    run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=3e-3, regress_batch_size=4,
+                   regress_fit=0.5, regress_max_passes=200, table_lr=1 / 32, progress=False)
+    strategy = run.strategy
+    for batch in kt_batches(3):
+        train_step(run, copy.deepcopy(batch))
+    touched = strategy.touched.nonzero().squeeze(1)
+    assert len(touched) > 2 * 2, "several chunks"
+    others = torch.ones(strategy.num_items, dtype=torch.bool)
+    others[touched] = False
+    untouched_rows = strategy.table[others].clone()
+    assert strategy.regress().fit > 0, "a pass was kept: the rows are re-encoded"
+    whole = strategy._inference_encode(touched.cpu())
+    assert torch.allclose(strategy.encoded[touched], whole, rtol=1e-12, atol=1e-14)
+    assert torch.equal(strategy.table[touched], strategy.encoded[touched])
+    assert bool((strategy.row_version[touched] == strategy.encoder_version).all()) and strategy.encoder_version == 1
+    assert torch.equal(strategy.table[others], untouched_rows)
