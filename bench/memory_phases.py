@@ -8,13 +8,22 @@ started and the highest allocation while it ran (nested calls included), aggrega
         --strategies gram-1e --skip-train --encoder-memory-gib mind-title=1.45
 
 Every argument goes to train_bench.py; the phase table is printed after its report (GiB, this process's
-allocations only). The wrappers reset CUDA's peak counter, so train_bench's own peak column is not valid here.
+allocations only) with each phase's seconds (the GPU synchronised around every wrapped call, so times attribute the
+epoch's work, a little slower than train_bench's own figures). The wrappers reset CUDA's peak counter, so
+train_bench's own peak column is not valid here.
+
+`--trace` (taken before the rest goes to train_bench) also records CUDA's allocator history with Python stacks
+over each measured epoch and names what is live at its peak: allocations grouped by the project's innermost frame
+(written to $OUT/memory_trace.json and printed). Recording slows the run; its times are not figures.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,7 +42,9 @@ GIB = 2**30
 # One entry per wrapped call still running: the highest allocation seen inside it before its latest reset of CUDA's
 # peak counter (a nested call resets it, then hands its own peak back here).
 _open_peaks: list[int] = []
-_phases: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "start": 0.0, "peak": 0.0, "rise": 0.0})
+_phases: dict[str, dict[str, float]] = defaultdict(
+    lambda: {"calls": 0, "start": 0.0, "peak": 0.0, "rise": 0.0, "seconds": 0.0}
+)
 
 
 def _label_encode(args, kwargs) -> str:
@@ -58,9 +69,16 @@ def _wrap(owner, name: str, label=None) -> None:
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         _open_peaks.append(start)
+        capturing = torch.cuda.is_current_stream_capturing()  # no synchronising inside a graph capture
+        if not capturing:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
+            if not capturing:
+                torch.cuda.synchronize()
+            _phases[phase]["seconds"] += time.perf_counter() - began
             peak = max(_open_peaks.pop(), torch.cuda.max_memory_allocated())
             if _open_peaks:
                 _open_peaks[-1] = max(_open_peaks[-1], peak)
@@ -72,7 +90,104 @@ def _wrap(owner, name: str, label=None) -> None:
     setattr(owner, name, recorded)
 
 
+TRACE_EVENTS = 1_500_000  # a ring buffer: a trace this long lost its start (reported)
+PROJECT_DIRS = ("/trainer/", "/models/", "/bench/", "/service/")
+
+
+def _project_frames(frames: list[dict], depth: int = 3) -> list[str]:
+    """The innermost `depth` frames in this project's files (innermost first), as file:line function."""
+    own = [f for f in frames if any(d in f["filename"] for d in PROJECT_DIRS) and "site-packages" not in f["filename"]]
+    return [f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}" for f in own[:depth]]
+
+
+def live_at_peak(trace: list[dict], baseline: int) -> dict:
+    """Replay an allocator trace: the peak of allocated bytes (the window's start counted as `baseline`) and the
+    allocations made inside the window that are live at that peak, grouped by their project frames."""
+    live: dict[int, int] = {}
+    total = peak = baseline
+    peak_at = -1
+    for i, event in enumerate(trace):
+        action, addr = event["action"], event["addr"]
+        if action == "alloc":
+            live[addr] = event["size"]
+            total += event["size"]
+        elif addr in live and action in ("free_requested", "free_completed"):
+            total -= live.pop(addr)
+        elif action == "free_requested":  # allocated before the window began
+            total -= event["size"]
+        if total > peak:
+            peak, peak_at = total, i
+    # Replay again up to the peak, keeping which allocations are live there.
+    alive: dict[int, dict] = {}
+    for event in trace[: peak_at + 1]:
+        if event["action"] == "alloc":
+            alive[event["addr"]] = event
+        elif event["action"] in ("free_requested", "free_completed"):
+            alive.pop(event["addr"], None)
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for event in alive.values():
+        key = " <- ".join(_project_frames(event.get("frames", []))) or "(no project frame)"
+        groups[key][0] += event["size"]
+        groups[key][1] += 1
+    top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]
+    return {
+        "baseline_bytes": baseline,
+        "peak_bytes": peak,
+        "peak_event": peak_at,
+        "events": len(trace),
+        "live_in_window_bytes": sum(e["size"] for e in alive.values()),
+        "groups": [{"where": k, "bytes": b, "blocks": n} for k, (b, n) in top],
+    }
+
+
+def _trace_epochs(traces: list[dict]) -> None:
+    """Wrap train_bench.measure_epoch so each epoch records the allocator's history and is analysed after."""
+    original = train_bench.measure_epoch
+
+    @functools.wraps(original)
+    def traced(workload, label, *args, **kwargs):
+        if not torch.cuda.is_available():
+            return original(workload, label, *args, **kwargs)
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=TRACE_EVENTS)
+        try:
+            return original(workload, label, *args, **kwargs)
+        finally:
+            try:
+                snapshot = torch.cuda.memory._snapshot()
+                trace = snapshot["device_traces"][torch.cuda.current_device()]
+                traces.append({"workload": workload.name, "strategy": label, **live_at_peak(trace, baseline)})
+            except Exception as error:  # the phase table still matters when the trace cannot be read
+                traces.append({"workload": workload.name, "strategy": label, "error": repr(error)})
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+    train_bench.measure_epoch = traced
+
+
+def _print_traces(traces: list[dict]) -> None:
+    out = Path(os.environ.get("OUT") or "bench/results/train")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_trace.json").write_text(json.dumps(traces, indent=1))
+    for t in traces:
+        if "error" in t:
+            print(f"\ntrace {t['workload']} {t['strategy']}: {t['error']}")
+            continue
+        print(
+            f"\ntrace {t['workload']} {t['strategy']}: peak {t['peak_bytes'] / GIB:.3f} GiB (window start "
+            f"{t['baseline_bytes'] / GIB:.3f}, live from the window {t['live_in_window_bytes'] / GIB:.3f}; "
+            f"event {t['peak_event']:,} of {t['events']:,})"
+        )
+        print("| live at the peak (GiB) | blocks | where (innermost project frames) |\n|---|---|---|")
+        for g in t["groups"]:
+            print(f"| {g['bytes'] / GIB:.3f} | {g['blocks']} | {g['where']} |")
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    traces: list[dict] = []
+    if "--trace" in argv:
+        argv.remove("--trace")
+        _trace_epochs(traces)
     _wrap(ContentEncoder, "encode", _label_encode)
     _wrap(regression, "_accumulate_gradients", "regression: a batch's gradients")
     _wrap(regression, "_line_search", "regression: line search")
@@ -82,12 +197,15 @@ def main() -> None:
     _wrap(StaticCFStep, "step", "CF step (graphed path)")
     _wrap(train_bench, "build_run", "building the run (strategy, initial table)")
     _wrap(train_bench, "measure_epoch", "the measured epoch, whole")
-    train_bench.main(sys.argv[1:])
-    print("\n| phase | calls | allocated at its start (GiB) | its peak (GiB) | rise (GiB) |\n|---|---|---|---|---|")
+    train_bench.main(argv)
+    print(
+        "\n| phase | calls | seconds | allocated at its start (GiB) | its peak (GiB) | rise (GiB) |\n|---|---|---|---|---|---|"
+    )
     for phase, e in sorted(_phases.items(), key=lambda kv: -kv[1]["peak"]):
         print(
-            f"| {phase} | {int(e['calls'])} | {e['start'] / GIB:.3f} | {e['peak'] / GIB:.3f} | {e['rise'] / GIB:.3f} |"
+            f"| {phase} | {int(e['calls'])} | {e['seconds']:.2f} | {e['start'] / GIB:.3f} | {e['peak'] / GIB:.3f} | {e['rise'] / GIB:.3f} |"
         )
+    _print_traces(traces)
 
 
 if __name__ == "__main__":

@@ -603,10 +603,31 @@ def differences(run: dict, reference: dict) -> dict[str, float]:
     return {"loss": loss, "head": head, "table": table}
 
 
+@contextlib.contextmanager
+def exact_float32(on: bool):
+    """TF32 off for cuDNN (the LSTM) and cuBLAS while `on`: cuDNN's default TF32 rounds each matmul to 10 mantissa
+    bits with an algorithm chosen per shape, so an eager step and a graphed one (padded to a bucket) differ by that
+    rounding, not by what they compute (measured: BENCHMARKS.md §3, sixth session)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if on:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def check_graphed(workload: Workload, source: EncoderSource, device: torch.device, args, cap_s: float) -> dict:
-    """The graphed CF step against the eager reference, dropout off: the same batches from the same weights must
-    give the same losses, head weights and item table to float tolerance. Also times both steps (after warm-up
-    and capture) on the same batches: the per-step overhead the graphs remove."""
+    """The graphed CF step against the eager reference, dropout off, in exact float32 (TF32 off unless
+    --graph-check-tf32): the same batches from the same weights must give the same losses, head weights and item
+    table to float tolerance. Also times both steps (after warm-up and capture) on the same batches: the per-step
+    overhead the graphs remove."""
+    with exact_float32(not args.graph_check_tf32):
+        out = _check_graphed(workload, source, device, args, cap_s)
+    return out | {"tf32": bool(args.graph_check_tf32)}
+
+
+def _check_graphed(workload: Workload, source: EncoderSource, device: torch.device, args, cap_s: float) -> dict:
     deadline = time.perf_counter() + cap_s
     batches = workload.epoch_batches(0)[: (6 if args.smoke else 60)]
     out: dict = {"steps": len(batches)}
@@ -1154,6 +1175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--floor-min-time", type=float, default=0.5, help="seconds per floor rate measurement")
     parser.add_argument("--forced-regress-items", type=int, default=2048,
                         help="a GRAM-1E epoch cut short times its regression on at most this many rows")
+    parser.add_argument("--graph-check-tf32", action="store_true",
+                        help="run the graphed-vs-eager check with TF32 as training has it (default: exact float32)")
     parser.add_argument("--disable-cudnn-sdpa", action="store_true",
                         help="torch.backends.cuda.enable_cudnn_sdp(False) for this run (cuDNN attention plans "
                              "every new batch shape; compare with the default)")

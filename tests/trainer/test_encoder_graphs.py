@@ -42,7 +42,9 @@ def test_graphed_regression_equals_the_eager_one():
     assert graphed_report.fit == pytest.approx(eager_report.fit, rel=1e-9, abs=1e-12)
     after = {k: v.detach() for k, v in graphed.encoder.named_parameters()}
     reference = {k: v.detach() for k, v in eager.encoder.named_parameters()}
-    assert max_relative_difference(after, reference) < 1e-9
+    # Padded calls sum in another order (float64 noise, 1e-16), which Adam's normalised steps raise: 1.4e-9 on
+    # this CI machine's CPU, under 1e-9 on the one the test was written on. A lost or repeated row differs by >1e-3.
+    assert max_relative_difference(after, reference) < 1e-7
     assert torch.allclose(graphed.strategy.encoded, eager.strategy.encoded, rtol=1e-9, atol=1e-12)
     assert graphed.encoder.items_backward == eager.encoder.items_backward
 
