@@ -80,7 +80,7 @@ def test_retrain_loop_under_load(deployment):
         for version in (v2["version"], v3["version"]):
             response = http.post(f"/admin/models/{version}/activate", headers=ADMIN)
             assert response.status_code == 200, response.text
-            wait_for(lambda: latest_version(load) == version, 10, f"predictions from {version}")
+            wait_for(lambda wanted=version: latest_version(load) == wanted, 10, f"predictions from {version}")
         jobs = http.get("/admin/jobs", headers=ADMIN).json()["jobs"]
         time.sleep(0.5)
 
