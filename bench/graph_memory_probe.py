@@ -20,13 +20,13 @@ import gc
 from collections import defaultdict
 
 import torch
+from memory_phases import allocated_at
 
 from gramrec.models.content_encoder import ContentEncoder, ItemTokens
 from gramrec.trainer import encoder_graphs
 from gramrec.trainer.encoder_graphs import GraphedPseudoLoss, row_bucket
 
 MIB = 2**20
-PROJECT_DIRS = ("/trainer/", "/models/", "/bench/")
 
 
 def titles(widths: list[int], rows: int, vocab: int) -> tuple[ItemTokens, list[torch.Tensor]]:
@@ -45,18 +45,13 @@ def titles(widths: list[int], rows: int, vocab: int) -> tuple[ItemTokens, list[t
     return ItemTokens(input_ids=torch.cat(ids), lengths=torch.cat(lengths)), batches
 
 
-def where(frames: list[dict]) -> str:
-    own = [f for f in frames if any(d in f["filename"] for d in PROJECT_DIRS) and "site-packages" not in f["filename"]]
-    return " <- ".join(f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in own[:3]) or "(no frame)"
-
-
 def live_blocks() -> dict[str, list[int]]:
     """Allocated blocks grouped by the project frames that made them: bytes, count."""
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for segment in torch.cuda.memory._snapshot()["segments"]:
         for block in segment["blocks"]:
             if block["state"] == "active_allocated":
-                entry = groups[where(block.get("frames", []))]
+                entry = groups[allocated_at(block.get("frames", []))]
                 entry[0] += block["size"]
                 entry[1] += 1
     return groups
@@ -102,8 +97,7 @@ def main() -> None:
     print("\n| still allocated (MiB) | blocks | made at |\n|---|---|---|")
     for key, (size, count) in sorted(live_blocks().items(), key=lambda kv: -kv[1][0])[:15]:
         print(f"| {size / MIB:.1f} | {count} | {key} |")
-    shapes = list(graphs.shapes.values())
-    del graphs, shapes
+    del graphs
     gc.collect()
     torch.cuda.synchronize()
     print(f"graphs dropped: allocated above start {(torch.cuda.memory_allocated() - start) / MIB:.1f} MiB")

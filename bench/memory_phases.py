@@ -78,11 +78,11 @@ def _wrap(owner, name: str, label=None) -> None:
         finally:
             if not capturing:
                 torch.cuda.synchronize()
-            _phases[phase]["seconds"] += time.perf_counter() - began
+            entry = _phases[phase]
+            entry["seconds"] += time.perf_counter() - began
             peak = max(_open_peaks.pop(), torch.cuda.max_memory_allocated())
             if _open_peaks:
                 _open_peaks[-1] = max(_open_peaks[-1], peak)
-            entry = _phases[phase]
             entry["calls"] += 1
             if peak - start >= entry["rise"]:
                 entry["start"], entry["peak"], entry["rise"] = start, peak, peak - start
@@ -94,10 +94,11 @@ TRACE_EVENTS = 1_500_000  # a ring buffer: a trace this long lost its start (rep
 PROJECT_DIRS = ("/trainer/", "/models/", "/bench/", "/service/")
 
 
-def _project_frames(frames: list[dict], depth: int = 3) -> list[str]:
-    """The innermost `depth` frames in this project's files (innermost first), as file:line function."""
+def allocated_at(frames: list[dict], depth: int = 3) -> str:
+    """Where an allocation was made: the innermost `depth` frames in this project's files, innermost first."""
     own = [f for f in frames if any(d in f["filename"] for d in PROJECT_DIRS) and "site-packages" not in f["filename"]]
-    return [f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}" for f in own[:depth]]
+    where = [f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}" for f in own[:depth]]
+    return " <- ".join(where) or "(no project frame)"
 
 
 def live_at_peak(trace: list[dict], baseline: int) -> dict:
@@ -126,7 +127,7 @@ def live_at_peak(trace: list[dict], baseline: int) -> dict:
             alive.pop(event["addr"], None)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for event in alive.values():
-        key = " <- ".join(_project_frames(event.get("frames", []))) or "(no project frame)"
+        key = allocated_at(event.get("frames", []))
         groups[key][0] += event["size"]
         groups[key][1] += 1
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]

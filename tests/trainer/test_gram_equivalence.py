@@ -114,15 +114,20 @@ def test_table_step_is_table_lr_on_the_loss_summed_over_the_batch_users():
     assert TrainSettings(task="nr", data=Path("x")).table_lr == 0.25
 
 
+def moved_kt_rows() -> tuple[GramMultiStep, torch.Tensor]:
+    """A KT multi-step GRAM run after 3 CF steps with no regression yet (one to fit half its pseudo-loss, in up to
+    200 passes), and the rows those steps touched."""
+    run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=3e-3, regress_batch_size=4,
+                   regress_fit=0.5, regress_max_passes=200, table_lr=1 / 32, progress=False)
+    for batch in kt_batches(3):
+        train_step(run, copy.deepcopy(batch))
+    return run.strategy, run.strategy.touched.nonzero().squeeze(1)
+
+
 def test_regression_removes_the_documented_share_of_its_pseudo_loss():
     """On a tiny encoder, one regression onto moved rows removes at least regress_fit of the pseudo-loss, and
     the report's numbers agree with a direct measurement."""
-    run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=3e-3, regress_batch_size=4,
-                   regress_fit=0.5, regress_max_passes=200, table_lr=1 / 32, progress=False)
-    strategy = run.strategy
-    for batch in kt_batches(3):
-        train_step(run, copy.deepcopy(batch))
-    touched = strategy.touched.nonzero().squeeze(1)
+    strategy, touched = moved_kt_rows()
     targets = strategy.table[touched].clone()
     before = float(0.5 * (targets - strategy.encoded[touched]).pow(2).sum())
     assert before > 0
@@ -240,12 +245,7 @@ def test_a_regression_re_encodes_its_rows_in_chunks_into_both_tables(monkeypatch
     from gramrec.trainer import strategies
 
     monkeypatch.setattr(strategies, "REENCODE_CHUNK", 2)
-    run = make_run(GramMultiStep, "kt", "adam", period="100s", regress_lr=3e-3, regress_batch_size=4,
-                   regress_fit=0.5, regress_max_passes=200, table_lr=1 / 32, progress=False)
-    strategy = run.strategy
-    for batch in kt_batches(3):
-        train_step(run, copy.deepcopy(batch))
-    touched = strategy.touched.nonzero().squeeze(1)
+    strategy, touched = moved_kt_rows()
     assert len(touched) > 2 * 2, "several chunks"
     others = torch.ones(strategy.num_items, dtype=torch.bool)
     others[touched] = False
