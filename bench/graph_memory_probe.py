@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="texts per call (padded to row_bucket)")
     parser.add_argument("--calls", type=int, default=4, help="calls per shape (2 warm-up, a capture, replays)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: it measures CUDA graphs' memory")
     device = torch.device("cuda")
     torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=200_000)
     encoder = ContentEncoder.from_pretrained(args.encoder_dir).to(device).eval()
